@@ -1,0 +1,70 @@
+"""The attention backend interface: every attention call in the model goes through `attend`.
+
+`torch` uses scaled_dot_product_attention (the default, works everywhere); `triton` uses our kernels
+(`kernels.attention`, imported on first use so `model/` does not import Triton at import time).
+Tensors are in flash-attn's layout: (B, L, H, D), or packed (T, H, D) with `cu_seqlens`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> (B, Lq, Hq, D) through SDPA (GQA by expanding K/V views)."""
+    hq, hkv = q.shape[2], k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if hq != hkv:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    if causal and mask is None and q.shape[2] != k.shape[2]:
+        # bottom-right aligned causal mask (queries are the last Lq positions of the keys)
+        lq, lk = q.shape[2], k.shape[2]
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        causal = False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    return out.transpose(1, 2)
+
+
+def _doc_mask(cu_seqlens: torch.Tensor, causal: bool, device) -> torch.Tensor:
+    """Block-diagonal (T, T) bool mask from cu_seqlens: no attention across documents."""
+    T = int(cu_seqlens[-1])
+    doc = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device),
+                                  (cu_seqlens[1:] - cu_seqlens[:-1]).to(device))
+    mask = doc[:, None] == doc[None, :]
+    if causal:
+        mask &= torch.ones(T, T, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch", causal: bool = False,
+           cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+           scale: float | None = None) -> torch.Tensor:
+    """Attention in flash layout.
+
+    Args:
+        q: (B, Lq, Hq, D) or packed (T, Hq, D) when cu_seqlens is given. k, v: (B, Lk, Hkv, D) or (T, Hkv, D).
+        backend: "torch" (SDPA) or "triton" (kernels.attention).
+        causal: causal mask (bottom-right aligned when Lq < Lk, i.e. decoding with a cache).
+        cu_seqlens: (n_docs + 1,) int32 document boundaries of a packed sequence.
+        mask: optional boolean (B, 1, Lq, Lk) keep-mask (padding); torch backend only.
+        scale: softmax scale, default D ** -0.5.
+    Returns: same layout as q.
+    """
+    if backend == "triton" and mask is None:
+        from kernels.attention import attention  # Triton is imported only when asked for
+
+        return attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"unknown attention backend {backend!r}")
+    if cu_seqlens is not None:
+        if mask is not None:
+            raise ValueError("cu_seqlens and an explicit mask cannot be combined")
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        if len(lengths) <= 64:  # few documents: one SDPA call each; many: one block-diagonal masked call
+            outs = [_sdpa(qi[None], ki[None], vi[None], causal=causal, mask=None, scale=scale)[0]
+                    for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+            return torch.cat(outs, dim=0)
+        doc_mask = _doc_mask(cu_seqlens, causal, q.device)
+        return _sdpa(q[None], k[None], v[None], causal=False, mask=doc_mask, scale=scale)[0]
+    return _sdpa(q, k, v, causal=causal, mask=mask, scale=scale)

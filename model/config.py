@@ -1,0 +1,426 @@
+"""Model configuration: frozen dataclasses for Qwen3-VL (dense and MoE), built from official `config.json` files.
+
+One function (`Qwen3VLConfig.from_hf`) reads both the transformers 4.57 form (`rope_scaling` + `rope_theta`) and the
+5.x form (`rope_parameters`), rejects unknown or inconsistent fields, and `to_hf` writes the official 4.57-style
+layout back (which transformers 5 and vLLM both read). Presets mirror the released `config.json` files
+(Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct, Qwen3-VL-{30B-A3B,235B-A22B}-Instruct; SPEC.md section 7).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .moe import MoEConfig
+
+ROPE_LAYOUTS = ("interleaved", "chunked", "1d")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+ATTN_BACKENDS = ("torch", "triton")
+
+
+class ConfigError(ValueError):
+    """A config.json (or a preset override) that we cannot represent faithfully."""
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The SigLIP-2-style vision tower (`model.visual`)."""
+
+    depth: int = 24
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_heads: int = 16
+    out_hidden_size: int = 2048
+    deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    num_position_embeddings: int = 2304
+    hidden_act: str = "gelu_pytorch_tanh"
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        object.__setattr__(self, "deepstack_visual_indexes", tuple(int(i) for i in self.deepstack_visual_indexes))
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"vision_config.hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ConfigError(f"vision head_dim {self.head_dim} must be a multiple of 4 (2-D rotary)")
+        side = int(round(self.num_position_embeddings**0.5))
+        if side * side != self.num_position_embeddings:
+            raise ConfigError(f"vision_config.num_position_embeddings {self.num_position_embeddings} is not a square")
+        for i in self.deepstack_visual_indexes:
+            if not 0 <= i < self.depth:
+                raise ConfigError(f"deepstack_visual_indexes {self.deepstack_visual_indexes} out of range for depth {self.depth}")
+        if self.hidden_act != "gelu_pytorch_tanh":
+            raise ConfigError(f"vision_config.hidden_act {self.hidden_act!r} unsupported (Qwen3-VL uses gelu_pytorch_tanh)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one pixel row: C * t * p * p (1536 for the released models)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def num_grid_per_side(self) -> int:
+        return int(round(self.num_position_embeddings**0.5))
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Text rotary embedding: layout of the 3 MRoPE axes over the frequencies, and context scaling.
+
+    layout: "interleaved" (Qwen3-VL: THWTHW...), "chunked" (Qwen2.5-VL: [T..][H..][W..]), or "1d" (plain RoPE on
+    the temporal/text axis only; an ablation). rope_type: "default", "linear", "dynamic" (NTK) or "yarn".
+    """
+
+    theta: float = 5_000_000.0
+    layout: str = "interleaved"
+    mrope_section: tuple[int, int, int] = (24, 20, 20)
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+        if self.layout not in ROPE_LAYOUTS:
+            raise ConfigError(f"rope layout {self.layout!r} not in {ROPE_LAYOUTS}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_type {self.rope_type!r} not in {ROPE_TYPES}")
+        if len(self.mrope_section) != 3:
+            raise ConfigError(f"mrope_section must have 3 entries (T, H, W), got {self.mrope_section}")
+        if self.rope_type == "yarn" and self.original_max_position_embeddings is None:
+            raise ConfigError("yarn rope scaling needs original_max_position_embeddings")
+        if self.rope_type != "default" and self.factor <= 0:
+            raise ConfigError(f"rope factor must be positive, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The Qwen3 language model (`model.language_model`), dense or with MoE blocks (`moe` set)."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 2048
+    intermediate_size: int = 6144
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 262144
+    tie_word_embeddings: bool = True
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    moe: MoEConfig | None = None
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"text_config.num_attention_heads {self.num_attention_heads} not divisible by "
+                f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"text_config.head_dim {self.head_dim} must be even")
+        if self.rope.layout != "1d" and 2 * sum(self.rope.mrope_section) != self.head_dim:
+            raise ConfigError(
+                f"mrope_section {self.rope.mrope_section} sums to {sum(self.rope.mrope_section)}, "
+                f"but head_dim {self.head_dim} has {self.head_dim // 2} frequencies")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"text_config.hidden_act {self.hidden_act!r} unsupported (Qwen3 uses silu)")
+
+
+@dataclass(frozen=True)
+class Qwen3VLConfig:
+    """The whole model: vision tower + text decoder + special token ids + runtime backend choice."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    attn_backend: str = "torch"
+
+    def __post_init__(self):
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ConfigError(f"attn_backend {self.attn_backend!r} not in {ATTN_BACKENDS}")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ConfigError(
+                f"vision_config.out_hidden_size {self.vision.out_hidden_size} != text hidden_size {self.text.hidden_size}")
+        if len(self.vision.deepstack_visual_indexes) > self.text.num_hidden_layers:
+            raise ConfigError("more DeepStack levels than decoder layers")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if not 0 <= getattr(self, name) < self.text.vocab_size:
+                raise ConfigError(f"{name} {getattr(self, name)} outside the vocabulary ({self.text.vocab_size})")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.text.moe is not None
+
+    @property
+    def model_type(self) -> str:
+        return "qwen3_vl_moe" if self.is_moe else "qwen3_vl"
+
+    def replace(self, **kw) -> "Qwen3VLConfig":
+        """dataclasses.replace with a short name (configs are frozen)."""
+        return dataclasses.replace(self, **kw)
+
+    # ------------------------------------------------------------------ official config.json <-> dataclasses
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], *, source: str = "config.json") -> "Qwen3VLConfig":
+        """Build from an official (or transformers-written) config dict; unknown or inconsistent fields raise."""
+        return _from_hf(d, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Qwen3VLConfig":
+        """Read `config.json` (a file, or a checkpoint directory holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return _from_hf(d, str(path))
+
+    def to_hf(self) -> dict[str, Any]:
+        """The official config.json layout (transformers 4.57 style, read by transformers 5 and vLLM)."""
+        return _to_hf(self)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+# Keys that transformers writes for bookkeeping and that do not change the model.
+_GENERIC_KEYS = {
+    "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "bos_token_id", "eos_token_id", "pad_token_id", "model_type",
+    "attention_dropout", "initializer_range", "is_encoder_decoder", "chunk_size_feed_forward", "id2label",
+    "label2id", "problem_type", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "finetuning_task", "add_cross_attention", "tie_encoder_decoder", "is_decoder",
+    "cross_attention_hidden_size", "_name_or_path", "name_or_path", "pruned_heads", "torchscript",
+    "tf_legacy_loss", "use_bfloat16", "return_dict_in_generate", "output_scores", "_attn_implementation_autoset",
+    "layer_types", "use_sliding_window", "sliding_window", "max_window_layers", "quantization_config",
+    "base_config_key", "dense_config", "keys_to_ignore_at_inference", "partial_rotary_factor",
+}
+_VISION_KEYS = {f.name for f in dataclasses.fields(VisionConfig)} - {"rope_theta"} | {"rope_parameters", "num_attention_heads", "num_hidden_layers"}
+_TEXT_KEYS = {
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+    "attention_bias", "hidden_act", "rope_scaling", "rope_theta", "rope_parameters",
+    # MoE
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+    "router_aux_loss_coef", "norm_topk_prob", "shared_expert_intermediate_size", "output_router_logits",
+}
+_TOP_KEYS = {"text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
+             "vision_end_token_id", "tie_word_embeddings", "attn_backend"}
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved", "factor",
+              "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+              "mscale_all_dim", "truncate", "partial_rotary_factor"}
+
+
+def _check_keys(d: dict, allowed: set[str], where: str):
+    unknown = sorted(set(d) - allowed - _GENERIC_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; refusing to guess what they mean")
+
+
+def _rope_from_hf(t: dict, where: str) -> RopeConfig:
+    rp = t.get("rope_parameters")
+    rs = t.get("rope_scaling")
+    if rp is not None and rs is not None and rp != rs:
+        raise ConfigError(f"{where}: both rope_parameters and rope_scaling given and they differ")
+    rp = dict(rp if rp is not None else (rs or {}))
+    _check_keys(rp, _ROPE_KEYS, f"{where}.rope_parameters")
+    theta = rp.get("rope_theta", t.get("rope_theta"))
+    if theta is None:
+        raise ConfigError(f"{where}: no rope_theta (neither top-level nor in rope_parameters)")
+    if "rope_theta" in rp and "rope_theta" in t and float(rp["rope_theta"]) != float(t["rope_theta"]):
+        raise ConfigError(f"{where}: rope_theta {t['rope_theta']} disagrees with rope_parameters {rp['rope_theta']}")
+    if rp.get("partial_rotary_factor", 1.0) != 1.0 or t.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor != 1 is not part of Qwen3-VL")
+    rope_type = rp.get("rope_type", rp.get("type", "default"))
+    section = rp.get("mrope_section")
+    interleaved = rp.get("mrope_interleaved", section is not None)
+    layout = "interleaved" if interleaved else ("chunked" if section is not None else "1d")
+    kw = dict(theta=float(theta), layout=layout, rope_type=rope_type)
+    if section is not None:
+        kw["mrope_section"] = tuple(section)
+    for k in ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
+              "original_max_position_embeddings"):
+        if rp.get(k) is not None:
+            kw[k] = rp[k]
+    if rope_type == "yarn" and "original_max_position_embeddings" not in kw:
+        kw["original_max_position_embeddings"] = t.get("max_position_embeddings")
+    return RopeConfig(**kw)
+
+
+def _from_hf(d: dict, where: str) -> Qwen3VLConfig:
+    mt = d.get("model_type", "qwen3_vl")
+    if mt not in ("qwen3_vl", "qwen3_vl_moe"):
+        raise ConfigError(f"{where}: model_type {mt!r} is not a Qwen3-VL model")
+    _check_keys(d, _TOP_KEYS, where)
+    if "text_config" not in d or "vision_config" not in d:
+        raise ConfigError(f"{where}: needs both text_config and vision_config")
+    t, v = dict(d["text_config"]), dict(d["vision_config"])
+    _check_keys(t, _TEXT_KEYS, f"{where}: text_config")
+    _check_keys(v, _VISION_KEYS, f"{where}: vision_config")
+
+    # vision
+    vkw = {k: v[k] for k in _VISION_KEYS & set(v) if k not in ("rope_parameters", "num_attention_heads", "num_hidden_layers")}
+    if "num_attention_heads" in v:
+        vkw.setdefault("num_heads", v["num_attention_heads"])
+    if "num_hidden_layers" in v:
+        vkw.setdefault("depth", v["num_hidden_layers"])
+    vrp = v.get("rope_parameters") or {}
+    if "rope_theta" in vrp:
+        vkw["rope_theta"] = float(vrp["rope_theta"])
+    vision = VisionConfig(**vkw)
+
+    # text
+    tie_top, tie_text = d.get("tie_word_embeddings"), t.get("tie_word_embeddings")
+    if tie_top is not None and tie_text is not None and bool(tie_top) != bool(tie_text):
+        raise ConfigError(f"{where}: tie_word_embeddings is {tie_top} at top level but {tie_text} in text_config")
+    tie = tie_top if tie_top is not None else (tie_text if tie_text is not None else False)
+    tkw = {k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                             "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                             "max_position_embeddings", "attention_bias", "hidden_act") if t.get(k) is not None}
+    if t.get("shared_expert_intermediate_size"):
+        raise ConfigError(f"{where}: shared experts are not part of Qwen3-VL-MoE")
+    moe = None
+    if mt == "qwen3_vl_moe" or t.get("num_experts"):
+        for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            if k not in t:
+                raise ConfigError(f"{where}: MoE text_config lacks {k}")
+        moe = MoEConfig(num_experts=int(t["num_experts"]), num_experts_per_tok=int(t["num_experts_per_tok"]),
+                        moe_intermediate_size=int(t["moe_intermediate_size"]),
+                        decoder_sparse_step=int(t.get("decoder_sparse_step", 1)),
+                        mlp_only_layers=tuple(t.get("mlp_only_layers") or ()),
+                        router_aux_loss_coef=float(t.get("router_aux_loss_coef", 0.001)))
+    text = TextConfig(**tkw, tie_word_embeddings=bool(tie), rope=_rope_from_hf(t, f"{where}: text_config"), moe=moe)
+    kw = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                            "attn_backend") if k in d}
+    return Qwen3VLConfig(vision=vision, text=text, **kw)
+
+
+def _to_hf(c: Qwen3VLConfig) -> dict[str, Any]:
+    t, v, r = c.text, c.vision, c.text.rope
+    rope: dict[str, Any] = {"rope_type": r.rope_type}
+    if r.layout != "1d":
+        rope["mrope_section"] = list(r.mrope_section)
+        rope["mrope_interleaved"] = r.layout == "interleaved"
+    if r.rope_type != "default":
+        rope["factor"] = r.factor
+    if r.rope_type == "yarn":
+        rope.update(original_max_position_embeddings=r.original_max_position_embeddings, beta_fast=r.beta_fast,
+                    beta_slow=r.beta_slow, truncate=r.truncate)
+        for k in ("attention_factor", "mscale", "mscale_all_dim"):
+            if getattr(r, k) is not None:
+                rope[k] = getattr(r, k)
+    text = {
+        "model_type": "qwen3_vl_moe_text" if c.is_moe else "qwen3_vl_text",
+        "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_hidden_layers, "num_attention_heads": t.num_attention_heads,
+        "num_key_value_heads": t.num_key_value_heads, "head_dim": t.head_dim, "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": t.tie_word_embeddings,
+        "attention_bias": t.attention_bias, "attention_dropout": 0.0, "hidden_act": t.hidden_act,
+        "initializer_range": t.initializer_range, "rope_theta": r.theta, "rope_scaling": rope,
+        "bos_token_id": 151643, "eos_token_id": 151645, "use_cache": True, "dtype": "bfloat16",
+    }
+    if c.is_moe:
+        m = t.moe
+        text.update(num_experts=m.num_experts, num_experts_per_tok=m.num_experts_per_tok,
+                    moe_intermediate_size=m.moe_intermediate_size, decoder_sparse_step=m.decoder_sparse_step,
+                    mlp_only_layers=list(m.mlp_only_layers), router_aux_loss_coef=m.router_aux_loss_coef,
+                    norm_topk_prob=True)
+    vision = {
+        "model_type": c.model_type, "depth": v.depth, "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size, "num_heads": v.num_heads, "out_hidden_size": v.out_hidden_size,
+        "deepstack_visual_indexes": list(v.deepstack_visual_indexes), "patch_size": v.patch_size,
+        "temporal_patch_size": v.temporal_patch_size, "spatial_merge_size": v.spatial_merge_size,
+        "in_channels": v.in_channels, "num_position_embeddings": v.num_position_embeddings,
+        "hidden_act": v.hidden_act, "initializer_range": v.initializer_range,
+    }
+    arch = "Qwen3VLMoeForConditionalGeneration" if c.is_moe else "Qwen3VLForConditionalGeneration"
+    return {
+        "architectures": [arch], "model_type": c.model_type, "text_config": text, "vision_config": vision,
+        "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
+        "vision_start_token_id": c.vision_start_token_id, "vision_end_token_id": c.vision_end_token_id,
+        "tie_word_embeddings": t.tie_word_embeddings,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- presets
+_VISION_SMALL = VisionConfig(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16,
+                             deepstack_visual_indexes=(5, 11, 17))            # 2B / 4B
+_VISION_LARGE = VisionConfig(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                             deepstack_visual_indexes=(8, 16, 24))            # 8B / 32B / MoE (head_dim 72)
+
+
+def _sized(vision: VisionConfig, **text) -> Qwen3VLConfig:
+    t = TextConfig(**text)
+    return Qwen3VLConfig(vision=dataclasses.replace(vision, out_hidden_size=t.hidden_size), text=t)
+
+
+def _presets() -> dict[str, Qwen3VLConfig]:
+    return {
+        # Qwen/Qwen3-VL-2B-Instruct config.json
+        "2b": _sized(_VISION_SMALL, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                     num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+        # Qwen/Qwen3-VL-4B-Instruct
+        "4b": _sized(_VISION_SMALL, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+        # Qwen/Qwen3-VL-8B-Instruct
+        "8b": _sized(_VISION_LARGE, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+        # Qwen/Qwen3-VL-32B-Instruct
+        "32b": _sized(_VISION_LARGE, hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                      num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+        # Qwen/Qwen3-VL-30B-A3B-Instruct
+        "30b-a3b": _sized(_VISION_LARGE, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
+                          moe=MoEConfig(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)),
+        # Qwen/Qwen3-VL-235B-A22B-Instruct (tie unverified, SPEC 7)
+        "235b-a22b": _sized(_VISION_LARGE, hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
+                            num_attention_heads=64, num_key_value_heads=4, tie_word_embeddings=False,
+                            moe=MoEConfig(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536)),
+        # Tiny shapes for tests and CPU demos: same structure (DeepStack, GQA, interleaved MRoPE), real vocabulary.
+        "tiny": Qwen3VLConfig(
+            vision=VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                                deepstack_visual_indexes=(0, 2)),
+            text=TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, rope=RopeConfig(mrope_section=(6, 5, 5)),
+                            tie_word_embeddings=True)),
+        "tiny-moe": Qwen3VLConfig(
+            vision=VisionConfig(depth=4, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                                deepstack_visual_indexes=(0, 2)),
+            text=TextConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=32, rope=RopeConfig(mrope_section=(6, 5, 5)),
+                            tie_word_embeddings=False,
+                            moe=MoEConfig(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64))),
+    }
+
+
+PRESETS = tuple(_presets())
+
+
+def preset(name: str, **overrides) -> Qwen3VLConfig:
+    """A named preset (`tiny`, `tiny-moe`, `2b`, `4b`, `8b`, `32b`, `30b-a3b`, `235b-a22b`), optionally replaced."""
+    table = _presets()
+    key = name.lower().replace("_", "-")
+    if key not in table:
+        raise KeyError(f"unknown preset {name!r}; choose from {sorted(table)}")
+    return dataclasses.replace(table[key], **overrides) if overrides else table[key]

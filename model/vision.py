@@ -1,0 +1,169 @@
+"""Qwen3-VL vision tower (`model.visual`): SigLIP-2-style ViT with 2-D RoPE, per-frame attention, a PatchMerger
+and the DeepStack mergers that tap intermediate blocks.
+
+Reference: Qwen3-VL technical report (DeepStack multi-level fusion; DeepStack, Meng et al. 2024); SPEC.md section 1.
+Module names follow the official checkpoint (`patch_embed.proj`, `pos_embed`, `blocks.N.attn.qkv`, `merger`,
+`deepstack_merger_list.i`) so loading is key-for-key.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attend
+from .config import VisionConfig
+from .rope import apply_rotary, vision_rotary
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d(3, D, kernel=stride=(2, 16, 16)) over one pixel row = a linear map of the 1536 inputs."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=k, stride=k, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, C*t*p*p) -> (N, D). A matmul with the flattened kernel, same math as the strided Conv3d."""
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.view(w.shape[0], -1), self.proj.bias)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig, backend: str):
+        super().__init__()
+        self.num_heads, self.backend = cfg.num_heads, backend
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        """x (N, D); cu_seqlens (n_frames + 1,) int32; cos/sin (N, head_dim) fp32."""
+        N = x.shape[0]
+        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # each (N, H, hd)
+        # RoPE in fp32, as the reference does, then back to the activation dtype.
+        q = apply_rotary(q.float(), cos, sin).to(x.dtype)
+        k = apply_rotary(k.float(), cos, sin).to(x.dtype)
+        o = attend(q, k, v, backend=self.backend, causal=False, cu_seqlens=cu_seqlens)
+        return self.proj(o.reshape(N, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.linear_fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
+        self.linear_fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x):
+        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate="tanh"))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm ViT block: x += attn(norm1(x)); x += mlp(norm2(x))."""
+
+    def __init__(self, cfg: VisionConfig, backend: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(cfg, backend)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cu_seqlens, cos, sin):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Merge each 2x2 block of patches into one LLM token: LayerNorm, (4D -> 4D), exact GELU, (4D -> out).
+
+    postshuffle_norm=False (main merger): LayerNorm(D) per patch, then concatenate the 4 patches.
+    postshuffle_norm=True (DeepStack mergers): concatenate first, then LayerNorm(4D).
+    """
+
+    def __init__(self, cfg: VisionConfig, postshuffle_norm: bool):
+        super().__init__()
+        self.merged = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = nn.LayerNorm(self.merged if postshuffle_norm else cfg.hidden_size, eps=1e-6)
+        self.linear_fc1 = nn.Linear(self.merged, self.merged)
+        self.linear_fc2 = nn.Linear(self.merged, cfg.out_hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) in merge-block order -> (N / merge^2, out_hidden)."""
+        x = self.norm(x.view(-1, self.merged)) if self.postshuffle_norm else self.norm(x).view(-1, self.merged)
+        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # exact (erf) GELU here, unlike the blocks
+
+
+def interpolate_pos_embed(table: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+    """Bilinear (align_corners=True) resampling of the square learned table to each grid, in merge-block order.
+
+    Args: table (side*side, D); grid_thw (n, 3). Returns (N_patches, D) fp32.
+    """
+    side = int(round(table.shape[0] ** 0.5))
+    out = []
+    for t, h, w in grid_thw.tolist():
+        def taps(n):
+            src = torch.arange(n, dtype=torch.float32, device=table.device) * (side - 1) / max(n - 1, 1)
+            lo = src.floor()
+            frac = src - lo
+            lo = lo.long()
+            return lo, (lo + 1).clamp(max=side - 1), frac
+
+        h0, h1, fh = taps(h)
+        w0, w1, fw = taps(w)
+        # four corners: (rows, cols) index grids and weights, each (h, w)
+        idx = [(h0[:, None] * side + w0[None]), (h0[:, None] * side + w1[None]),
+               (h1[:, None] * side + w0[None]), (h1[:, None] * side + w1[None])]
+        wts = [((1 - fh)[:, None] * (1 - fw)[None]), ((1 - fh)[:, None] * fw[None]),
+               (fh[:, None] * (1 - fw)[None]), (fh[:, None] * fw[None])]
+        # fp32 weights: the weighted sum promotes to fp32 like the reference, cast by the caller
+        emb = sum(table[i].float() * wt[..., None] for i, wt in zip(idx, wts))  # (h, w, D)
+        # raster (h, w) -> merge-block order (h/m, w/m, m, m)
+        emb = emb.view(h // merge, merge, w // merge, merge, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
+        out.append(emb.repeat(t, 1))
+    return torch.cat(out, dim=0)
+
+
+class VisionTower(nn.Module):
+    """pixel rows (N, 1536) + grid_thw -> merged tokens (N/4, out_hidden) and one DeepStack feature per tap."""
+
+    def __init__(self, cfg: VisionConfig, backend: str = "torch"):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, backend) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg, postshuffle_norm=False)
+        self.deepstack_merger_list = nn.ModuleList(
+            PatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
+        self.activation_checkpointing = False
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Args: pixel_values (N, 1536); grid_thw (n, 3) long (t, h, w) in patches.
+
+        Returns: (merged (N/4, out_hidden), [deepstack_i (N/4, out_hidden)]).
+        """
+        cfg = self.cfg
+        if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
+            raise ValueError(f"pixel_values must be (N, {cfg.patch_dim}), got {tuple(pixel_values.shape)}")
+        n_expected = int(grid_thw.prod(-1).sum())
+        if n_expected != pixel_values.shape[0]:
+            raise ValueError(f"grid_thw describes {n_expected} patches but pixel_values has {pixel_values.shape[0]} rows")
+        if ((grid_thw[:, 1:] % cfg.spatial_merge_size) != 0).any():
+            raise ValueError(f"grid h and w must be multiples of spatial_merge_size {cfg.spatial_merge_size}: {grid_thw.tolist()}")
+        x = self.patch_embed(pixel_values)
+        x = x + interpolate_pos_embed(self.pos_embed.weight, grid_thw, cfg.spatial_merge_size).to(x.dtype)
+        cos, sin = vision_rotary(grid_thw, cfg.head_dim, cfg.rope_theta, cfg.spatial_merge_size, x.device)
+        # attention stays inside each temporal group (frame pair): one document per (t index, image/video)
+        frame_len = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
+        cu_seqlens = F.pad(frame_len.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32)
+        deepstack = []
+        for i, blk in enumerate(self.blocks):
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(blk, x, cu_seqlens, cos, sin, use_reentrant=False)
+            else:
+                x = blk(x, cu_seqlens, cos, sin)
+            if i in cfg.deepstack_visual_indexes:
+                deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
+        return self.merger(x), deepstack
