@@ -76,6 +76,41 @@ def _expert_transform(name: str, shape: tuple[int, ...], want: tuple[int, ...], 
     raise CheckpointError(f"{name}: shape {shape} fits neither {official} nor {transposed}")
 
 
+def _load_shard(f, fpath, names, model, params, expected, optional, moe_layout, dtype, device,
+                seen, unexpected, misshaped):
+    """Stream one open safetensors file into the meta-built model, tensor by tensor."""
+    keys = list(f.keys())
+    if names and set(names) - set(keys):
+        missing_in_file = sorted(set(names) - set(keys))[:5]
+        raise CheckpointError(f"{fpath}: index lists {missing_in_file} but the file does not hold them")
+    for name in keys:
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        if name in optional:
+            seen.add(name)
+            continue
+        try:
+            t = f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{fpath}: tensor {name} cannot be read ({type(e).__name__}: {e})") from e
+        shape, want = tuple(t.shape), expected[name]
+        if _EXPERT_RE.search(name):
+            if len(shape) != 3 or sorted(shape) != sorted(want):
+                misshaped.append(f"{name}: file {shape}, model {want}")
+                continue
+            if _expert_transform(name, shape, want, moe_layout):
+                t = t.transpose(1, 2)
+        elif shape != want:
+            misshaped.append(f"{name}: file {shape}, model {want}")
+            continue
+        p = params[name]
+        new = torch.nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=p.requires_grad)
+        mod_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(mod_name), attr, new)
+        seen.add(name)
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     *, attn_backend: str | None = None, moe_backend: str | None = None,
                     moe_layout: str | None = None, progress: bool = True) -> Qwen3VL:
@@ -116,37 +151,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             f = safe_open(str(fpath), framework="pt", device="cpu")
         except Exception as e:  # safetensors raises its own error types for truncated / corrupt headers
             raise CheckpointError(f"{fpath}: cannot read safetensors file ({type(e).__name__}: {e})") from e
-        keys = list(f.keys())
-        if names and set(names) - set(keys):
-            missing_in_file = sorted(set(names) - set(keys))[:5]
-            raise CheckpointError(f"{fpath}: index lists {missing_in_file} but the file does not hold them")
-        for name in keys:
-            if name not in expected:
-                unexpected.append(name)
-                continue
-            if name in optional:
-                seen.add(name)
-                continue
-            try:
-                t = f.get_tensor(name)
-            except Exception as e:
-                raise CheckpointError(f"{fpath}: tensor {name} cannot be read ({type(e).__name__}: {e})") from e
-            shape, want = tuple(t.shape), expected[name]
-            if _EXPERT_RE.search(name):
-                if len(shape) != 3 or sorted(shape) != sorted(want):
-                    misshaped.append(f"{name}: file {shape}, model {want}")
-                    continue
-                if _expert_transform(name, shape, want, moe_layout):
-                    t = t.transpose(1, 2)
-            elif shape != want:
-                misshaped.append(f"{name}: file {shape}, model {want}")
-                continue
-            p = params[name]
-            new = torch.nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=p.requires_grad)
-            mod_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(mod_name), attr, new)
-            seen.add(name)
-            del t
+        with f:  # closes the memory map when the shard is done, so only one shard is mapped at a time
+            _load_shard(f, fpath, names, model, params, expected, optional, moe_layout, dtype, device,
+                        seen, unexpected, misshaped)
         bar.update(1)
     bar.close()
     missing = sorted(set(expected) - seen - optional)
