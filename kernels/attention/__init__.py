@@ -1,0 +1,110 @@
+"""Triton flash attention: `attention(q, k, v, ...)` with causal / sliding-window / global-prefix / packed masks.
+
+Layout as flash-attn: q (B, L, Hq, D), k and v (B, L, Hkv, D), or packed (T, H, D) with `cu_seqlens`. Forward and
+backward kernels are in `flash.py` (FlashAttention-2 structure), the long-cache decoding path in `decode.py`
+(flash-decoding), and the fp32 reference the tests use in `naive.py`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .decode import decode_attention
+from .flash import FlashAttentionFunction
+from .naive import attention_flops, attention_naive, visibility_mask
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_DECODE_MIN_KEYS = 1024  # the split-KV path pays off only once the keys outnumber what a few programs can stream
+_DECODE_MAX_ROWS = 64  # Lq * Hq / Hkv rows per KV head handled by one decode program
+
+
+def _check(q, k, v, cu_seqlens, window, num_global, scale):
+    """Validate the inputs of `attention`; returns (packed, max_seqlen)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise TypeError(f"attention: {name} has dtype {x.dtype}; expected one of float16, bfloat16, float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    packed = cu_seqlens is not None
+    want = 3 if packed else 4
+    layout = "(T, H, D) with cu_seqlens" if packed else "(B, L, H, D)"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != want:
+            raise ValueError(f"attention: {name} must be {layout}, got shape {tuple(x.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} shapes differ")
+    if q.shape[0] != k.shape[0]:
+        what = "total tokens T" if packed else "batch size B"
+        raise ValueError(f"attention: q and k differ in {what} ({q.shape[0]} vs {k.shape[0]})")
+    hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"attention: q head_dim {d} != k/v head_dim {k.shape[-1]}")
+    if not 1 <= d <= 256:
+        raise ValueError(f"attention: head_dim {d} not supported (1..256)")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"attention: query heads {hq} must be a multiple of key/value heads {hkv}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"attention: window must be None or an int >= 1, got {window!r}")
+    if not isinstance(num_global, int) or num_global < 0:
+        raise ValueError(f"attention: num_global must be an int >= 0, got {num_global!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a Python number or None, got {type(scale).__name__}")
+    max_seqlen = 0
+    if packed:
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"attention: cu_seqlens must be a 1-D int32 tensor (num_docs + 1,), got "
+                             f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"attention: cu_seqlens on {cu_seqlens.device}, q on {q.device}")
+        bounds = cu_seqlens.cpu()  # one host sync: the grid needs the longest document
+        lengths = bounds[1:] - bounds[:-1]
+        if bounds[0] != 0 or bounds[-1] != q.shape[0] or (lengths < 0).any():
+            raise ValueError(f"attention: cu_seqlens must rise from 0 to T={q.shape[0]}, got {bounds.tolist()}")
+        max_seqlen = int(lengths.max())
+    return packed, max_seqlen
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+              cu_seqlens: torch.Tensor | None = None, window: int | None = None, num_global: int = 0,
+              scale: float | None = None, return_lse: bool = False):
+    """Exact softmax attention with fp32 accumulation, differentiable in q, k, v.
+
+    Key j is visible to query i when (not causal or j <= i) and (window is None or |i - j| < window or
+    j < num_global), positions counted inside each document; with Lq < Lk query i sits at key position Lk - Lq + i.
+
+    Args:
+        q: (B, Lq, Hq, D) or packed (T, Hq, D); fp16, bf16 or fp32; D <= 256 (64, 72, 80, 96, 128 tuned).
+        k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D), Hq % Hkv == 0 (GQA/MQA without repeating K/V).
+        causal: causal mask (bottom-right aligned).
+        cu_seqlens: (num_docs + 1,) int32 boundaries of the packed documents; no attention across documents.
+        window: sliding window size W (keys with |i - j| < W), or None.
+        num_global: the first G keys of each sequence are visible to every query (with a window).
+        scale: softmax scale, default D ** -0.5.
+        return_lse: also return the natural-log log-sum-exp, (B, Hq, Lq) or (Hq, T) fp32 (no gradient).
+    Returns:
+        o with q's shape and dtype (contiguous); and lse when return_lse.
+    """
+    packed, max_seqlen = _check(q, k, v, cu_seqlens, window, num_global, scale)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if window is not None and window >= max(q.shape[-3], k.shape[-3]) + 1 and num_global == 0:
+        window = None  # covers everything: the plain path is cheaper
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if q.numel() == 0 or k.numel() == 0:
+        o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+        lse = torch.full(lse_shape, float("-inf"), device=q.device)
+        return (o, lse) if return_lse else o
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    group = q.shape[-2] // k.shape[-2]
+    if (not packed and not needs_grad and k.shape[1] >= _DECODE_MIN_KEYS
+            and q.shape[1] * group <= _DECODE_MAX_ROWS):
+        o, lse = decode_attention(q, k, v, causal=causal, window=window, num_global=num_global, scale=scale)
+    else:
+        o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale)
+    return (o, lse) if return_lse else o
+
+
+__all__ = ["attention", "attention_naive", "decode_attention", "visibility_mask", "attention_flops"]

@@ -1,0 +1,201 @@
+"""Tests of the Triton attention kernels (`kernels.attention`) against the plain-PyTorch fp32 reference (`naive.py`).
+
+Forward output, LSE and dq/dk/dv are compared on fresh random inputs, with every kernel output pre-filled with NaN
+(so an element the kernels forget to write fails), on awkward shapes: sequence 1, 17, 131, 257, documents of
+unequal length, head_dim 72/80/96, Hq/Hkv = 8/1, 16/8, 12/4, Lq != Lk. On the CPU they run through the Triton
+interpreter at tiny sizes (fp32 and fp16: the interpreter's bf16 dot is wrong); the `gpu` cases run at full size
+in bf16/fp16 on CUDA: `python -m pytest tests/test_attention_kernel.py -q` on the GPU machine.
+
+Tolerances (max abs error divided by max(1, the reference's max magnitude), per tensor; e.g. dq is exactly 0
+for sequence length 1):
+- fp32: 1e-4. The kernels use fp32 (ieee) dots; the error is summation order only (seen ~1e-6).
+- fp16: 5e-3. P and dS are rounded to fp16 before the second matmul of each pair (rel. 2^-11 each), plus output
+  rounding.
+- bf16: 3e-2. Same roundings with an 8-bit mantissa (2^-8 = 4e-3 each, accumulated over many tiles).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.attention import attention, attention_naive, decode_attention
+from kernels.attention import flash as flash_mod
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Every buffer the kernels write starts as NaN: an unwritten element shows up as a mismatch."""
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(flash_mod, "_empty_output", nan_empty)
+
+
+def _assert_close(name, got, ref, dtype):
+    """Max abs error relative to the reference's magnitude; -inf LSE entries must match exactly."""
+    got, ref = got.float(), ref.float()
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    inf = torch.isinf(ref)
+    assert torch.equal(torch.isinf(got), inf), f"{name}: infinite entries differ"
+    got, ref = got[~inf], ref[~inf]
+    assert not torch.isnan(got).any(), f"{name}: NaN in output (unwritten or invalid)"
+    if ref.numel() == 0:
+        return
+    err = (got - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)  # absolute below magnitude 1
+    assert err <= TOL[dtype], f"{name}: relative max error {err:.2e} > {TOL[dtype]:.0e} ({dtype})"
+
+
+def _rand(*shape, dtype, device=DEVICE):
+    return torch.randn(*shape, dtype=dtype, device=device)
+
+
+def _check_against_reference(q, k, v, dtype, backward=True, **kw):
+    """Run kernel and reference on the same leaves; compare o, lse and (optionally) dq, dk, dv."""
+    leaves = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
+    o, lse = attention(*leaves, return_lse=True, **kw)
+    ref_leaves = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
+    ro, rlse = attention_naive(*ref_leaves, return_lse=True, **kw)
+    assert o.dtype == q.dtype and o.shape == q.shape
+    _assert_close("o", o, ro, dtype)
+    _assert_close("lse", lse, rlse, dtype)
+    if not backward:
+        return
+    do = torch.randn_like(o)
+    o.backward(do)
+    ro.float().backward(do.float())
+    for name, a, b in zip(("dq", "dk", "dv"), leaves, ref_leaves):
+        _assert_close(name, a.grad, b.grad, dtype)
+
+
+# (id, batch B or document lengths, Lq, Lk, Hq, Hkv, D, mask kwargs). CPU cases stay tiny: the interpreter is slow.
+CPU_CASES = [
+    ("noncausal-seq1-mqa-d64", 2, 1, 1, 8, 1, 64, {}),
+    ("causal-seq17-gqa-d72", 2, 17, 17, 12, 4, 72, dict(causal=True)),
+    ("causal-seq131-d80", 1, 131, 131, 2, 2, 80, dict(causal=True)),
+    ("noncausal-seq257-mqa-d96", 1, 257, 257, 8, 1, 96, {}),
+    ("noncausal-varlen-gqa-d72", [5, 17, 1, 40], None, None, 16, 8, 72, {}),
+    ("causal-varlen-gqa-d64", [33, 7, 64], None, None, 12, 4, 64, dict(causal=True)),
+    ("causal-window-global-gqa", 1, 131, 131, 12, 4, 64, dict(causal=True, window=17, num_global=3)),
+    ("noncausal-window-mqa-d128", 1, 131, 131, 8, 1, 128, dict(window=9)),
+    ("noncausal-window-global", 1, 100, 100, 2, 1, 32, dict(window=20, num_global=40)),
+    ("causal-window-global-varlen", [50, 90], None, None, 4, 2, 64, dict(causal=True, window=16, num_global=4)),
+    ("causal-lq3-lk131-bottomright", 2, 3, 131, 8, 1, 64, dict(causal=True)),
+    ("causal-lq20-lk7-emptyrows", 1, 20, 7, 4, 2, 64, dict(causal=True)),
+]
+
+GPU_CASES = [
+    ("causal-gqa-d128", 2, 1024, 1024, 16, 8, 128, dict(causal=True)),
+    ("noncausal-gqa-d128", 1, 2047, 2047, 12, 4, 128, {}),
+    ("causal-mqa-d64", 1, 1500, 1500, 8, 1, 64, dict(causal=True)),
+    ("noncausal-varlen-d72", [1024, 256, 1, 767, 64], None, None, 16, 16, 72, {}),
+    ("causal-varlen-gqa-d128", [700, 1300, 33], None, None, 16, 8, 128, dict(causal=True)),
+    ("noncausal-d80", 2, 333, 333, 4, 4, 80, {}),
+    ("causal-d96", 1, 777, 777, 4, 2, 96, dict(causal=True)),
+    ("causal-window-gqa", 1, 2048, 2048, 16, 8, 128, dict(causal=True, window=256)),
+    ("causal-window-global-gqa", 1, 2048, 2048, 16, 8, 128, dict(causal=True, window=300, num_global=64)),
+    ("noncausal-window-global-varlen", [1000, 900], None, None, 8, 2, 64, dict(window=128, num_global=16)),
+    ("causal-lq64-lk2000", 1, 64, 2000, 16, 8, 128, dict(causal=True)),
+]
+
+
+def _make_inputs(batch, lq, lk, hq, hkv, d, dtype):
+    if isinstance(batch, list):
+        cu = torch.tensor([0] + batch, device=DEVICE).cumsum(0).to(torch.int32)
+        t = int(cu[-1])
+        return _rand(t, hq, d, dtype=dtype), _rand(t, hkv, d, dtype=dtype), _rand(t, hkv, d, dtype=dtype), \
+            dict(cu_seqlens=cu)
+    return (_rand(batch, lq, hq, d, dtype=dtype), _rand(batch, lk, hkv, d, dtype=dtype),
+            _rand(batch, lk, hkv, d, dtype=dtype), {})
+
+
+# fp32 for every case; fp16 for a representative few (the interpreter is slow; bf16 is GPU-only).
+_FP16_CPU = ("causal-seq17-gqa-d72", "causal-varlen-gqa-d64", "causal-window-global-gqa")
+_CPU_PARAMS = [pytest.param(c, torch.float32, id=f"{c[0]}-fp32") for c in CPU_CASES] + \
+    [pytest.param(c, torch.float16, id=f"{c[0]}-fp16") for c in CPU_CASES if c[0] in _FP16_CPU]
+
+
+@pytest.mark.parametrize("case, dtype", _CPU_PARAMS)
+def test_attention(case, dtype):
+    _, batch, lq, lk, hq, hkv, d, kw = case
+    q, k, v, extra = _make_inputs(batch, lq, lk, hq, hkv, d, dtype)
+    _check_against_reference(q, k, v, dtype, **kw, **extra)
+
+
+@pytest.mark.skipif(not CUDA, reason="full-size cases need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_attention_gpu(case, dtype):
+    _, batch, lq, lk, hq, hkv, d, kw = case
+    q, k, v, extra = _make_inputs(batch, lq, lk, hq, hkv, d, dtype)
+    _check_against_reference(q, k, v, dtype, **kw, **extra)
+
+
+def test_attention_noncontiguous_views_and_scale():
+    """q/k/v as slices of one fused projection (the vision tower's qkv), custom scale."""
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    t, h, d = 45, 4, 64
+    qkv = _rand(t, 3, h, d, dtype=dtype)
+    q, k, v = qkv.unbind(1)  # (T, H, D) views with token stride 3*H*D
+    cu = torch.tensor([0, 20, 45], dtype=torch.int32, device=DEVICE)
+    _check_against_reference(q, k, v, dtype, cu_seqlens=cu, scale=0.3)
+    qkv = _rand(2, 19, h, 3 * d, dtype=dtype)
+    q, k, v = qkv.split(d, dim=-1)  # (B, L, H, D) views with a strided head dimension
+    _check_against_reference(q, k, v, dtype, causal=True)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=40, num_global=5), {}],
+                         ids=["causal", "causal-window-global", "noncausal"])
+def test_decode_split_kv(kw):
+    """Flash-decoding path (few queries, long cache) with GQA, several splits, and a ragged last split."""
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    b, lq, lk, hq, hkv, d = 2, 3, 300, 8, 2, 72
+    q, k, v = _rand(b, lq, hq, d, dtype=dtype), _rand(b, lk, hkv, d, dtype=dtype), _rand(b, lk, hkv, d, dtype=dtype)
+    o, lse = decode_attention(q, k, v, num_splits=4, **kw)
+    ro, rlse = attention_naive(q, k, v, return_lse=True, **kw)
+    _assert_close("o", o, ro, dtype)
+    _assert_close("lse", lse, rlse, dtype)
+
+
+def test_decode_dispatch_and_masked_tiles_not_loaded():
+    """attention() without grad on a long cache takes the decode path; with grad the flash path. Keys far left of
+    the window hold NaN: a kernel that loaded those tiles (even to mask them) would produce NaN."""
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    b, lq, lk, hq, hkv, d = 1, 2, 1100, 4, 1, 64
+    kw = dict(causal=True, window=30, num_global=5)  # visible keys: [0, 5) and [1069, 1100)
+    q, k, v = _rand(b, lq, hq, d, dtype=dtype), _rand(b, lk, hkv, d, dtype=dtype), _rand(b, lk, hkv, d, dtype=dtype)
+    kp, vp = k.clone(), v.clone()
+    kp[:, 128:1024] = float("nan")  # whole 128-key tiles that no query sees
+    vp[:, 128:1024] = float("nan")
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    ro, rlse = attention_naive(*ref, return_lse=True, **kw)
+    with torch.no_grad():
+        o, lse = attention(q, kp, vp, return_lse=True, **kw)
+    _assert_close("o(decode)", o, ro, dtype)
+    _assert_close("lse(decode)", lse, rlse, dtype)
+    leaves = [x.clone().requires_grad_() for x in (q, kp, vp)]
+    o, lse = attention(*leaves, return_lse=True, **kw)
+    _assert_close("o(flash)", o, ro, dtype)
+    _assert_close("lse(flash)", lse, rlse, dtype)
+    do = torch.randn_like(o)
+    o.backward(do)
+    ro.float().backward(do.float())
+    for name, a, r in zip(("dq", "dk", "dv"), leaves, ref):
+        _assert_close(name, a.grad, r.grad, dtype)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(k_heads=3), "multiple of key/value heads"),
+    (dict(dtype_k=torch.float64), "dtype"),
+    (dict(window=0), "window"),
+    (dict(cu=[0, 5, 3]), "cu_seqlens"),
+    (dict(cu_dtype=torch.int64), "int32"),
+])
+def test_attention_bad_inputs(bad, match):
+    q = _rand(10, 4, 16, dtype=torch.float32)
+    k = _rand(10, bad.get("k_heads", 2), 16, dtype=bad.get("dtype_k", torch.float32))
+    cu = torch.tensor(bad.get("cu", [0, 4, 10]), dtype=bad.get("cu_dtype", torch.int32), device=DEVICE)
+    with pytest.raises((ValueError, TypeError), match=match):
+        attention(q, k, k, cu_seqlens=cu, window=bad.get("window"))
