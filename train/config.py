@@ -1,0 +1,282 @@
+"""Typed training configuration: the one place where Hydra's composed config becomes dataclasses.
+
+`python -m train` composes `conf/` with Hydra, then calls `config_from_dict(OmegaConf.to_container(cfg))` once;
+everything below the entry point sees these frozen dataclasses, never a DictConfig. The conversion is strict:
+an unknown key, a missing required key or a value of the wrong type raises a `ConfigError` naming the key path
+(torchtitan's JobConfig and litgpt's dataclass configs follow the same rule).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+FREEZE_GROUPS = ("vision", "merger", "deepstack", "llm", "lm_head")
+
+
+class ConfigError(ValueError):
+    """A training config that does not match the dataclass schema (unknown key, bad type, bad value)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to train.
+
+    Args:
+        preset: name for `model.preset(...)` (random init) when `path` is None.
+        path: checkpoint directory in the official safetensors layout (`load_pretrained`); wins over `preset`.
+        text / vision / top: field overrides applied with `dataclasses.replace` on the preset's `.text`,
+            `.vision` and top-level `Qwen3VLConfig` (ignored when loading from `path`, except `top`).
+        dtype: dtype of the master weights (float32 or bfloat16); autocast is set in `train.precision`.
+    """
+    preset: str = "tiny"
+    path: Optional[str] = None
+    text: dict = field(default_factory=dict)
+    vision: dict = field(default_factory=dict)
+    top: dict = field(default_factory=dict)
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class OCRGenConfig:
+    """Synthetic OCR set generated before training when `enabled` (see train/ocr_data.py)."""
+    enabled: bool = False
+    out_dir: str = "data/ocr_synth"
+    n_train: int = 2000
+    n_val: int = 64
+    seed: int = 0
+    charset: str = "digits"          # digits | words | mixed
+    min_len: int = 3
+    max_len: int = 8
+    height: int = 32
+    width: int = 128
+    font_size: tuple = (18, 24)
+    rotation: float = 2.0            # max |degrees|
+    noise: float = 0.05              # std of additive pixel noise (0..1 scale)
+    prompt: str = "Read the text in the image."
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """JSONL datasets (message format or LLaVA `conversations`), packing and loading.
+
+    Args:
+        train / val: JSONL paths; `root`: media root (default: each file's directory).
+        token_budget: packed tokens per micro-batch (one packed row, B=1, cu_seqlens).
+        max_seq_len: a sample longer than this is a broken sample (skipped or fatal by `on_error`).
+        image_min_pixels / image_max_pixels: per-image pixel budget (smart_resize); video_* likewise for all frames.
+    """
+    train: Optional[str] = None
+    val: Optional[str] = None
+    root: Optional[str] = None
+    token_budget: int = 2048
+    max_seq_len: int = 2048
+    max_samples_per_batch: int = 0   # 0 = no limit
+    length_grouping: bool = True
+    group_size: int = 64             # length-grouping window, in batches
+    shuffle: bool = True
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    on_error: str = "skip"           # skip | raise
+    image_min_pixels: int = 32 * 32
+    image_max_pixels: int = 1024 * 32 * 32
+    video_min_pixels: int = 128 * 32 * 32
+    video_max_pixels: int = 2048 * 32 * 32
+    video_fps: float = 2.0
+    video_max_frames: int = 64
+    system_prompt: Optional[str] = None
+    ocr: OCRGenConfig = field(default_factory=OCRGenConfig)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`; per-group learning rates.
+
+    Args:
+        module_lr: absolute learning rate per parameter group (keys: vision, merger, deepstack, llm, lm_head,
+            lora); groups not named use `lr`.
+    """
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0           # 0 disables clipping
+    module_lr: dict = field(default_factory=dict)
+    fused: bool = False
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (train/lora.py); PEFT's names: r, lora_alpha, lora_dropout, target_modules (suffixes)."""
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+    exclude_vision: bool = True      # match target_modules only inside the language model
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Freeze parameter groups independently (DeepStack mergers are their own group)."""
+    vision: bool = False
+    merger: bool = False
+    deepstack: bool = False
+    llm: bool = False
+    lm_head: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Loop, precision, checkpointing and validation settings."""
+    out_dir: str = "runs/default"
+    mode: str = "full"               # full | lora
+    steps: int = 100
+    grad_accum: int = 1
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda
+    precision: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    loss_chunk_size: int = 1024      # tokens per lm_head chunk in the chunked cross-entropy
+    aux_loss_coef: float = 0.001     # MoE load-balancing loss weight (models with experts)
+    log_every: int = 10
+    eval_every: int = 0              # 0: only at the end
+    eval_samples: int = 32           # validation samples for greedy-generation CER (0: loss only)
+    eval_max_new_tokens: int = 24
+    save_every: int = 0              # 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"             # auto (latest in out_dir/checkpoints if any) | none | <checkpoint dir>
+    export: bool = True              # final save_pretrained (merged LoRA) to out_dir/final
+    max_time_s: float = 0.0          # stop (and save) after this wall time; 0 = no limit
+    num_threads: int = 0             # torch.set_num_threads on CPU; 0 = leave as is
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """FSDP2 (`fully_shard`) under torchrun; `none` runs single-process. backend auto: nccl on CUDA, gloo on CPU."""
+    strategy: str = "none"           # none | fsdp
+    backend: str = "auto"
+    reshard_after_forward: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """wandb (offline by default) and the tqdm progress bar."""
+    wandb_mode: str = "offline"      # online | offline | disabled
+    project: str = "qwen3vl-lab"
+    run_name: Optional[str] = None
+    progress_bar: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole training run, as composed from conf/ (the `experiment` group only overrides the others)."""
+    name: str = "default"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        _check(self.train.mode in ("full", "lora"), "train.mode", self.train.mode, "full | lora")
+        _check(self.train.precision in ("auto", "bf16", "fp32"), "train.precision", self.train.precision,
+               "auto | bf16 | fp32")
+        _check(self.train.device in ("auto", "cpu", "cuda"), "train.device", self.train.device, "auto|cpu|cuda")
+        _check(self.data.on_error in ("skip", "raise"), "data.on_error", self.data.on_error, "skip | raise")
+        _check(self.parallel.strategy in ("none", "fsdp"), "parallel.strategy", self.parallel.strategy,
+               "none | fsdp")
+        _check(self.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
+               self.logging.wandb_mode, "online | offline | disabled")
+        _check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", self.model.dtype, "float32|bfloat16")
+        _check(self.data.ocr.charset in ("digits", "words", "mixed"), "data.ocr.charset", self.data.ocr.charset,
+               "digits | words | mixed")
+        for k in self.optim.module_lr:
+            _check(k in FREEZE_GROUPS + ("lora",), "optim.module_lr", k, f"keys in {FREEZE_GROUPS + ('lora',)}")
+        for name, v in (("train.steps", self.train.steps), ("train.grad_accum", self.train.grad_accum),
+                        ("data.token_budget", self.data.token_budget), ("train.lora.r", self.train.lora.r)):
+            _check(v >= 1, name, v, ">= 1")
+        _check(self.data.max_seq_len <= self.data.token_budget, "data.max_seq_len", self.data.max_seq_len,
+               f"<= data.token_budget ({self.data.token_budget}): a sample must fit in one packed batch")
+
+
+def _check(ok: bool, key: str, value, expected: str):
+    if not ok:
+        raise ConfigError(f"config: {key}={value!r} is invalid; expected {expected}")
+
+
+def config_from_dict(d: dict, cls: type = Config, path: str = "") -> Any:
+    """Convert a plain nested dict (e.g. `OmegaConf.to_container(cfg, resolve=True)`) into dataclass `cls`.
+
+    Args:
+        d: nested dict of plain Python values; every key must be a field of `cls` (recursively).
+        cls: the dataclass to build (default `Config`).
+        path: key prefix for error messages.
+    Raises:
+        ConfigError naming the offending key path for unknown keys or wrong types.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"config: {path or '<root>'} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        where = path or "<root>"
+        raise ConfigError(f"config: unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _convert(value, hints[name], f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _convert(value, tp, path):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return config_from_dict(value, tp, path)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config: {path} must be a bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config: {path} must be an int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config: {path} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config: {path} must be a string, got {value!r}")
+        return value
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config: {path} must be a list, got {value!r}")
+        return tuple(value)
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"config: {path} must be a mapping, got {value!r}")
+        return dict(value)
+    return value
+
+
+def config_to_dict(cfg) -> dict:
+    """Plain nested dict of a config dataclass (for logging and checkpoint metadata)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,107 @@
+"""Losses: chunked cross-entropy from hidden states (never materialises fp32 logits for the whole batch), MoE aux.
+
+The language-model loss only needs logits at positions whose label is not -100, so the hidden states of those
+positions are gathered first (for SFT / OCR this is the answer tokens only), then `ChunkedLinearCrossEntropy`
+computes `h @ W.T` chunk by chunk in fp32, keeps only the per-token loss and log-sum-exp, and recomputes each
+chunk's logits in backward (the Liger-Kernel / Cut-Cross-Entropy idea, in plain PyTorch). Peak extra memory is
+one (chunk, vocab) fp32 block instead of (tokens, vocab).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `softmax(h @ W.T)`; logits exist one chunk at a time, in fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        """Args: hidden (N, D) any float dtype, weight (V, D), labels (N,) long in [0, V), chunk_size int.
+
+        Returns: (N,) fp32 per-token losses.
+        """
+        n = hidden.shape[0]
+        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for s in range(0, n, chunk_size):
+            e = min(n, s + chunk_size)
+            # fp32 logits for this chunk only (matches an fp32 softmax over autocast bf16 logits up to rounding)
+            logits = (hidden[s:e] @ weight.t()).float()                     # (c, V)
+            lse[s:e] = torch.logsumexp(logits, dim=-1)
+            losses[s:e] = lse[s:e] - logits.gather(1, labels[s:e, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk_size = chunk_size
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        n, c = hidden.shape[0], ctx.chunk_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for s in range(0, n, c):
+            e = min(n, s + c)
+            logits = (hidden[s:e] @ weight.t()).float()                     # recomputed (c, V)
+            g = torch.exp(logits - lse[s:e, None])                          # softmax
+            g[torch.arange(e - s, device=g.device), labels[s:e]] -= 1.0
+            g = g * grad_losses[s:e, None].float()                          # dL/dlogits (c, V)
+            if need_h:
+                grad_h[s:e] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += g.t() @ hidden[s:e].float()
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          chunk_size: int = 1024) -> torch.Tensor:
+    """Per-token CE losses at the positions where `labels != -100` (next-token shift NOT applied here).
+
+    Args:
+        hidden: (..., D) hidden states (after the final norm), any float dtype.
+        weight: (V, D) lm_head weight.
+        labels: (...) long target ids, -100 = ignore.
+        chunk_size: tokens per lm_head chunk.
+    Returns:
+        (N,) fp32 losses for the N kept positions, in flattened order.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    keep = y != IGNORE_INDEX
+    h, y = h[keep], y[keep]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
+        raise ValueError(f"labels outside [0, {weight.shape[0]}): min {int(y.min())}, max {int(y.max())}")
+    if h.is_cuda and torch.is_autocast_enabled("cuda"):
+        h = h.to(torch.get_autocast_dtype("cuda"))
+        w = weight.to(h.dtype)
+    else:
+        w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
+    return ChunkedLinearCrossEntropy.apply(h, w, y, int(chunk_size))
+
+
+def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Targets for next-token prediction: out[t] = labels[t+1], -100 at each sequence's (or packed doc's) end.
+
+    Args:
+        labels: (B, L) long.
+        cu_seqlens: (n_docs + 1,) int32 boundaries of a packed row (B = 1), or None.
+    """
+    out = torch.full_like(labels, IGNORE_INDEX)
+    out[:, :-1] = labels[:, 1:]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].long() - 1                                    # last token of each doc
+        out[:, ends] = IGNORE_INDEX                                         # never predict across docs
+    return out
+
+
+def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain full-logits fp32 reference of `chunked_cross_entropy` (for tests). Shapes as there."""
+    h = hidden.reshape(-1, hidden.shape[-1]).float()
+    y = labels.reshape(-1)
+    keep = y != IGNORE_INDEX
+    return F.cross_entropy(h[keep] @ weight.float().t(), y[keep], reduction="none")
