@@ -189,6 +189,8 @@ def video_smart_resize(num_frames: int, height: int, width: int, config: VisionP
 
 def qvu_smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pixels: float) -> tuple[int, int]:
     """qwen-vl-utils' smart_resize (sides at least one factor after rounding, no lower clamp after flooring)."""
+    if max_pixels < min_pixels:
+        raise ValueError(f"max_pixels ({max_pixels}) must be at least min_pixels ({min_pixels})")
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"aspect ratio must be at most 200, got {max(height, width) / min(height, width):.1f}")
     h_bar = max(factor, round(height / factor) * factor)
