@@ -33,8 +33,15 @@ def rss_mb():  # current resident set, from /proc
     for line in open('/proc/self/status'):
         if line.startswith('VmRSS'):
             return int(line.split()[1]) / 1024
+# warm up: the first use of the meta device imports torch's meta kernels (~150 MB of code, not weights)
+from model import Qwen3VL, preset
+with torch.device('meta'):
+    Qwen3VL(preset('tiny'), init_weights=False)
 base = rss_mb()
 m = load_pretrained({dir!r}, progress=False)
+# touch every weight so that lazily mapped pages are resident and counted
+with torch.no_grad():
+    checksum = float(sum(p.sum() for p in m.parameters()))  # reads every page, no copy
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # high-water mark, MB
 weights = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
 print(json.dumps({{"baseline_mb": round(base, 1), "peak_mb": round(peak, 1),

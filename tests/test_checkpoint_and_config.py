@@ -160,8 +160,8 @@ def test_load_peak_memory_stays_near_one_copy(tmp_path):
                           "--dir", str(tmp_path / "big"), "--json"], capture_output=True, text=True, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["weights_mb"] > 250
-    # one copy of the weights + at most one mapped shard (100 MB) + slack; a naive load needs >= 2 copies
-    assert r["peak_increase_mb"] < r["weights_mb"] * 1.5, r
+    # one copy of the weights + one 64 MB read block + slack; a load that materialises a state dict first needs 2x
+    assert r["peak_increase_mb"] < r["weights_mb"] * 1.15, r
 
 
 # ------------------------------------------------------------------------------------------ packing, rope
