@@ -222,7 +222,7 @@ _TEXT_KEYS = {
     "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
     "attention_bias", "hidden_act", "rope_scaling", "rope_theta", "rope_parameters",
     # MoE
-    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
     "router_aux_loss_coef", "norm_topk_prob", "shared_expert_intermediate_size", "output_router_logits",
 }
 _TOP_KEYS = {"text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
@@ -301,6 +301,10 @@ def _from_hf(d: dict, where: str) -> Qwen3VLConfig:
     if t.get("shared_expert_intermediate_size"):
         raise ConfigError(f"{where}: shared experts are not part of Qwen3-VL-MoE")
     moe = None
+    if "num_local_experts" in t:  # transformers 5 spelling of num_experts
+        if "num_experts" in t and t["num_experts"] != t["num_local_experts"]:
+            raise ConfigError(f"{where}: num_experts {t['num_experts']} != num_local_experts {t['num_local_experts']}")
+        t["num_experts"] = t.pop("num_local_experts")
     if mt == "qwen3_vl_moe" or t.get("num_experts"):
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
             if k not in t:
