@@ -138,16 +138,17 @@ def test_is_sparse_and_validation():
 
 
 def test_triton_backend_matches_torch():
-    """Same block, backend "triton" (kernels.moe; interpreter on CPU) vs "torch", forward and backward."""
+    """Same block, backend "triton" (kernels.moe; interpreter on CPU) vs "torch", forward and backward, fp32."""
     pytest.importorskip("triton")
     torch.manual_seed(5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     H, E, k, I = 32, 6, 2, 24
-    block_t = SparseMoeBlock(H, MoEConfig(E, k, I, backend="torch"))
-    block_k = SparseMoeBlock(H, MoEConfig(E, k, I, backend="triton"))
+    block_t = SparseMoeBlock(H, MoEConfig(E, k, I, backend="torch")).to(dev)
+    block_k = SparseMoeBlock(H, MoEConfig(E, k, I, backend="triton")).to(dev)
     block_k.load_state_dict(block_t.state_dict())
-    x = torch.randn(2, 9, H)
+    x = torch.randn(2, 9, H, device=dev)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    g = torch.randn(2, 9, H)
+    g = torch.randn(2, 9, H, device=dev)
     y1, l1 = block_t(x1)
     y2, l2 = block_k(x2)
     torch.testing.assert_close(l2, l1)

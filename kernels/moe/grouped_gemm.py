@@ -30,7 +30,7 @@ from .schedule import Schedule
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_start_ptr, tile_end_ptr,
                     H, I, stride_x, stride_we, stride_wk, stride_wn, stride_gu, stride_h,
-                    SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                    SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gu = x[tok] @ W1[e] for one (tile, n-block), both halves; h = silu(gate) * up."""
     pid = tl.program_id(0)
@@ -46,7 +46,10 @@ def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_start
     tok = tl.load(tok_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # masked rows read token 0: in bounds
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < I
-    offs_nb = offs_n % I  # wrap out-of-range columns onto valid memory; they are never stored
+    if EVEN_N:
+        offs_nb = offs_n
+    else:
+        offs_nb = offs_n % I  # wrap out-of-range columns onto valid memory; they are never stored
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]
     bg_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_nb[None, :] * stride_wn
@@ -81,7 +84,7 @@ def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_start
 @triton.jit
 def _token_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, tile_e_ptr, tile_start_ptr, tile_end_ptr,
                        N, K, stride_a, stride_be, stride_bk, stride_bn, stride_c,
-                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                       HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """c[rows] = (a[rows] @ B[e]) * scale[rows] for one (tile, n-block); B[e] read through strides."""
     pid = tl.program_id(0)
@@ -97,7 +100,10 @@ def _token_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, tile_e_ptr, tile_start_pt
     rows_a = tl.where(row_mask, rows, row_start).to(tl.int64)  # masked rows re-read the first row: in bounds
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_nb = offs_n % N
+    if EVEN_N:
+        offs_nb = offs_n
+    else:  # the modulo hides contiguity from the compiler: only when N is ragged
+        offs_nb = offs_n % N
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None] * stride_a + offs_k[None, :]
     b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_nb[None, :] * stride_bn
@@ -123,7 +129,7 @@ def _token_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, tile_e_ptr, tile_start_pt
 def _down_bwd_kernel(dy_ptr, w2_ptr, gu_ptr, scale_ptr, dgu_ptr, dw_part_ptr, tok_ptr,
                      tile_e_ptr, tile_start_ptr, tile_end_ptr,
                      H, I, stride_dy, stride_we, stride_wi, stride_wh, stride_gu, stride_dgu, stride_dw,
-                     EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                     EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dh' = dy[tok] @ W2[e]^T for one (tile, i-block); epilogue: dw partial = <h, dh'>, dgu = dSwiGLU(w * dh')."""
     pid = tl.program_id(0)
@@ -139,7 +145,10 @@ def _down_bwd_kernel(dy_ptr, w2_ptr, gu_ptr, scale_ptr, dgu_ptr, dw_part_ptr, to
     tok = tl.load(tok_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of I
     n_mask = offs_n < I
-    offs_nb = offs_n % I
+    if EVEN_N:
+        offs_nb = offs_n
+    else:
+        offs_nb = offs_n % I
     offs_k = tl.arange(0, BLOCK_K)                      # reduction over H
     a_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]
     b_ptrs = w2_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wh + offs_nb[None, :] * stride_wi
@@ -175,7 +184,8 @@ def _down_bwd_kernel(dy_ptr, w2_ptr, gu_ptr, scale_ptr, dgu_ptr, dw_part_ptr, to
 @triton.jit
 def _wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, scale_ptr, out_ptr, offsets_ptr,
                   M, N, stride_a, stride_b, stride_oe, stride_om, stride_on,
-                  A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+                  A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, B_SCALE: tl.constexpr,
+                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[e] = sum over expert e's rows r of A[ia(r)]^T (x) B[ib(r)] * scale[r], one BLOCK_M x BLOCK_N tile."""
     pid = tl.program_id(0)
@@ -188,8 +198,14 @@ def _wgrad_kernel(a_ptr, a_idx_ptr, b_ptr, b_idx_ptr, scale_ptr, out_ptr, offset
     end = tl.load(offsets_ptr + e + 1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_mb = offs_m % M
-    offs_nb = offs_n % N
+    if EVEN_M:
+        offs_mb = offs_m
+    else:
+        offs_mb = offs_m % M
+    if EVEN_N:
+        offs_nb = offs_n
+    else:
+        offs_nb = offs_n % N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(start, end, BLOCK_K):
         rows = r0 + tl.arange(0, BLOCK_K)
@@ -279,8 +295,9 @@ def gate_up_fwd(x: Tensor, w1: Tensor, sched: Schedule, save_gu: bool) -> tuple[
     grid = (_num_tiles(sched) * triton.cdiv(I, BN),)
     _gate_up_kernel[grid](x, w1, gu, h, sched.sorted_token, sched.tile_expert, sched.tile_row_start,
                           sched.tile_row_end, H, I, x.stride(0), w1.stride(0), w1.stride(1), w1.stride(2),
-                          gu.stride(0), h.stride(0), SAVE_GU=save_gu, EVEN_K=H % BK == 0, PRECISION=_precision(x),
-                          BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
+                          gu.stride(0), h.stride(0), SAVE_GU=save_gu, EVEN_K=H % BK == 0, EVEN_N=I % BN == 0,
+                          PRECISION=_precision(x), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, num_warps=warps,
+                          num_stages=stages)
     return (gu if save_gu else None), h
 
 
@@ -298,7 +315,7 @@ def token_gemm(a: Tensor, b: Tensor, sched: Schedule, transpose_b: bool, scale: 
     grid = (_num_tiles(sched) * triton.cdiv(n_out, BN),)
     _token_gemm_kernel[grid](a, b, c, scale if scale is not None else a, sched.tile_expert, sched.tile_row_start,
                              sched.tile_row_end, n_out, K, a.stride(0), b.stride(0), stride_bk, stride_bn,
-                             c.stride(0), HAS_SCALE=scale is not None, EVEN_K=K % BK == 0,
+                             c.stride(0), HAS_SCALE=scale is not None, EVEN_K=K % BK == 0, EVEN_N=n_out % BN == 0,
                              PRECISION=_precision(a), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                              num_warps=warps, num_stages=stages)
     return c
@@ -316,8 +333,8 @@ def down_bwd(dy: Tensor, w2: Tensor, gu: Tensor, scale: Tensor, sched: Schedule)
     _down_bwd_kernel[grid](dy, w2, gu, scale, dgu, dw_part, sched.sorted_token, sched.tile_expert,
                            sched.tile_row_start, sched.tile_row_end, H, I, dy.stride(0), w2.stride(0),
                            w2.stride(1), w2.stride(2), gu.stride(0), dgu.stride(0), dw_part.stride(0),
-                           EVEN_K=H % BK == 0, PRECISION=_precision(dy), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-                           num_warps=warps, num_stages=stages)
+                           EVEN_K=H % BK == 0, EVEN_N=I % BN == 0, PRECISION=_precision(dy), BLOCK_M=BM,
+                           BLOCK_N=BN, BLOCK_K=BK, num_warps=warps, num_stages=stages)
     return dgu, dw_part.sum(1)
 
 
@@ -331,7 +348,8 @@ def weight_grad(a: Tensor, a_idx: Tensor | None, b: Tensor, b_idx: Tensor | None
                         b_idx if b_idx is not None else sched.sorted_token, scale if scale is not None else a,
                         out, sched.expert_offsets, M, N, a.stride(0), b.stride(0), out.stride(0), out.stride(1),
                         out.stride(2), A_GATHER=a_idx is not None, B_GATHER=b_idx is not None,
-                        B_SCALE=scale is not None, PRECISION=_precision(a), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                        B_SCALE=scale is not None, EVEN_M=M % BM == 0, EVEN_N=N % BN == 0,
+                        PRECISION=_precision(a), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                         num_warps=warps, num_stages=stages)
     return out
 
