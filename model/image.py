@@ -132,6 +132,8 @@ def load_image(image, name: str | None = None) -> torch.Tensor:
                 arr = _pil_to_rgb(img, path)
         except UnidentifiedImageError as e:
             raise ValueError(f"cannot decode image {path}: not a recognised image file") from e
+        except OSError as e:  # truncated / corrupt data behind a valid header
+            raise ValueError(f"cannot decode image {path}: {e}") from e
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
     if isinstance(image, Image.Image):
         return torch.from_numpy(_pil_to_rgb(image, name).copy()).permute(2, 0, 1).contiguous()

@@ -61,6 +61,15 @@ def _media_of(item: dict, kind: str, where: str):
     return src
 
 
+def _reraise_with_prefix(e: Exception, prefix: str):
+    """Raise `e` again with "prefix: " in front of its message (same type when it can be rebuilt from a string)."""
+    try:
+        new = type(e)(f"{prefix}: {e}")
+    except Exception:
+        raise e
+    raise new from e
+
+
 class Qwen3VLProcessor:
     """Tokenizer + image/video preprocessing + prompt expansion + batching for Qwen3-VL.
 
@@ -239,8 +248,8 @@ class Qwen3VLProcessor:
         """Run a media step, prefixing value errors with the message / item they came from."""
         try:
             return fn(*args, **kwargs)
-        except (ValueError, TypeError) as e:
-            raise type(e)(f"{where}: {e}") from e
+        except (ValueError, TypeError, OSError) as e:
+            _reraise_with_prefix(e, where)
 
     def _finish(self, text, images, videos, return_labels, where) -> dict:
         """Expand placeholders, tokenize, attach media tensors (and labels)."""
@@ -323,8 +332,8 @@ class Qwen3VLProcessor:
                 try:
                     samples.append(self.process_conversation(conv, add_generation_prompt=add_generation_prompt,
                                                              return_labels=return_labels, **template_kwargs))
-                except (ValueError, TypeError, FileNotFoundError) as e:
-                    raise type(e)(f"conversation {i}: {e}") from e
+                except (ValueError, TypeError, OSError) as e:
+                    _reraise_with_prefix(e, f"conversation {i}")
         else:
             texts = [text] if isinstance(text, str) else list(text)
             images, videos = list(images or []), list(videos or [])

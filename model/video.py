@@ -264,13 +264,16 @@ def _packet_table(container, stream) -> tuple[np.ndarray, np.ndarray]:
         if pkt.pts is not None and pkt.size > 0:
             pts.append(pkt.pts)
             key.append(pkt.is_keyframe)
-    container.seek(0, stream=stream)
+    if pts:  # rewind for decoding (an empty stream cannot seek, and needs no rewind)
+        container.seek(0, stream=stream)
     order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
     return np.asarray(pts, dtype=np.int64)[order], np.asarray(key, dtype=bool)[order]
 
 
 def probe_video(path: str) -> VideoMetadata:
     """Frame count, frame rate and size of the first video stream (PyAV; as transformers' pyav reader reports them)."""
+    import av
+
     path = path[len("file://") :] if path.startswith("file://") else path
     container = _open(path)
     try:
@@ -280,6 +283,8 @@ def probe_video(path: str) -> VideoMetadata:
             total = len(_packet_table(container, s)[0])
         fps = float(s.average_rate) if s.average_rate else None
         return VideoMetadata(total, fps, s.height, s.width, path)
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot read video {path}: {e}") from e
     finally:
         container.close()
 
@@ -374,11 +379,11 @@ def preprocess_video(
     if isinstance(video, (str, os.PathLike)):
         path = str(video)
         path = path[len("file://") :] if path.startswith("file://") else path
+        if "fps" in o and "nframes" in o:
+            raise ValueError(f"video {path}: give either fps or nframes, not both")
         meta = probe_video(path)
         if meta.total_num_frames <= 0:
             raise ValueError(f"video {path} has no frames")
-        if "fps" in o and "nframes" in o:
-            raise ValueError(f"video {path}: give either fps or nframes, not both")
         indices = sample_frame_indices(
             meta.total_num_frames, meta.fps, rule=rule, fps=o.get("fps", fps), num_frames=o.get("nframes"),
             min_frames=o.get("min_frames", min_frames), max_frames=o.get("max_frames", max_frames),
