@@ -26,17 +26,6 @@ def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | No
     return out.transpose(1, 2)
 
 
-def _doc_mask(cu_seqlens: torch.Tensor, causal: bool, device) -> torch.Tensor:
-    """Block-diagonal (T, T) bool mask from cu_seqlens: no attention across documents."""
-    T = int(cu_seqlens[-1])
-    doc = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=device),
-                                  (cu_seqlens[1:] - cu_seqlens[:-1]).to(device))
-    mask = doc[:, None] == doc[None, :]
-    if causal:
-        mask &= torch.ones(T, T, dtype=torch.bool, device=device).tril()
-    return mask
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch", causal: bool = False,
            cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
            scale: float | None = None) -> torch.Tensor:
@@ -61,10 +50,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = 
         if mask is not None:
             raise ValueError("cu_seqlens and an explicit mask cannot be combined")
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        if len(lengths) <= 64:  # few documents: one SDPA call each; many: one block-diagonal masked call
-            outs = [_sdpa(qi[None], ki[None], vi[None], causal=causal, mask=None, scale=scale)[0]
-                    for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
-            return torch.cat(outs, dim=0)
-        doc_mask = _doc_mask(cu_seqlens, causal, q.device)
-        return _sdpa(q[None], k[None], v[None], causal=False, mask=doc_mask, scale=scale)[0]
+        if len(set(lengths)) == 1:
+            # equal documents (e.g. the frames of a video): one batched call, (n, len, H, D)
+            n = len(lengths)
+            out = _sdpa(q.view(n, lengths[0], *q.shape[1:]), k.view(n, lengths[0], *k.shape[1:]),
+                        v.view(n, lengths[0], *v.shape[1:]), causal=causal, mask=None, scale=scale)
+            return out.reshape(q.shape)
+        outs = [_sdpa(qi[None], ki[None], vi[None], causal=causal, mask=None, scale=scale)[0]
+                for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+        return torch.cat(outs, dim=0)
     return _sdpa(q, k, v, causal=causal, mask=mask, scale=scale)
