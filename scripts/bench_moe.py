@@ -7,17 +7,18 @@ follow a Zipf(1.2) popularity, so many experts get few or no rows).
 
 Rows:
   experts  ours        kernels.moe.moe_experts                      (given topk ids / weights)
-  experts  grouped_mm  sort + torch._grouped_mm x2 + gather-sum     (same ids / weights; autograd backward)
+  experts  grouped_mm  sort + torch._grouped_mm x2 + gather-sum     (same ids / weights; autograd backward;
+                       "-colmajor": the weights stored transposed, as transformers feeds them)
   block    ours        model.moe.SparseMoeBlock, backend "triton"   (router included)
   block    hf-eager    transformers Qwen3VLMoeTextSparseMoeBlock, experts_implementation "eager" (the default of a
                        standalone block)
   block    hf-grouped  the same with experts_implementation "grouped_mm" (transformers' default inside a model)
 
-`--sweep` first times each Triton kernel over a few tile configs at the largest token count and uses the fastest
-(printed, to be copied into kernels/moe/grouped_gemm.py CONFIGS). Timing: triton.testing.do_bench, median, L2
-flushed between runs; the 800 MB of expert weights do not fit in L2 anyway.
+`--sweep [KERNEL ...]` first times each (or each named) Triton kernel over a few tile configs at the largest token
+count and uses the fastest (printed, to be copied into kernels/moe/grouped_gemm.py CONFIGS). Timing:
+triton.testing.do_bench, median, L2 flushed between runs; the 800 MB of expert weights do not fit in L2 anyway.
 
-    python scripts/bench_moe.py --tokens 4096 8192 16384 [--sweep] [--out results.md]
+    python scripts/bench_moe.py --tokens 4096 8192 16384 [--sweep [KERNEL ...]] [--out results.md]
 """
 import argparse
 import datetime
@@ -121,15 +122,18 @@ CANDIDATES = {
     "down": [(128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
              (128, 64, 64, 4, 4), (64, 256, 64, 4, 3)],
     "down_bwd": [(128, 64, 64, 8, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4),
-                 (64, 128, 64, 4, 4)],
+                 (64, 128, 64, 4, 4), (128, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 64, 32, 4, 4),
+                 (128, 128, 32, 8, 4), (128, 64, 128, 8, 3)],
     "dx": [(128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
            (64, 256, 64, 4, 3)],
     "wgrad": [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4),
-              (128, 256, 64, 8, 3), (128, 64, 64, 4, 4)],
+              (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 4, 4), (128, 128, 128, 4, 3),
+              (256, 128, 64, 8, 3), (128, 128, 32, 4, 4)],
 }
 
 
-def sweep(T, gen, log):
+def sweep(T, gen, log, kinds):
+    """Time each kernel of `kinds` (all when empty) over CANDIDATES; install and return the fastest configs."""
     x = torch.randn(T, H, device=DEV, generator=gen).to(DT)
     w1 = (torch.randn(E, H, 2 * I, device=DEV, generator=gen) * H ** -0.5).to(DT)
     w2 = (torch.randn(E, I, H, device=DEV, generator=gen) * I ** -0.5).to(DT)
@@ -149,11 +153,17 @@ def sweep(T, gen, log):
         "wgrad": lambda s: (gg.weight_grad(x, s.sorted_token, gu, None, None, s, torch.empty_like(w1)),
                             gg.weight_grad(h, None, dy, s.sorted_token, scale, s, torch.empty_like(w2))),
     }
-    flops = {"gate_up": 2 * N * H * 2 * I, "down": 2 * N * I * H, "down_bwd": 2 * N * H * I, "dx": 2 * N * 2 * I * H,
-             "wgrad": 2 * N * H * 2 * I + 2 * N * I * H}
-    times = {}
-    default = dict(cfg)
-    for kind, cands in CANDIDATES.items():
+    flops = {"gate_up": 2 * N * H * 2 * I, "down": 2 * N * I * H, "down_bwd": 2 * N * H * I,
+             "dx": 2 * N * 2 * I * H, "wgrad": 2 * N * H * 2 * I + 2 * N * I * H}
+    token_kinds = ("gate_up", "down", "down_bwd", "dx")
+    kinds = list(kinds) or list(CANDIDATES)
+    all_token = all(kd in kinds for kd in token_kinds)
+    bm_now = cfg["gate_up"][0]
+    times, default = {}, dict(cfg)
+    for kind in kinds:
+        cands = [default[kind]] + [c for c in CANDIDATES[kind] if c != default[kind]]
+        if kind in token_kinds and not all_token:  # the untouched token kernels pin the schedule's BLOCK_M
+            cands = [c for c in cands if c[0] == bm_now]
         for c in cands:
             cfg[kind] = c
             try:
@@ -164,18 +174,18 @@ def sweep(T, gen, log):
             times[(kind, c)] = ms
             log(f"  sweep {kind:8s} {c}: {ms:7.3f} ms  {flops[kind] / ms / 1e9:6.0f} TFLOP/s")
         cfg.update(default)
-    # Token GEMMs share one schedule, hence one BLOCK_M: pick the BLOCK_M with the smallest summed best times.
+
+    def fastest(kind, bm=None):
+        tried = [c for (kd, c) in times if kd == kind and (bm is None or c[0] == bm)]
+        return min(tried, key=lambda c: times[(kind, c)], default=None)
+
     best = {}
-    for bm in (64, 128):
-        choice = {kind: min((c for c in CANDIDATES[kind] if c[0] == bm), key=lambda c: times[(kind, c)], default=None)
-                  for kind in ("gate_up", "down", "down_bwd", "dx")}
-        if None in choice.values():
-            continue
-        total = sum(times[(kd, c)] for kd, c in choice.items())
-        if not best or total < best["total"]:
-            best = {"total": total, **choice}
-    best.pop("total")
-    best["wgrad"] = min(CANDIDATES["wgrad"], key=lambda c: times[("wgrad", c)])
+    if all_token:  # token GEMMs share one schedule, hence one BLOCK_M: the one with the smallest summed time
+        per_bm = {bm: {kd: fastest(kd, bm) for kd in token_kinds} for bm in (64, 128)}
+        per_bm = {bm: ch for bm, ch in per_bm.items() if None not in ch.values()}
+        best.update(min(per_bm.values(), key=lambda ch: sum(times[(kd, c)] for kd, c in ch.items())))
+    for kind in kinds:
+        best.setdefault(kind, fastest(kind))
     cfg.update(best)
     log(f"sweep choice: {json.dumps({k: list(v) for k, v in best.items()})}")
     return best
@@ -186,7 +196,8 @@ def sweep(T, gen, log):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192, 16384])
-    ap.add_argument("--sweep", action="store_true", help="tune the Triton tile configs first")
+    ap.add_argument("--sweep", nargs="*", default=None, metavar="KERNEL",
+                    help=f"tune the Triton tile configs first (all, or the named ones of {list(CANDIDATES)})")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     ap.add_argument("--out", type=str, default=None, help="also write the markdown table here")
     ap.add_argument("--smoke", action="store_true",
@@ -198,8 +209,7 @@ def main():
         args.tokens = [24, 40]
         for kind in CANDIDATES:
             CANDIDATES[kind] = [(64, 32, 32, 4, 1), (128, 32, 32, 4, 1)]
-        gg.CONFIGS["cpu_smoke"] = gg.CONFIGS["interpret"] = dict(gg.CONFIGS["interpret"], **{
-            k: (64, 32, 32, 4, 1) for k in CANDIDATES})
+        gg.CONFIGS["interpret"] = {k: (64, 32, 32, 4, 1) for k in CANDIDATES}
     torch.backends.cuda.matmul.allow_tf32 = False
     lines = []
 
@@ -219,8 +229,8 @@ def main():
     log(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; command: python "
         f"{' '.join(sys.argv)}")
     has_gmm = hasattr(torch, "_grouped_mm")
-    if args.sweep:
-        sweep(max(args.tokens), gen, log)
+    if args.sweep is not None:
+        sweep(max(args.tokens), gen, log, args.sweep)
     log(f"configs: {json.dumps({k: list(v) for k, v in gg.CONFIGS['cuda' if DEV == 'cuda' else 'interpret'].items()})}")
 
     # Modules: ours (triton backend) and transformers' block with the same weights (its layout is transposed).
@@ -235,6 +245,10 @@ def main():
             hf.experts.gate_up_proj.copy_(ours.experts.gate_up_proj.transpose(1, 2))
             hf.experts.down_proj.copy_(ours.experts.down_proj.transpose(1, 2))
     w1, w2 = ours.experts.gate_up_proj, ours.experts.down_proj
+    # The same weights stored column-major (transformers' [E, 2I, H] layout seen through a transpose): the layout
+    # torch._grouped_mm's CUTLASS path may prefer; the faster of the two grouped_mm rows is the fair baseline.
+    w1c = w1.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
+    w2c = w2.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)
 
     header = ("| rows | routing | tokens | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
               "| vs ours (fwd / fwd+bwd) |")
@@ -274,6 +288,8 @@ def main():
             if has_gmm:
                 impls.append(("experts", "grouped_mm", lambda: experts_grouped_mm(x, w1, w2, ids, wr),
                               [x, w1, w2, wr]))
+                impls.append(("experts", "grouped_mm-colmajor", lambda: experts_grouped_mm(x, w1c, w2c, ids, wr),
+                              [x, w1c, w2c, wr]))
             if not skewed:  # block rows route with the (random) router: uniform-ish only
                 xb = x.detach().view(1, T, H).requires_grad_(True)
                 dyb = dy.view(1, T, H)

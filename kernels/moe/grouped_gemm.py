@@ -245,15 +245,15 @@ def _gather_sum_kernel(src_ptr, idx_ptr, out_ptr, D, stride_src, stride_out,
 # ----------------------------------------------------------------------------------------------- launchers
 
 # Tile shapes per kernel: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_M of the token GEMMs is the
-# schedule's block_m. The CUDA entries were chosen for the 30B-A3B shape on H100 (scripts/bench_moe.py); the
-# interpreter entries keep CPU tests fast.
+# schedule's block_m, shared by the four token kernels. The CUDA entries are the fastest of
+# `scripts/bench_moe.py --sweep` for the 30B-A3B shape on H100; the interpreter entries keep CPU tests fast.
 CONFIGS = {
-    "cuda": {
-        "gate_up": (128, 64, 64, 8, 4),
-        "down": (128, 128, 64, 8, 4),
-        "down_bwd": (128, 64, 64, 8, 4),
-        "dx": (128, 128, 64, 8, 4),
-        "wgrad": (128, 128, 64, 8, 3),
+    "cuda": {  # H100 sweep, 2026-11-25, 16K tokens (docs/benchmarks.md): TFLOP/s of each kernel alone
+        "gate_up": (128, 128, 64, 8, 3),   # 477
+        "down": (128, 256, 64, 8, 3),      # 455
+        "down_bwd": (128, 64, 64, 8, 4),   # 222 (heavy epilogue: gu loads, dSwiGLU, d weight)
+        "dx": (128, 256, 64, 8, 3),        # 495
+        "wgrad": (128, 128, 64, 4, 3),     # 351 (dW1 and dW2 together)
     },
     "cuda_fp32": {  # 4-byte operands: half the K depth and fewer stages to fit shared memory
         "gate_up": (64, 64, 32, 4, 3),
