@@ -151,6 +151,7 @@ class TrainConfig:
     resume: str = "auto"             # auto (latest in out_dir/checkpoints if any) | none | <checkpoint dir>
     export: bool = True              # final save_pretrained (merged LoRA) to out_dir/final
     max_time_s: float = 0.0          # stop (and save) after this wall time; 0 = no limit
+    stop_after_steps: int = 0        # stop (and save) after this many steps in this invocation (time-sliced jobs)
     num_threads: int = 0             # torch.set_num_threads on CPU; 0 = leave as is
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)

@@ -334,8 +334,8 @@ def pack_samples(samples: list[Encoded | None]) -> dict:
 class PackedBatchSampler:
     """Seeded, length-grouped packing of dataset indices into micro-batches of at most `token_budget` tokens.
 
-    `batches(epoch)` is a pure function of (lengths, seed, epoch): shuffle, sort by length inside windows of
-    `group_size` batches, pack greedily, shuffle the batch order. Resuming = skipping the first k batches.
+    `batches(epoch)` is a pure function of (lengths, seed, epoch): shuffle, then inside windows of `group_size`
+    batches pack first-fit-decreasing by length (or greedily in order without grouping), shuffle the batch order. Resuming = skipping the first k batches.
 
     Args:
         lengths: token length per sample.  token_budget: max tokens per batch.  seed: base seed.
@@ -358,19 +358,35 @@ class PackedBatchSampler:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
         if self.grouping:
+            # first-fit decreasing inside windows of ~group_size batches: similar lengths share a batch and the
+            # packing is tight (little of the budget wasted)
             mean = max(1.0, sum(self.lengths) / max(1, n))
             window = max(1, int(self.group_size * max(1, self.budget // mean)))
-            order = [i for s in range(0, n, window)
-                     for i in sorted(order[s:s + window], key=lambda j: -self.lengths[j])]
-        out, cur, used = [], [], 0
-        for i in order:
-            if cur and (used + self.lengths[i] > self.budget or (self.max_samples and len(cur) >= self.max_samples)):
+            out = []
+            for s in range(0, n, window):
+                bins: list[list[int]] = []
+                room: list[int] = []
+                for i in sorted(order[s:s + window], key=lambda j: -self.lengths[j]):
+                    k = next((b for b in range(len(bins)) if room[b] >= self.lengths[i]
+                              and not (self.max_samples and len(bins[b]) >= self.max_samples)), None)
+                    if k is None:
+                        bins.append([])
+                        room.append(self.budget)
+                        k = len(bins) - 1
+                    bins[k].append(i)
+                    room[k] -= self.lengths[i]
+                out += bins
+        else:
+            out, cur, used = [], [], 0
+            for i in order:
+                if cur and (used + self.lengths[i] > self.budget or
+                            (self.max_samples and len(cur) >= self.max_samples)):
+                    out.append(cur)
+                    cur, used = [], 0
+                cur.append(i)
+                used += self.lengths[i]
+            if cur:
                 out.append(cur)
-                cur, used = [], 0
-            cur.append(i)
-            used += self.lengths[i]
-        if cur:
-            out.append(cur)
         if self.shuffle:
             perm = torch.randperm(len(out), generator=g).tolist()
             out = [out[p] for p in perm]

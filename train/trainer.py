@@ -133,7 +133,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         lr = cfg.module_lr.get(g, cfg.lr)
         param_groups.append({"params": ps, "lr": lr, "base_lr": lr, "name": f"{g}{'' if decay else '.no_decay'}",
                              "weight_decay": cfg.weight_decay if decay else 0.0})
-    kw = {"fused": True} if cfg.fused else {}
+    kw = {"fused": True} if cfg.fused else {"foreach": True}  # foreach: one kernel per op for all params (CPU too)
     return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **kw)
 
 
@@ -452,20 +452,22 @@ def train(cfg: Config) -> dict:
         if step % 10 == 0:
             tokens_since, t_since = 0, time.perf_counter()
         timed_out = cfg.train.max_time_s > 0 and time.perf_counter() - t_start > cfg.train.max_time_s
-        if timed_out:
-            timed_out = bool(all_reduce_sum(1.0 if timed_out else 0.0, device) > 0)
+        timed_out = bool(all_reduce_sum(1.0 if timed_out else 0.0, device) > 0) if world > 1 else timed_out
+        if cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps:
+            timed_out = True
         if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < cfg.train.steps and not timed_out:
             do_eval()
         if (cfg.train.save_every > 0 and step % cfg.train.save_every == 0) or step == cfg.train.steps or timed_out:
             last_ckpt = save_checkpoint(ckpt_root, step, model, optimizer, trainer_state(), cfg.train.keep_last,
                                         distributed)
         if timed_out:
-            logger.print(f"stopping at step {step}: train.max_time_s={cfg.train.max_time_s} reached")
+            logger.print(f"stopping at step {step} (train.max_time_s / train.stop_after_steps); resume=auto continues")
             break
-    if not evals or evals[-1]["step"] != step:
+    finished = step >= cfg.train.steps
+    if finished and (not evals or evals[-1]["step"] != step):
         do_eval()
     final_dir = None
-    if cfg.train.export:
+    if finished and cfg.train.export:
         final_dir = export(model, out_dir / "final", cfg, rank, distributed)
         if rank == 0:
             logger.print(f"exported {final_dir}")
