@@ -124,9 +124,13 @@ def test_attention(case, dtype):
     _check_against_reference(q, k, v, dtype, **kw, **extra)
 
 
+_GPU_PARAMS = [pytest.param(c, torch.bfloat16, id=f"{c[0]}-bf16") for c in GPU_CASES] + \
+    [pytest.param(c, torch.float16, id=f"{c[0]}-fp16") for c in GPU_CASES
+     if c[0] in ("causal-gqa-d128", "noncausal-varlen-d72", "causal-window-global-gqa")]
+
+
 @pytest.mark.skipif(not CUDA, reason="full-size cases need a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+@pytest.mark.parametrize("case, dtype", _GPU_PARAMS)
 def test_attention_gpu(case, dtype):
     _, batch, lq, lk, hq, hkv, d, kw = case
     q, k, v, extra = _make_inputs(batch, lq, lk, hq, hkv, d, dtype)

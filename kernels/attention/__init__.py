@@ -42,8 +42,8 @@ def _check(q, k, v, cu_seqlens, window, num_global, scale):
     hq, hkv, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if k.shape[-1] != d:
         raise ValueError(f"attention: q head_dim {d} != k/v head_dim {k.shape[-1]}")
-    if not 1 <= d <= 256:
-        raise ValueError(f"attention: head_dim {d} not supported (1..256)")
+    if not 1 <= d <= 128:
+        raise ValueError(f"attention: head_dim {d} not supported (1..128; tuned for 64, 72, 80, 96, 128)")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"attention: query heads {hq} must be a multiple of key/value heads {hkv}")
     if window is not None and (not isinstance(window, int) or window < 1):
@@ -76,7 +76,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     j < num_global), positions counted inside each document; with Lq < Lk query i sits at key position Lk - Lq + i.
 
     Args:
-        q: (B, Lq, Hq, D) or packed (T, Hq, D); fp16, bf16 or fp32; D <= 256 (64, 72, 80, 96, 128 tuned).
+        q: (B, Lq, Hq, D) or packed (T, Hq, D); fp16, bf16 or fp32; D <= 128 (64, 72, 80, 96, 128 tuned).
         k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D), Hq % Hkv == 0 (GQA/MQA without repeating K/V).
         causal: causal mask (bottom-right aligned).
         cu_seqlens: (num_docs + 1,) int32 boundaries of the packed documents; no attention across documents.

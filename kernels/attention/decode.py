@@ -156,7 +156,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         q, k, v, op, lp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], lq, lk, keys_per_split, scale,
         window or 0, num_global, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
         CAUSAL=causal, WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=3 if not INTERPRET else 1)
+        num_warps=4, num_stages=1 if INTERPRET else (2 if q.dtype == torch.float32 else 3))
     o = _flash._empty_output(q.shape, q.dtype, q.device)
     lse = _flash._empty_output((bsz, hq, lq), torch.float32, q.device)
     n_rows = bsz * hq * lq
