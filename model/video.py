@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .image import OFFICIAL_VIDEO_CONFIG, VisionPreprocessConfig, load_image, normalize, patchify, resize
+from .image import OFFICIAL_VIDEO_CONFIG, VisionPreprocessConfig, load_image, resize
 from .image import smart_resize as image_smart_resize
 
 # transformers' Qwen3VLVideoProcessor defaults (also the official video_preprocessor_config.json values).
@@ -257,17 +257,41 @@ def _open(path: str):
     return container
 
 
-def _packet_table(container, stream) -> tuple[np.ndarray, np.ndarray]:
-    """Demux (no decoding) to get every frame's pts in presentation order and which of them are keyframes."""
-    pts, key = [], []
+def _packet_table(container, stream) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Demux (no decoding): every frame's pts in presentation order, which are keyframes, and whether all had pts."""
+    pts, key, complete = [], [], True
     for pkt in container.demux(stream):
-        if pkt.pts is not None and pkt.size > 0:
+        if pkt.size > 0:
+            if pkt.pts is None:
+                complete = False
+                continue
             pts.append(pkt.pts)
             key.append(pkt.is_keyframe)
     if pts:  # rewind for decoding (an empty stream cannot seek, and needs no rewind)
         container.seek(0, stream=stream)
     order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
-    return np.asarray(pts, dtype=np.int64)[order], np.asarray(key, dtype=bool)[order]
+    return np.asarray(pts, dtype=np.int64)[order], np.asarray(key, dtype=bool)[order], complete
+
+
+def _h264_nal_length_size(stream) -> int | None:
+    """NAL length-prefix size of an H.264 stream stored in AVCC form (mp4/mkv), None otherwise."""
+    ctx = stream.codec_context
+    extra = ctx.extradata
+    if ctx.name != "h264" or not extra or len(extra) < 5 or extra[0] != 1:
+        return None
+    return (extra[4] & 3) + 1
+
+
+def _h264_is_non_reference(data: bytes, nal_len: int) -> bool:
+    """True if the access unit's first slice NAL has nal_ref_idc == 0: no other picture predicts from it."""
+    i, n = 0, len(data)
+    while i + nal_len < n:
+        size = int.from_bytes(data[i : i + nal_len], "big")
+        header = data[i + nal_len]
+        if header & 0x1F in (1, 5):  # coded slice (non-IDR / IDR)
+            return (header >> 5) & 3 == 0
+        i += nal_len + size
+    return False
 
 
 def probe_video(path: str) -> VideoMetadata:
@@ -290,10 +314,12 @@ def probe_video(path: str) -> VideoMetadata:
 
 
 def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = None, threads: bool = True) -> torch.Tensor:
-    """Decode the frames at `indices` (presentation order) with PyAV, optionally resizing each as it arrives.
+    """Decode the frames at `indices` (presentation order) with PyAV, resizing each as it arrives.
 
-    Only the requested frames are converted to RGB; when the next requested frame lies past a keyframe that is
-    beyond the decoder's position, the decoder seeks to that keyframe instead of decoding the gap.
+    Work avoided, without changing any returned pixel: only requested frames are converted to RGB; packets of
+    H.264 non-reference pictures (nal_ref_idc 0) that are not requested are never sent to the decoder (nothing
+    predicts from them); and when the next requested frame lies past a keyframe the demuxer has not reached yet,
+    the reader seeks to that keyframe instead of decoding the gap.
     Args:
         path: video file; indices: sorted frame indices (repeats allowed);
         size: (h, w) to bicubic-resize every frame to (uint8), None keeps the source size;
@@ -301,54 +327,68 @@ def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = No
     Returns:
         (len(indices), 3, h, w) uint8.
     """
+    import av
+
     container = _open(path)
     try:
         stream = container.streams.video[0]
         if threads:
             stream.thread_type = "AUTO"
-        pts_sorted, is_key = _packet_table(container, stream)
-        pts_to_index = {int(p): i for i, p in enumerate(pts_sorted)}
-        key_idx = np.flatnonzero(is_key)
+        pts_sorted, is_key, complete = _packet_table(container, stream)
         wanted = sorted(set(int(i) for i in indices))
         if wanted and (wanted[0] < 0 or wanted[-1] >= max(len(pts_sorted), 1)):
             raise ValueError(f"frame index out of range for {path}: {wanted[-1]} (video has {len(pts_sorted)} frames)")
+        wanted_set = set(wanted)
         out: dict[int, torch.Tensor] = {}
-        pos = 0  # index of the next frame the decoder will produce
-        w_i = 0
-        while w_i < len(wanted):
-            target = wanted[w_i]
-            k = key_idx[np.searchsorted(key_idx, target, side="right") - 1] if len(key_idx) else 0
-            if k > pos:  # a whole GOP (or more) can be skipped
-                container.seek(int(pts_sorted[k]), stream=stream, backward=True, any_frame=False)
-            got_any = False
-            for frame in container.decode(stream):
-                got_any = True
-                idx = pts_to_index.get(frame.pts, pos) if frame.pts is not None else pos
-                pos = idx + 1
-                while w_i < len(wanted) and wanted[w_i] < idx:  # frame never produced (should not happen): skip
-                    w_i += 1
-                if w_i < len(wanted) and idx == wanted[w_i]:
-                    rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
-                    out[idx] = resize(rgb.contiguous(), *size) if size is not None else rgb.contiguous()
-                    w_i += 1
-                    if w_i == len(wanted):
+
+        def keep(idx, frame):
+            if idx in wanted_set and idx not in out:
+                # HWC -> CHW view (channels-last strides): the uint8 resize kernel is fastest on it, same result.
+                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
+                out[idx] = resize(rgb, *size).contiguous() if size is not None else rgb.contiguous()
+
+        if not complete:  # no pts to map packets to frames: plain sequential decode, counting frames
+            for idx, frame in enumerate(container.decode(stream)):
+                keep(idx, frame)
+                if len(out) == len(wanted_set):
+                    break
+        else:
+            pts_to_index = {int(p): i for i, p in enumerate(pts_sorted)}
+            key_idx = np.flatnonzero(is_key)
+            nal_len = _h264_nal_length_size(stream)
+            next_w = 0  # wanted[next_w] is the first requested frame not decoded yet
+            max_sent = -1  # largest frame index whose packet went to the decoder since the last seek
+            while next_w < len(wanted):
+                k = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
+                if k > max_sent + 1:  # the whole gap up to that keyframe can be skipped
+                    container.seek(int(pts_sorted[k]), stream=stream, backward=True, any_frame=False)
+                    max_sent = k - 1
+                reseek = False
+                for pkt in container.demux(stream):
+                    idx = pts_to_index.get(pkt.pts) if pkt.pts is not None else None
+                    if idx is not None:
+                        if (nal_len and idx not in wanted_set and pkt.size
+                                and _h264_is_non_reference(bytes(pkt), nal_len)):
+                            continue
+                        max_sent = max(max_sent, idx)
+                    for frame in stream.decode(pkt):
+                        keep(pts_to_index.get(frame.pts, -1), frame)
+                    while next_w < len(wanted) and wanted[next_w] in out:
+                        next_w += 1
+                    if next_w == len(wanted):
                         break
-                    nxt = wanted[w_i]
-                    nk = key_idx[np.searchsorted(key_idx, nxt, side="right") - 1] if len(key_idx) else 0
-                    if nk > pos:
-                        break  # re-seek in the outer loop
-            if not got_any:
-                break
+                    nk = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
+                    if nk > max_sent + 1:
+                        reseek = True
+                        break
+                if not reseek:
+                    break  # end of stream (or done)
         missing = [i for i in wanted if i not in out]
         if missing:
             raise ValueError(f"could not decode frames {missing[:5]}{'...' if len(missing) > 5 else ''} of {path}")
         return torch.stack([out[int(i)] for i in indices])
-    except Exception as e:
-        import av
-
-        if isinstance(e, av.error.FFmpegError):
-            raise ValueError(f"cannot decode video {path}: {e}") from e
-        raise
+    except av.error.FFmpegError as e:
+        raise ValueError(f"cannot decode video {path}: {e}") from e
     finally:
         container.close()
 
@@ -409,10 +449,42 @@ def preprocess_video(
             times = [i / float(o.get("sample_fps", 2.0)) for i in indices]
         h, w = frame_size(n, frames.shape[-2], frames.shape[-1], config, rule=rule, options=o)
         frames = resize(frames, h, w)
-    x = normalize(frames, config.image_mean, config.image_std)
-    pixel_values, grid = patchify(x, config.patch_size, config.temporal_patch_size, config.merge_size)
+    pixel_values, grid = normalize_patchify(frames, config)
     return VideoFeatures(pixel_values, grid, group_timestamps(times, config.temporal_patch_size), list(indices), meta,
                          (h, w))
+
+
+def normalize_patchify(frames: torch.Tensor, config: VisionPreprocessConfig, groups_per_chunk: int = 16):
+    """`patchify(normalize(frames))` computed a few temporal groups at a time, straight into the output rows.
+
+    Same numbers as the two-step version (uint8 -> fp32 copy, then in-place (x - 255*mean) / (255*std)), without
+    materialising the whole normalised video: peak memory is the output plus one chunk.
+    Args:
+        frames: (T, C, H, W) uint8 or float, H and W multiples of patch * merge.
+    Returns:
+        pixel_values (grid_t * grid_h * grid_w, C * tp * p * p) fp32 and grid_thw.
+    """
+    p, m, tp = config.patch_size, config.merge_size, config.temporal_patch_size
+    t, c, h, w = frames.shape
+    if pad := -t % tp:
+        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)], dim=0)
+        t += pad
+    if h % (p * m) or w % (p * m):
+        raise ValueError(f"frame size {h}x{w} is not a multiple of patch*merge = {p * m}")
+    gt, gh, gw = t // tp, h // p, w // p
+    out = torch.empty(gt * gh * gw, c * tp * p * p, dtype=torch.float32)
+    # (gt, gh/m, gw/m, m, m, C, tp, p, p) view of the output rows; the source view is permuted to match.
+    out_v = out.view(gt, gh // m, gw // m, m, m, c, tp, p, p)
+    src = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    mean = torch.tensor(config.image_mean, dtype=torch.float32) * 255.0
+    std = torch.tensor(config.image_std, dtype=torch.float32) * 255.0
+    rows_per_group = gh * gw
+    for g0 in range(0, gt, groups_per_chunk):
+        g1 = min(gt, g0 + groups_per_chunk)
+        out_v[g0:g1].copy_(src[g0:g1])
+        chunk = out[g0 * rows_per_group : g1 * rows_per_group].view(-1, c, tp * p * p)
+        chunk.sub_(mean[:, None]).div_(std[:, None])
+    return out, (gt, gh, gw)
 
 
 def _frames_from_list(video) -> torch.Tensor:

@@ -154,13 +154,20 @@ def test_timestamp_text_rounding():
     assert timestamp_text(0.75) == "<0.8 seconds>"
 
 
-def test_seeking_decoder_returns_the_same_frames(tmp_path):
-    """Sparse indices on a short-GOP file (so the reader seeks) equal a full sequential decode."""
+@pytest.mark.parametrize("gop", [7, 250], ids=["gop7-seeks", "gop250-skips-nonref"])
+def test_sparse_reader_returns_the_same_frames(tmp_path, gop):
+    """Sparse indices (the reader seeks and skips non-reference B-frames) equal a full sequential decode."""
     import av
 
-    path = write_video(tmp_path / "gop.mp4", 66, 40, 25, 6.0, "libx264", gop=7)
+    from model.video import _h264_is_non_reference, _h264_nal_length_size
+
+    path = write_video(tmp_path / "gop.mp4", 66, 40, 25, 6.0, "libx264", gop=gop)
     with av.open(path) as c:
         all_frames = [torch.from_numpy(f.to_ndarray(format="rgb24")).permute(2, 0, 1) for f in c.decode(video=0)]
+    with av.open(path) as c:  # the file must contain skippable pictures for this test to mean anything
+        s = c.streams.video[0]
+        n_nonref = sum(_h264_is_non_reference(bytes(p), _h264_nal_length_size(s)) for p in c.demux(s) if p.size)
+    assert n_nonref > 10
     n = len(all_frames)
     idx = sorted(random.sample(range(n), 9)) + [n - 1]
     got = read_frames(path, idx)
