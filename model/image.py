@@ -119,7 +119,7 @@ def load_image(image, name: str | None = None) -> torch.Tensor:
             (H, W), (H, W, C) or (C, H, W) with C in {1, 3, 4}.
         name: how to call the image in error messages.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     name = name or (str(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__)
     if isinstance(image, (str, os.PathLike)):
@@ -129,7 +129,8 @@ def load_image(image, name: str | None = None) -> torch.Tensor:
             raise FileNotFoundError(f"image file not found: {path}")
         try:
             with Image.open(path) as img:
-                arr = _pil_to_rgb(img, path)
+                # Upright as transformers' loader returns it (EXIF orientation applied for files).
+                arr = _pil_to_rgb(ImageOps.exif_transpose(img), path)
         except UnidentifiedImageError as e:
             raise ValueError(f"cannot decode image {path}: not a recognised image file") from e
         except OSError as e:  # truncated / corrupt data behind a valid header
@@ -163,6 +164,16 @@ def load_image(image, name: str | None = None) -> torch.Tensor:
         rgb = x[:3].float() * a + 255.0 * (1 - a)
         x = rgb.round().clamp(0, 255).to(torch.uint8) if x.dtype == torch.uint8 else rgb
     return x.contiguous()
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file after EXIF orientation, read from its header (no pixel decoding)."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 swap the axes
 
 
 def resize(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:

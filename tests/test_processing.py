@@ -55,8 +55,15 @@ def random_image(h, w, kind, tmp_path=None):
         return rgb
     if kind == "tensor":
         return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
-    path = tmp_path / f"img_{h}x{w}_{rng.integers(1 << 30)}.png"
-    Image.fromarray(rgb).save(path)
+    if kind == "path":
+        path = tmp_path / f"img_{h}x{w}_{rng.integers(1 << 30)}.png"
+        Image.fromarray(rgb).save(path)
+        return str(path)
+    assert kind == "jpeg-exif-rot90"  # JPEG decoded by PIL here and torchvision there; EXIF orientation 6
+    path = tmp_path / f"img_{h}x{w}_{rng.integers(1 << 30)}.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(path, quality=90, exif=exif)
     return str(path)
 
 
@@ -67,7 +74,7 @@ def user_turn(*items):
     return {"role": "user", "content": content}
 
 
-@pytest.mark.parametrize("kind", ["pil", "pil-rgba", "pil-gray", "numpy", "tensor", "path"])
+@pytest.mark.parametrize("kind", ["pil", "pil-rgba", "pil-gray", "numpy", "tensor", "path", "jpeg-exif-rot90"])
 @pytest.mark.parametrize("hw", IMAGE_SIZES, ids=[f"{h}x{w}" for h, w in IMAGE_SIZES])
 def test_single_image_matches_transformers(proc, hf_proc, tmp_path, kind, hw):
     img = random_image(*hw, kind, tmp_path)
@@ -78,6 +85,10 @@ def test_single_image_matches_transformers(proc, hf_proc, tmp_path, kind, hw):
     assert ours["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
     assert ours["input_ids"].tolist() == ref["input_ids"].tolist()
     torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], rtol=0, atol=0)
+    if kind == "jpeg-exif-rot90":
+        from model.image import image_size
+
+        assert image_size(img) == (hw[1], hw[0])  # header-only size, after the 90-degree EXIF rotation
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
