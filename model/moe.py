@@ -146,7 +146,13 @@ class Experts(nn.Module):
         """
         if self.backend == "triton":
             from kernels.moe import moe_experts  # Triton is imported only when this backend is chosen
-            return moe_experts(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
+            gate_up, down, x_in = self.gate_up_proj, self.down_proj, x
+            if torch.is_autocast_enabled(x.device.type):
+                # The kernels take one dtype; under autocast (fp32 master weights) run them in the autocast dtype,
+                # as autocast would run the torch backend's matmuls. The casts are differentiable.
+                dt = torch.get_autocast_dtype(x.device.type)
+                x_in, gate_up, down, topk_weights = x.to(dt), gate_up.to(dt), down.to(dt), topk_weights.to(dt)
+            return moe_experts(x_in, gate_up, down, topk_ids, topk_weights).to(x.dtype)
         return experts_torch(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
 
     def extra_repr(self) -> str:

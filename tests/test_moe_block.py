@@ -158,3 +158,23 @@ def test_triton_backend_matches_torch():
     torch.testing.assert_close(x2.grad, x1.grad, **FP32_TOL)
     for (name, p1), p2 in zip(block_t.named_parameters(), block_k.parameters()):
         torch.testing.assert_close(p2.grad, p1.grad, **FP32_TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_backend_under_autocast():
+    """fp32 master weights + autocast (fp16 here: the CPU interpreter cannot do bf16 dots): both backends agree."""
+    pytest.importorskip("triton")
+    torch.manual_seed(6)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    H, E, k, I = 32, 6, 2, 24
+    block_t = SparseMoeBlock(H, MoEConfig(E, k, I, backend="torch")).to(dev)
+    block_k = SparseMoeBlock(H, MoEConfig(E, k, I, backend="triton")).to(dev)
+    block_k.load_state_dict(block_t.state_dict())
+    x = torch.randn(3, 7, H, device=dev)
+    with torch.autocast(dev, dtype=torch.float16):
+        y_t, _ = block_t(x)
+        y_k, _ = block_k(x)
+    assert y_k.dtype == y_t.dtype == torch.float32  # x's dtype, as transformers' block under autocast
+    # both round x, weights and per-expert outputs to fp16 (unit roundoff 4.9e-4); summation orders differ
+    torch.testing.assert_close(y_k, y_t, rtol=2e-3, atol=2e-3)
+    y_k.sum().backward()
+    assert block_k.experts.gate_up_proj.grad.dtype == torch.float32
