@@ -108,6 +108,16 @@ def test_partial_grads_and_no_grad():
         _assert_rel(moe_experts(x, gate_up, down, ids, w), y.detach(), 1e-7, "no-grad y")
 
 
+def test_repeated_expert_within_a_token():
+    """ids need not be distinct per token: both rows count (the reference sums their weights)."""
+    torch.manual_seed(10)
+    x, gate_up, down, _, w = _inputs(13, 32, 16, 5, 3, torch.float32)
+    ids = torch.randint(0, 5, (13, 3), device=DEVICE)
+    ids[:, 1] = ids[:, 0]
+    _assert_rel(moe_experts(x, gate_up, down, ids, w), moe_experts_ref(x, gate_up, down, ids, w),
+                TOL[torch.float32], "y")
+
+
 def test_schedule_covers_each_row_once():
     torch.manual_seed(9)
     T, E, k, bm = 53, 9, 3, 8

@@ -24,5 +24,5 @@ def moe_experts_ref(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, 
             continue
         gate, up = (x @ gate_up[e]).chunk(2, dim=-1)  # every token through e: simple, (T, I) each
         out = (F.silu(gate) * up) @ down[e]           # (T, H)
-        y = y + out * (w * hit).sum(-1, keepdim=True)  # a token picks e at most once
+        y = y + out * (w * hit).sum(-1, keepdim=True)  # sums the weights if a token picks e twice
     return y
