@@ -78,6 +78,18 @@ class Qwen3VL(nn.Module):
         self.model.visual.activation_checkpointing = enabled
         self.model.language_model.activation_checkpointing = enabled
 
+    def compile_blocks(self, **compile_kwargs) -> "Qwen3VL":
+        """torch.compile each vision block and decoder layer in place (fuses norms, rotary and activations).
+
+        Opt-in: compilation costs time at the first call of each new shape; the numerics are unchanged up to
+        floating-point reassociation. kwargs go to `nn.Module.compile` (e.g. dynamic=True, mode=...).
+        """
+        for blk in self.model.visual.blocks:
+            blk.compile(**compile_kwargs)
+        for layer in self.model.language_model.layers:
+            layer.compile(**compile_kwargs)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype

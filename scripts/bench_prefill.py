@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--preset", default="2b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--side", type=int, default=448)
+    ap.add_argument("--compile", action="store_true", help="also time ours with compile_blocks()")
     args = ap.parse_args()
     import transformers
 
@@ -127,13 +128,27 @@ def main():
     print(json.dumps(results, indent=1), flush=True)
 
     # ---------------------------------------------------------------- prefill speed
+    compiled = None
+    if args.compile:
+        compiled = Qwen3VL(cfg, init_weights=False).to(dev, torch.bfloat16).eval()
+        compiled.load_state_dict(ours.state_dict())
+        compiled.compile_blocks(dynamic=True)
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            c_out = compiled(**inp).logits
+            results["compile_first_call_s"] = round(time.perf_counter() - t0, 1)
+        results["rel_err_compiled_vs_eager"] = rel(c_out, a)
+        print({k: results[k] for k in ("compile_first_call_s", "rel_err_compiled_vs_eager")}, flush=True)
     rows = []
     for frames in args.frames:
         inp, tt = video_inputs(frames, args.side, dev)
         n = inp["input_ids"].shape[1]
-        for name, fn in [("transformers (sdpa)", lambda: hf_forward(inp, tt)),
-                         ("ours (torch sdpa)", lambda: ours(**inp, logits_to_keep=1).logits),
-                         ("ours (triton)", lambda: ours_tri(**inp, logits_to_keep=1).logits)]:
+        impls = [("transformers (sdpa)", lambda: hf_forward(inp, tt)),
+                 ("ours (torch sdpa)", lambda: ours(**inp, logits_to_keep=1).logits),
+                 ("ours (triton)", lambda: ours_tri(**inp, logits_to_keep=1).logits)]
+        if compiled is not None:
+            impls.append(("ours (torch sdpa, compiled blocks)", lambda: compiled(**inp, logits_to_keep=1).logits))
+        for name, fn in impls:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
