@@ -90,3 +90,13 @@ def test_ambiguous_expert_layout_needs_a_hint(tmp_path):
     # the wrong hint is caught by the (unambiguous) down_proj shape
     with pytest.raises(CheckpointError, match=r"down_proj: shape \(4, 64, 32\) does not fit moe_layout='official'"):
         load_pretrained(tmp_path, moe_layout="official")
+
+
+def test_moe_model_with_triton_experts_matches_torch_experts(pair):
+    """The decoder wiring of moe_backend="triton" (grouped-expert kernels, CPU interpreter, fp32)."""
+    _, ours, d = pair
+    tri = load_pretrained(d, moe_backend="triton")
+    assert tri.config.text.moe.backend == "triton"
+    b = batch([Sample(torch.Generator().manual_seed(12)).text(5).image(4, 4).text(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(tri(**b).logits, ours(**b).logits, rtol=1e-5, atol=1e-5)
