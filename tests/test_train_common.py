@@ -5,6 +5,7 @@ but with the real 151,936 vocabulary, so the chunked loss and the embedding beha
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -52,6 +53,18 @@ def _merge(dst: dict, src: dict):
             _merge(dst[k], v)
         else:
             dst[k] = v
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run tiny CPU training with one intra-op thread: at these sizes threading costs more than it gives, and
+    on a shared 2-core machine a second spinning thread slows every op several-fold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def params_snapshot(model) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-FREEZE_GROUPS = ("vision", "merger", "deepstack", "llm", "lm_head")
+FREEZE_GROUPS = ("vision", "merger", "deepstack", "embed", "llm", "lm_head")
 
 
 class ConfigError(ValueError):
@@ -95,8 +95,8 @@ class OptimConfig:
     """AdamW with linear warmup then cosine decay to `min_lr_ratio * lr`; per-group learning rates.
 
     Args:
-        module_lr: absolute learning rate per parameter group (keys: vision, merger, deepstack, llm, lm_head,
-            lora); groups not named use `lr`.
+        module_lr: absolute learning rate per parameter group (keys: vision, merger, deepstack, embed, llm,
+            lm_head, lora); groups not named use `lr`.
     """
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -121,10 +121,12 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class FreezeConfig:
-    """Freeze parameter groups independently (DeepStack mergers are their own group)."""
+    """Freeze parameter groups independently (DeepStack mergers are their own group; `embed` is the token table,
+    which is also the LM head when tied; `llm` is the rest of the decoder)."""
     vision: bool = False
     merger: bool = False
     deepstack: bool = False
+    embed: bool = False
     llm: bool = False
     lm_head: bool = False
 

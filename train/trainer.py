@@ -85,7 +85,7 @@ def param_group(name: str) -> str:
     Args:
         name: parameter name in the official layout (e.g. `model.visual.blocks.0.attn.qkv.weight`).
     Returns:
-        one of lora, deepstack, merger, vision, lm_head, llm.
+        one of lora, deepstack, merger, vision, lm_head, embed, llm.
     """
     if ".lora_A." in name or ".lora_B." in name:
         return "lora"
@@ -97,13 +97,15 @@ def param_group(name: str) -> str:
         return "vision"
     if name.startswith("lm_head."):
         return "lm_head"
+    if name.startswith("model.language_model.embed_tokens."):
+        return "embed"
     return "llm"
 
 
 def apply_freezing(model: torch.nn.Module, freeze: FreezeConfig) -> dict[str, int]:
     """Set requires_grad=False on every parameter of the frozen groups; returns trainable counts per group.
 
-    A tied lm_head shares the embedding parameter, so it follows the `llm` group.
+    A tied lm_head shares the embedding parameter, so it follows the `embed` group.
     """
     counts: dict[str, int] = {}
     for n, p in model.named_parameters():
@@ -340,7 +342,7 @@ class _Logger:
 
 
 def train(cfg: Config) -> dict:
-    """Run one training job end to end; returns {"history": [...], "evals": [...], "final_dir", "checkpoint"}.
+    """Run one training job end to end; returns {"history", "evals", "final_dir", "checkpoint", "model", ...}.
 
     Args:
         cfg: the typed config (see conf/ and train/config.py).
@@ -478,6 +480,7 @@ def train(cfg: Config) -> dict:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))
+    result["model"] = model  # for notebooks and tests (not serialised)
     return result
 
 
