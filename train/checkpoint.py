@@ -268,13 +268,15 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
                               f"loading with distributed={distributed}; use the same parallel.strategy")
     if distributed:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         msd, osd = get_state_dict(model, optimizer)
         msd = {k: v for k, v in msd.items() if k in _trainable_or_buffer_names(model)}
         sd = {"model": msd, "optim": osd}
-        dcp.load(sd, checkpoint_id=str(folder / "dcp"))
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        dcp.load(sd, checkpoint_id=str(folder / "dcp"))  # raises if a requested key is not in the checkpoint
+        # non-strict: frozen parameters (and a tied lm_head alias) are not in the checkpoint by design
+        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
+                       options=StateDictOptions(strict=False))
     else:
         tensors = load_file(str(folder / "model.safetensors"))
         expected = model_state(model)
