@@ -7,9 +7,11 @@ Two frame-selection rules (SPEC.md section 5), chosen with `rule=`:
 - "qwen-vl-utils": qwen-vl-utils 0.0.14 `smart_nframes` (even n in [ceil2(min_frames), floor2(min(max_frames,
   total))]), optional `video_start` / `video_end` seconds, per-frame budget min(768 tokens, 0.9 * 128000 tokens
   * 2 / n) floored at 1.05 * 128 tokens, and its smart_resize variant.
-Frames are decoded with PyAV (frame threading, only the sampled frames converted to RGB, seeking past whole GOPs
-when a gap spans a keyframe), resized with the same bicubic+antialias kernel as images (uint8 in, uint8 out), then
-normalised and cut into rows of (C, t=2, 16, 16); an odd frame count repeats the last frame.
+Frames are decoded with PyAV (frame threading, only the sampled frames converted to RGB, unneeded H.264
+non-reference pictures never decoded, seeking past whole GOPs when a gap spans a keyframe), resized with bicubic +
+antialias as each reference does it (transformers: torch's uint8 kernel, like torchvision v2; qwen-vl-utils: fp32
+then clamp + round, like torchvision v1), then normalised and cut into rows of (C, t=2, 16, 16); an odd frame count
+repeats the last frame.
 Each temporal group of 2 frames gets the timestamp mean(t_first, t_last), t = frame_index / video_fps, rendered as
 "<{t:.1f} seconds>" before that group's tokens.
 """
@@ -313,7 +315,8 @@ def probe_video(path: str) -> VideoMetadata:
         container.close()
 
 
-def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = None, threads: bool = True) -> torch.Tensor:
+def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = None, threads: bool = True,
+                uint8_kernel: bool = True) -> torch.Tensor:
     """Decode the frames at `indices` (presentation order) with PyAV, resizing each as it arrives.
 
     Work avoided, without changing any returned pixel: only requested frames are converted to RGB; packets of
@@ -324,6 +327,7 @@ def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = No
         path: video file; indices: sorted frame indices (repeats allowed);
         size: (h, w) to bicubic-resize every frame to (uint8), None keeps the source size;
         threads: let FFmpeg decode with frame/slice threads.
+        uint8_kernel: resize kernel, see `model.image.resize`.
     Returns:
         (len(indices), 3, h, w) uint8.
     """
@@ -345,7 +349,7 @@ def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = No
             if idx in wanted_set and idx not in out:
                 # HWC -> CHW view (channels-last strides): the uint8 resize kernel is fastest on it, same result.
                 rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
-                out[idx] = resize(rgb, *size).contiguous() if size is not None else rgb.contiguous()
+                out[idx] = resize(rgb, *size, uint8_kernel).contiguous() if size is not None else rgb.contiguous()
 
         if not complete:  # no pts to map packets to frames: plain sequential decode, counting frames
             for idx, frame in enumerate(container.decode(stream)):
@@ -433,7 +437,8 @@ def preprocess_video(
             h, w = frame_size(len(indices), meta.height, meta.width, config, rule=rule, options=o)
         except ValueError as e:
             raise ValueError(f"video {path}: {e}") from e
-        frames = read_frames(path, indices, size=(h, w))
+        # qwen-vl-utils resizes with torchvision's v1 (fp32) kernel, transformers 5 with v2's uint8 kernel.
+        frames = read_frames(path, indices, size=(h, w), uint8_kernel=rule == "transformers")
         video_fps = meta.fps or 24.0
         times = [i / video_fps for i in indices]
     else:
@@ -448,7 +453,7 @@ def preprocess_video(
         else:
             times = [i / float(o.get("sample_fps", 2.0)) for i in indices]
         h, w = frame_size(n, frames.shape[-2], frames.shape[-1], config, rule=rule, options=o)
-        frames = resize(frames, h, w)
+        frames = resize(frames, h, w, uint8_kernel=rule == "transformers")
     pixel_values, grid = normalize_patchify(frames, config)
     return VideoFeatures(pixel_values, grid, group_timestamps(times, config.temporal_patch_size), list(indices), meta,
                          (h, w))
