@@ -33,24 +33,30 @@ def _cfg(bm, bn, warps, stages):
 if INTERPRET:
     FWD_CONFIGS = DQ_CONFIGS = DKDV_CONFIGS = [_cfg(32, 32, 4, 1)]
 else:
-    FWD_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3), _cfg(128, 64, 4, 3)]
-    DQ_CONFIGS = [_cfg(128, 32, 4, 4), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
-    DKDV_CONFIGS = [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3)]
+    # Register/spill reports of these (cuobjdump --dump-resource-usage, sm_90, D=128): the lists keep the ones
+    # that spill little. The last entry is the untuned default for short sequences (see _prune).
+    FWD_CONFIGS = [_cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)]
+    DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
+    DKDV_CONFIGS = [_cfg(32, 64, 8, 3), _cfg(32, 128, 8, 3), _cfg(64, 64, 8, 3)]
 
 # One tuning run per (sequence-length bucket, padded head dim, mask kind, dtype); lengths and mask sizes are not
 # specialised on (they are masked at run time), which keeps the number of compiles small.
 TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "CAUSAL", "WINDOW"]
-NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "window", "num_global", "SEQ_BUCKET"]
+NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "window", "num_global", "SEQ_BUCKET", "GROUP", "HEAD_DIM"]
 
 
 FP32_CONFIG = _cfg(64, 32, 4, 2)
 
 
-def _prune_fp32(configs, named_args, **kwargs):
+def _prune(configs, named_args, **kwargs):
     """fp32 operands (ieee dots, tests and fp32 model runs) need twice the shared memory of bf16 tiles: one small
-    config instead of tuning."""
-    if named_args["Q"].dtype == torch.float32 and not INTERPRET:
+    config. Short sequences (bucket 0, <= 1024 tokens) are cheap: the last (general) config, no tuning runs."""
+    if INTERPRET:
+        return configs
+    if named_args["Q"].dtype == torch.float32:
         return [FP32_CONFIG]
+    if named_args["SEQ_BUCKET"] == 0:
+        return configs[-1:]
     return configs
 
 
@@ -73,16 +79,15 @@ def _seq_info(cu_seqlens, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               CHECK_ROWS: tl.constexpr):
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM, EVEN_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load a (rows, BLOCK_D) tile, zero-filling rows >= n_rows (when CHECK_ROWS) and padded head-dim columns."""
     if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
+        if EVEN_D:
             x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
         else:
             x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
+        if EVEN_D:
             x = tl.load(ptrs)
         else:
             x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
@@ -170,39 +175,39 @@ def _query_ranges(n0, len_q, len_k, window, num_global, BLOCK_M: tl.constexpr, B
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, end, qpos, offs_n, offs_d,
                len_k, qk_scale, window, num_global,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM,
+               EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         kn = start_n + offs_n
-        k = _load_rows(k_base + kn[:, None] * stride_kt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, BLOCK_D,
+        k = _load_rows(k_base + kn[:, None] * stride_kt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
                        MASK)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BM, BN), log2 units
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN) raw scores
         if MASK:
             vis = _visible(qpos[:, None], kn[None, :], True, kn[None, :] < len_k, window, num_global, CAUSAL,
                            WINDOW)
             qk = tl.where(vis, qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max, log2 units
             m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows that have seen nothing yet: avoid inf - inf
         else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])  # one FMA per score
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(v_base + kn[:, None] * stride_vt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, BLOCK_D,
+        v = _load_rows(v_base + kn[:, None] * stride_vt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
                        MASK)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fp32})
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
                 seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                GROUP, HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest query blocks first (causal: the last blocks see the most keys)
@@ -222,7 +227,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM,
-                   BLOCK_D, True)
+                   EVEN_D, True)
     qpos = offs_m + (len_k - len_q)
     qk_scale = sm_scale * 1.4426950408889634  # exp(x) = exp2(x * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -233,16 +238,16 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
     if WINDOW:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, g_end, qpos, offs_n,
                                    offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM,
-                                   BLOCK_D, BLOCK_N, PRECISION)
+                                   EVEN_D, BLOCK_N, PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, f_lo, qpos, offs_n,
                                    offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM,
-                                   BLOCK_D, BLOCK_N, PRECISION)
+                                   EVEN_D, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, qpos, offs_n,
                                offs_d, len_k, qk_scale, window, num_global, False, CAUSAL, WINDOW, HEAD_DIM,
-                               BLOCK_D, BLOCK_N, PRECISION)
+                               EVEN_D, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, f_hi, hi, qpos, offs_n,
                                offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM,
-                               BLOCK_D, BLOCK_N, PRECISION)
+                               EVEN_D, BLOCK_N, PRECISION)
     empty = l_i == 0.0  # rows that see no key (causal with Lq > Lk): output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
@@ -258,8 +263,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
-                    stride_lb, stride_lh, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
+                    stride_lb, stride_lh, n_rows, HEAD_DIM, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta[b, h, t] = sum_d o * do (fp32), rows t < n_rows of sequence b, head h."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1)
@@ -277,12 +281,12 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, s
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end, kpos,
                 offs_m, offs_d, len_q, len_k, qk_scale, window, num_global,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM,
+                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     off = len_k - len_q
     for start_m in range(start, end, BLOCK_M):
         qm = start_m + offs_m
-        q = _load_rows(q_base + qm[:, None] * stride_qt + offs_d[None, :], qm, len_q, offs_d, HEAD_DIM, BLOCK_D,
+        q = _load_rows(q_base + qm[:, None] * stride_qt + offs_d[None, :], qm, len_q, offs_d, HEAD_DIM, EVEN_D,
                        MASK)
         if MASK:
             lse = tl.load(lse_base + qm, mask=qm < len_q, other=0.0) * 1.4426950408889634
@@ -294,7 +298,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
             vis = _visible(qm[None, :] + off, kpos[:, None], qm[None, :] < len_q, True, window, num_global, CAUSAL,
                            WINDOW)
             pT = tl.where(vis, pT, 0.0)
-        do = _load_rows(do_base + qm[:, None] * stride_dot + offs_d[None, :], qm, len_q, offs_d, HEAD_DIM, BLOCK_D,
+        do = _load_rows(do_base + qm[:, None] * stride_dot + offs_d[None, :], qm, len_q, offs_d, HEAD_DIM, EVEN_D,
                         MASK)
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PRECISION)
         if MASK:
@@ -307,14 +311,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
     return dk, dv
 
 
-@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fp32})
+@triton.autotune(configs=DKDV_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_lb, stride_lh,
                      seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     GROUP, HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -330,9 +334,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K + b64 * stride_kb + tok64 * stride_kt + hk * stride_kh + offs_n[:, None] * stride_kt
-                   + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+                   + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, EVEN_D, True)
     v = _load_rows(V + b64 * stride_vb + tok64 * stride_vt + hk * stride_vh + offs_n[:, None] * stride_vt
-                   + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, BLOCK_D, True)
+                   + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, EVEN_D, True)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -345,13 +349,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
         delta_base = DELTA + b64 * stride_lb + hq * stride_lh + tok
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, f_lo,
                              offs_n, offs_m, offs_d, len_q, len_k, qk_scale, window, num_global, True, CAUSAL,
-                             WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                             WINDOW, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, f_lo, f_hi,
                              offs_n, offs_m, offs_d, len_q, len_k, qk_scale, window, num_global, False, CAUSAL,
-                             WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                             WINDOW, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, f_hi, hi,
                              offs_n, offs_m, offs_d, len_q, len_k, qk_scale, window, num_global, True, CAUSAL,
-                             WINDOW, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+                             WINDOW, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
     dk = dk * sm_scale
     mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b64 * stride_dkb + tok64 * stride_dkt + hk * stride_dkh + offs_n[:, None] * stride_dkt
@@ -363,13 +367,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end, qpos, offs_n, offs_d,
               len_k, qk_scale, window, num_global,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM,
+              EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         kn = start_n + offs_n
-        k = _load_rows(k_base + kn[:, None] * stride_kt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, BLOCK_D,
+        k = _load_rows(k_base + kn[:, None] * stride_kt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
                        MASK)
-        v = _load_rows(v_base + kn[:, None] * stride_vt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, BLOCK_D,
+        v = _load_rows(v_base + kn[:, None] * stride_vt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
                        MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
@@ -383,14 +387,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start
     return dq
 
 
-@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fp32})
+@triton.autotune(configs=DQ_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
                    stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
                    seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   GROUP, HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                    WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -407,9 +411,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b64 * stride_qb + tok64 * stride_qt + hq * stride_qh + offs_m[:, None] * stride_qt
-                   + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+                   + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, EVEN_D, True)
     do = _load_rows(DO + b64 * stride_dob + tok64 * stride_dot + hq * stride_doh + offs_m[:, None] * stride_dot
-                    + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, BLOCK_D, True)
+                    + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, EVEN_D, True)
     row_ok = offs_m < len_q
     lse = tl.load(LSE + b64 * stride_lb + hq * stride_lh + tok + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + b64 * stride_lb + hq * stride_lh + tok + offs_m, mask=row_ok, other=0.0)
@@ -422,16 +426,16 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
                                             WINDOW)
     if WINDOW:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, g_end, qpos, offs_n, offs_d,
-                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
+                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
                        PRECISION)
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, f_lo, qpos, offs_n, offs_d,
-                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
+                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
                        PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, qpos, offs_n, offs_d,
-                   len_k, qk_scale, window, num_global, False, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
+                   len_k, qk_scale, window, num_global, False, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
                    PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_hi, hi, qpos, offs_n, offs_d,
-                   len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, BLOCK_D, BLOCK_N,
+                   len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
                    PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + tok64 * stride_dqt + hq * stride_dqh + offs_m[:, None] * stride_dqt
@@ -491,7 +495,8 @@ class _Problem:
     def common(self):
         return dict(seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, sm_scale=self.scale,
                     window=self.window or 0, num_global=self.num_global, SEQ_BUCKET=self.bucket, GROUP=self.group,
-                    HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, CAUSAL=self.causal,
+                    HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, EVEN_D=self.block_d == self.head_dim,
+                    CAUSAL=self.causal,
                     WINDOW=self.window is not None, VARLEN=self.packed, PRECISION=self.precision)
 
 
