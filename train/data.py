@@ -169,9 +169,7 @@ class ChatEncoder:
 
         Raises DataError for missing or unreadable media.
         """
-        from PIL import Image
-
-        from model.image import smart_resize
+        from model.image import image_size, smart_resize
         from model.video import VideoFeatures, frame_size, group_timestamps, probe_video, sample_frame_indices
 
         msgs = self._prepare(messages, root)
@@ -185,8 +183,7 @@ class ChatEncoder:
                 if not os.path.isfile(path):
                     raise DataError(f"{it['type']} file not found: {path}")
                 if it["type"] == "image":
-                    with Image.open(path) as im:
-                        w, h = im.size
+                    h, w = image_size(path)                               # header only, EXIF orientation applied
                     c = p.image_config
                     rh, rw = smart_resize(h, w, c.factor, c.min_pixels, c.max_pixels)
                     grids.append((1, rh // c.patch_size, rw // c.patch_size))

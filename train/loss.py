@@ -42,19 +42,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         n, c = hidden.shape[0], ctx.chunk_size
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None
         for s in range(0, n, c):
             e = min(n, s + c)
-            logits = (hidden[s:e] @ weight.t()).float()                     # recomputed (c, V)
-            g = torch.exp(logits - lse[s:e, None])                          # softmax
+            g = (hidden[s:e] @ weight.t()).float()                          # recomputed logits (c, V)
+            g.sub_(lse[s:e, None]).exp_()                                   # softmax, in place
             g[torch.arange(e - s, device=g.device), labels[s:e]] -= 1.0
-            g = g * grad_losses[s:e, None].float()                          # dL/dlogits (c, V)
+            g.mul_(grad_losses[s:e, None].float())                          # dL/dlogits (c, V)
+            g = g.to(weight.dtype)  # matmuls in the input dtype (bf16 on GPU) with fp32 accumulation inside
             if need_h:
-                grad_h[s:e] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[s:e] = (g @ weight).to(hidden.dtype)
             if need_w:
-                grad_w += g.t() @ hidden[s:e].float()
+                part = (g.t() @ hidden[s:e]).float()                        # (V, D)
+                grad_w = part if grad_w is None else grad_w.add_(part)
         if need_w:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else torch.zeros_like(weight)
         return grad_h, grad_w, None, None
 
 

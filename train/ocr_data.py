@@ -34,14 +34,19 @@ WORDS_GREEK = "και του της το να είναι για με από στ
 WORDS_CYRILLIC = "и в не на я быть он с что а по это она этот к но они мы как из у который то за свой".split()
 
 
-def font_paths() -> list[str]:
-    """Paths of the TrueType fonts shipped with matplotlib (DejaVu family); [] if matplotlib is absent."""
-    try:
-        import matplotlib
-    except ImportError:
-        return []
-    d = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    return sorted(str(p) for p in d.glob("DejaVu*.ttf"))
+def font_paths(font_dir: str | None = None) -> list[str]:
+    """Paths of the DejaVu TrueType fonts in `font_dir` (default: matplotlib's); [] if there are none.
+
+    Args:
+        font_dir: a folder of .ttf files, or None for `matplotlib.get_data_path()/fonts/ttf`.
+    """
+    if font_dir is None:
+        try:
+            import matplotlib
+        except ImportError:
+            return []
+        font_dir = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf")
+    return sorted(str(p) for p in Path(font_dir).glob("DejaVu*.ttf"))
 
 
 def _font_cmaps(paths: list[str]) -> dict[str, set[int]]:
@@ -62,7 +67,9 @@ class OCRRenderer:
 
     def __init__(self, cfg: OCRGenConfig):
         self.cfg = cfg
-        self.fonts = font_paths()
+        self.fonts = [p for p in font_paths(cfg.font_dir) if not cfg.fonts or os.path.basename(p) in cfg.fonts]
+        if cfg.fonts and not self.fonts:
+            raise ValueError(f"none of the fonts {list(cfg.fonts)} found ({font_paths(cfg.font_dir)})")
         self.cmaps = _font_cmaps(self.fonts)
         self._cache: dict = {}
 
@@ -105,8 +112,9 @@ class OCRRenderer:
         fg = rng.randint(0, max(0, bg - 120))
         img = Image.new("L", (c.width, c.height), color=bg)
         draw = ImageDraw.Draw(img)
-        tx = rng.randint(0, max(0, c.width - (x1 - x0) - 2)) - x0
-        ty = rng.randint(0, max(0, c.height - (y1 - y0) - 1)) - y0
+        free_x, free_y = max(0, c.width - (x1 - x0) - 2), max(0, c.height - (y1 - y0) - 1)
+        tx = rng.randint(0, free_x if c.align == "random" else min(4, free_x)) - x0
+        ty = rng.randint(0, free_y) - y0
         draw.text((tx, ty), text, fill=fg, font=font)
         if c.rotation > 0:
             img = img.rotate(rng.uniform(-c.rotation, c.rotation), resample=Image.BILINEAR, fillcolor=bg)
@@ -138,8 +146,9 @@ def generate_ocr_dataset(cfg: OCRGenConfig, out_dir: str | None = None, force: b
     """
     out = Path(out_dir or cfg.out_dir)
     meta = {"generator": "train/ocr_data.py", "version": 1, **dataclasses.asdict(cfg)}
-    meta["font_size"] = list(meta["font_size"])
+    meta["font_size"], meta["fonts"] = list(meta["font_size"]), list(meta["fonts"])
     meta.pop("out_dir")
+    meta.pop("font_dir")
     paths = {"train": str(out / "train.jsonl"), "val": str(out / "val.jsonl")}
     meta_path = out / "meta.json"
     if not force and meta_path.exists() and all(os.path.exists(p) for p in paths.values()):

@@ -264,20 +264,35 @@ def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) ->
     n = min(cfg.train.eval_samples, len(dataset))
     if n > 0 and tokenizer is not None:
         preds, refs = [], []
-        for i in range(n):
-            p = dataset.prompt(i)
-            kw = {k: (getattr(p, k).to(device) if getattr(p, k) is not None else None)
-                  for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")}
-            with _autocast(device, cfg.train.precision):
-                out = model.generate(p.input_ids[None].to(device), max_new_tokens=cfg.train.eval_max_new_tokens,
-                                     **{k: v for k, v in kw.items() if v is not None})
-            preds.append(tokenizer.decode(out[0, p.input_ids.numel():], skip_special_tokens=True).strip())
-            refs.append(dataset.answer(i))
+        for s in range(0, n, 32):
+            preds += _generate_batch(model, [dataset.prompt(i) for i in range(s, min(n, s + 32))], cfg, device,
+                                     tokenizer)
+            refs += [dataset.answer(i) for i in range(s, min(n, s + 32))]
         res["cer"] = character_error_rate(preds, refs)
         res["examples"] = list(zip(preds[:4], refs[:4]))
     if was_training:
         model.train()
     return res
+
+
+def _generate_batch(model, prompts: list, cfg: Config, device, tokenizer) -> list[str]:
+    """Greedy answers for a list of Encoded prompts, batched with left padding."""
+    L = max(p.input_ids.numel() for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), L), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, L - p.input_ids.numel():] = p.input_ids
+        mask[r, L - p.input_ids.numel():] = 1
+    kw = {}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [getattr(p, key) for p in prompts if getattr(p, key) is not None]
+        if parts:
+            kw[key] = torch.cat(parts).to(device)
+    with _autocast(device, cfg.train.precision):
+        out = model.generate(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
+                             max_new_tokens=cfg.train.eval_max_new_tokens, pad_token_id=pad, **kw)
+    return [t.strip() for t in tokenizer.batch_decode(out[:, L:].cpu(), skip_special_tokens=True)]
 
 
 # ----------------------------------------------------------------------------------------------- the job

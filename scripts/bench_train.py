@@ -1,0 +1,179 @@
+"""Train-step benchmark: our Qwen3-VL training step vs transformers' Qwen3VLForConditionalGeneration, one GPU.
+
+Both sides in one process, same random Qwen3-VL-2B-shaped weights layout (bf16 parameters, random init), the same
+packed multimodal batch (one image of 1024 patches = 256 merged tokens + random text, `--tokens` in all, labels on
+every text position), AdamW, activation / gradient checkpointing, SDPA attention. Ours: `train.trainer.forward_losses`
+(chunked cross-entropy from hidden states, no full logits) + AdamW(fused). Reference: `model(..., labels=...)`
+(`attn_implementation="sdpa"`, `gradient_checkpointing_enable()`). Timed with CUDA events after warm-up (median of
+`--steps`); peak memory = torch.cuda.max_memory_allocated over the timed steps (weights + optimizer state included).
+
+    python scripts/bench_train.py --tokens 8192 --steps 6            # prints a markdown table
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
+    """One packed row: text, <|vision_start|> 256 image pads <|vision_end|>, text; labels on text positions."""
+    from model.rope import get_rope_index
+
+    g = torch.Generator().manual_seed(seed)
+    n_img = 1024 // 4
+    n_text = n_tokens - n_img - 2
+    pre = n_text // 8
+    ids = torch.cat([torch.randint(0, 151000, (pre,), generator=g), torch.tensor([cfg.vision_start_token_id]),
+                     torch.full((n_img,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]),
+                     torch.randint(0, 151000, (n_text - pre,), generator=g)])[None]
+    labels = ids.clone()
+    labels[ids == cfg.image_token_id] = -100
+    grid = torch.tensor([[1, 32, 32]])
+    pos, _ = get_rope_index(ids, grid, None, config=cfg)
+    shifted = torch.cat([labels[:, 1:], torch.full((1, 1), -100)], 1)
+    return {"input_ids": ids.to(device), "labels_unshifted": labels.to(device), "labels": shifted.to(device),
+            "position_ids": pos.to(device), "cu_seqlens": torch.tensor([0, n_tokens], dtype=torch.int32, device=device),
+            "pixel_values": torch.randn(1024, 1536, generator=g).to(device, torch.bfloat16),
+            "image_grid_thw": grid.to(device), "pixel_values_videos": None, "video_grid_thw": None}
+
+
+def _time(step_fn, steps: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        step_fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step_fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int):
+    """Our model + chunked loss + fused AdamW; returns (ms, peak GiB, last loss)."""
+    from model import Qwen3VL
+    from train.trainer import forward_losses
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(torch.bfloat16)
+    m.train()
+    m.set_activation_checkpointing(True)
+    if compile_blocks:
+        m.compile_blocks()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+    n = int((batch["labels"] != -100).sum())
+    last = {}
+
+    def step():
+        losses, _ = forward_losses(m, batch, chunk, precision="bf16")
+        loss = losses.sum() / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last["loss"] = loss.detach()
+
+    ms, gib = _time(step, steps, warmup)
+    out = (ms, gib, float(last["loss"]))
+    del m, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_hf(cfg, batch, steps, warmup):
+    """transformers' Qwen3VLForConditionalGeneration (sdpa, gradient checkpointing) + fused AdamW."""
+    import transformers
+
+    hf_cfg = transformers.Qwen3VLConfig.from_dict(cfg.to_hf())
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        m = transformers.Qwen3VLForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa",
+                                                                      torch_dtype=torch.bfloat16)
+    m.train()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    m.config.use_cache = False
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+    kw = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"],
+          "image_grid_thw": batch["image_grid_thw"], "labels": batch["labels_unshifted"]}
+    if "mm_token_type_ids" in inspect.signature(m.forward).parameters:
+        kw["mm_token_type_ids"] = (batch["input_ids"] == cfg.image_token_id).int()
+    last = {}
+
+    def step():
+        loss = m(**kw).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last["loss"] = loss.detach()
+
+    ms, gib = _time(step, steps, warmup)
+    out = (ms, gib, float(last["loss"]))
+    del m, opt
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def main():
+    """Run both sides and print a markdown table (+ JSON with --json)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="2b")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--chunk", type=int, default=2048, help="tokens per lm_head chunk of our loss")
+    p.add_argument("--ours", default="torch", help="comma list of our variants: torch, triton, torch+compile")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--json", default=None, help="also write results here")
+    a = p.parse_args()
+
+    from model import preset
+
+    cfg = preset(a.preset)
+    batch = make_batch(cfg, a.tokens, "cuda")
+    rows = []
+    if not a.skip_hf:
+        ms, gib, loss = bench_hf(cfg, batch, a.steps, a.warmup)
+        rows.append(("transformers (sdpa, grad ckpt)", ms, gib, loss))
+    for v in a.ours.split(","):
+        backend, _, comp = v.partition("+")
+        ms, gib, loss = bench_ours(cfg, batch, a.steps, a.warmup, backend, comp == "compile", a.chunk)
+        rows.append((f"ours (attn {backend}{', compiled blocks' if comp else ''}, act ckpt, chunked CE)",
+                     ms, gib, loss))
+    import transformers
+
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}"
+          f"  python {platform.python_version()}  date {time.strftime('%Y-%m-%d')}")
+    print(f"Qwen3-VL-{a.preset} shape, random bf16 weights, 1 packed row of {a.tokens} tokens "
+          f"(1 image, 1024 patches), AdamW(fused), median of {a.steps} steps after {a.warmup} warm-up")
+    print("| run | ms/step | tokens/s | peak GiB | loss |\n|---|---|---|---|---|")
+    base = rows[0] if not a.skip_hf else None
+    for name, ms, gib, loss in rows:
+        extra = ""
+        if base is not None and name != base[0]:
+            extra = f" ({base[1] / ms:.2f}x tokens/s, {gib / base[2]:.2f}x memory)"
+        print(f"| {name} | {ms:.0f} | {a.tokens / ms * 1e3:,.0f} | {gib:.1f} | {loss:.3f} |{extra}")
+    if a.json:
+        json.dump([{"run": r[0], "ms": r[1], "tokens_per_s": a.tokens / r[1] * 1e3, "peak_gib": r[2], "loss": r[3]}
+                   for r in rows], open(a.json, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Plot a run's training curve (train loss, validation loss and CER vs step) from its result.json.
+
+    python -m train.plot runs/ocr_demo_gpu/result.json docs/ocr_demo_curve.png
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def plot_curve(result_path: str, out_png: str, title: str | None = None):
+    """Draw loss (left axis, log scale) and CER (right axis) against the optimizer step.
+
+    Args:
+        result_path: result.json written by `train.trainer.train`.
+        out_png: output image path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = json.load(open(result_path))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in r["history"]], [h["loss"] for h in r["history"]], lw=0.8, label="train loss")
+    ev = [e for e in r["evals"] if e.get("val_loss") is not None]
+    ax.plot([e["step"] for e in ev], [e["val_loss"] for e in ev], "o-", label="val loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    cer = [e for e in ev if e.get("cer") is not None]
+    if cer:
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in cer], [e["cer"] for e in cer], "s-", color="tab:red", label="val CER")
+        ax2.set_ylabel("character error rate")
+        ax2.set_ylim(0, max(1.0, max(e["cer"] for e in cer)) * 1.05)
+        ax2.legend(loc="upper center")
+    ax.legend(loc="upper right")
+    ax.set_title(title or result_path)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+
+
+if __name__ == "__main__":
+    plot_curve(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
