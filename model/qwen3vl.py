@@ -134,22 +134,16 @@ class Qwen3VL(nn.Module):
         embeds = lm.embed_tokens(input_ids)
 
         masks, levels = [], []
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw")
-            embeds, m, ds = self._scatter_visual(input_ids, embeds, pixel_values, image_grid_thw,
-                                                 self.config.image_token_id, "image")
-            masks.append(m), levels.append(ds)
-        elif bool((input_ids == self.config.image_token_id).any()) and past_key_values is None:
-            raise ValueError("input_ids contain <|image_pad|> tokens but no pixel_values were given")
-        if pixel_values_videos is not None:
-            if video_grid_thw is None:
-                raise ValueError("pixel_values_videos given without video_grid_thw")
-            embeds, m, ds = self._scatter_visual(input_ids, embeds, pixel_values_videos, video_grid_thw,
-                                                 self.config.video_token_id, "video")
-            masks.append(m), levels.append(ds)
-        elif bool((input_ids == self.config.video_token_id).any()) and past_key_values is None:
-            raise ValueError("input_ids contain <|video_pad|> tokens but no pixel_values_videos were given")
+        for what, px, grid, token_id, px_name in (
+                ("image", pixel_values, image_grid_thw, self.config.image_token_id, "pixel_values"),
+                ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id, "pixel_values_videos")):
+            if px is not None:
+                if grid is None:
+                    raise ValueError(f"{px_name} given without {what}_grid_thw")
+                embeds, m, ds = self._scatter_visual(input_ids, embeds, px, grid, token_id, what)
+                masks.append(m), levels.append(ds)
+            elif past_key_values is None and bool((input_ids == token_id).any()):
+                raise ValueError(f"input_ids contain <|{what}_pad|> tokens but no {px_name} were given")
 
         visual_mask, deepstack = None, None
         if masks:
