@@ -123,3 +123,19 @@ def test_plain_1d_rope_ablation_ignores_h_and_w():
     pos_t = pos[:1].expand(3, 1, 9)
     for a, b in zip(rot(pos, torch.float32), rot(pos_t, torch.float32)):
         assert torch.equal(a, b)
+
+
+def test_mismatched_vision_inputs_raise_clear_errors():
+    torch.manual_seed(0)
+    m = Qwen3VL(preset("tiny")).eval()
+    b = batch([Sample(torch.Generator().manual_seed(3)).text(3).image(4, 6).text(2)])
+    with pytest.raises(ValueError, match=r"6 <\|image_pad\|> tokens but the image grids give 4 features"):
+        m(b["input_ids"], pixel_values=b["pixel_values"][:16], image_grid_thw=torch.tensor([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="no pixel_values were given"):
+        m(b["input_ids"])
+    with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
+        m(b["input_ids"], pixel_values=b["pixel_values"][:15], image_grid_thw=torch.tensor([[1, 3, 5]]))
+    with pytest.raises(ValueError, match="pixel_values must be"):
+        m(b["input_ids"], pixel_values=b["pixel_values"][:, :100], image_grid_thw=b["image_grid_thw"])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        m(torch.tensor([[5, 10**6]]))
