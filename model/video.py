@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -322,7 +324,8 @@ def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = No
     Work avoided, without changing any returned pixel: only requested frames are converted to RGB; packets of
     H.264 non-reference pictures (nal_ref_idc 0) that are not requested are never sent to the decoder (nothing
     predicts from them); and when the next requested frame lies past a keyframe the demuxer has not reached yet,
-    the reader seeks to that keyframe instead of decoding the gap.
+    the reader seeks to that keyframe instead of decoding the gap. Resizes run in a thread pool beside the decoder;
+    torch's intra-op thread count is set to 1 while this runs and restored afterwards.
     Args:
         path: video file; indices: sorted frame indices (repeats allowed);
         size: (h, w) to bicubic-resize every frame to (uint8), None keeps the source size;
@@ -344,49 +347,32 @@ def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = No
             raise ValueError(f"frame index out of range for {path}: {wanted[-1]} (video has {len(pts_sorted)} frames)")
         wanted_set = set(wanted)
         out: dict[int, torch.Tensor] = {}
+        pending: deque = deque()
+
+        def convert(rgb):
+            return resize(rgb, *size, uint8_kernel).contiguous() if size is not None else rgb.contiguous()
 
         def keep(idx, frame):
             if idx in wanted_set and idx not in out:
                 # HWC -> CHW view (channels-last strides): the uint8 resize kernel is fastest on it, same result.
                 rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
-                out[idx] = resize(rgb, *size, uint8_kernel).contiguous() if size is not None else rgb.contiguous()
+                out[idx] = pool.submit(convert, rgb)
+                pending.append(out[idx])
+                while len(pending) > 2 * workers:  # bound the frames waiting for a resize
+                    pending.popleft().result()
 
-        if not complete:  # no pts to map packets to frames: plain sequential decode, counting frames
-            for idx, frame in enumerate(container.decode(stream)):
-                keep(idx, frame)
-                if len(out) == len(wanted_set):
-                    break
-        else:
-            pts_to_index = {int(p): i for i, p in enumerate(pts_sorted)}
-            key_idx = np.flatnonzero(is_key)
-            nal_len = _h264_nal_length_size(stream)
-            next_w = 0  # wanted[next_w] is the first requested frame not decoded yet
-            max_sent = -1  # largest frame index whose packet went to the decoder since the last seek
-            while next_w < len(wanted):
-                k = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
-                if k > max_sent + 1:  # the whole gap up to that keyframe can be skipped
-                    container.seek(int(pts_sorted[k]), stream=stream, backward=True, any_frame=False)
-                    max_sent = k - 1
-                reseek = False
-                for pkt in container.demux(stream):
-                    idx = pts_to_index.get(pkt.pts) if pkt.pts is not None else None
-                    if idx is not None:
-                        if (nal_len and idx not in wanted_set and pkt.size
-                                and _h264_is_non_reference(bytes(pkt), nal_len)):
-                            continue
-                        max_sent = max(max_sent, idx)
-                    for frame in stream.decode(pkt):
-                        keep(pts_to_index.get(frame.pts, -1), frame)
-                    while next_w < len(wanted) and wanted[next_w] in out:
-                        next_w += 1
-                    if next_w == len(wanted):
-                        break
-                    nk = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
-                    if nk > max_sent + 1:
-                        reseek = True
-                        break
-                if not reseek:
-                    break  # end of stream (or done)
+        # Resizes run in a small thread pool (torch releases the GIL) next to the decoder, each single-threaded:
+        # frame-sized ops gain nothing from intra-op threads and lose a lot to them on a busy machine.
+        workers = max(1, min(4, os.cpu_count() or 1))
+        prev_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
+            _decode_wanted(container, stream, pts_sorted, is_key, complete, wanted, wanted_set, out, keep)
+        finally:
+            pool.shutdown(wait=True)
+            torch.set_num_threads(prev_threads)
+        out = {i: f.result() for i, f in out.items()}
         missing = [i for i in wanted if i not in out]
         if missing:
             raise ValueError(f"could not decode frames {missing[:5]}{'...' if len(missing) > 5 else ''} of {path}")
@@ -395,6 +381,46 @@ def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = No
         raise ValueError(f"cannot decode video {path}: {e}") from e
     finally:
         container.close()
+
+
+def _decode_wanted(container, stream, pts_sorted, is_key, complete, wanted, wanted_set, out, keep):
+    """Drive the decoder over the wanted frames (see `read_frames`), handing each decoded frame to `keep`."""
+    if not complete:  # no pts to map packets to frames: plain sequential decode, counting frames
+        for idx, frame in enumerate(container.decode(stream)):
+            keep(idx, frame)
+            if len(out) == len(wanted_set):
+                break
+    else:
+        pts_to_index = {int(p): i for i, p in enumerate(pts_sorted)}
+        key_idx = np.flatnonzero(is_key)
+        nal_len = _h264_nal_length_size(stream)
+        next_w = 0  # wanted[next_w] is the first requested frame not decoded yet
+        max_sent = -1  # largest frame index whose packet went to the decoder since the last seek
+        while next_w < len(wanted):
+            k = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
+            if k > max_sent + 1:  # the whole gap up to that keyframe can be skipped
+                container.seek(int(pts_sorted[k]), stream=stream, backward=True, any_frame=False)
+                max_sent = k - 1
+            reseek = False
+            for pkt in container.demux(stream):
+                idx = pts_to_index.get(pkt.pts) if pkt.pts is not None else None
+                if idx is not None:
+                    if (nal_len and idx not in wanted_set and pkt.size
+                            and _h264_is_non_reference(bytes(pkt), nal_len)):
+                        continue
+                    max_sent = max(max_sent, idx)
+                for frame in stream.decode(pkt):
+                    keep(pts_to_index.get(frame.pts, -1), frame)
+                while next_w < len(wanted) and wanted[next_w] in out:
+                    next_w += 1
+                if next_w == len(wanted):
+                    break
+                nk = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
+                if nk > max_sent + 1:
+                    reseek = True
+                    break
+            if not reseek:
+                break  # end of stream (or done)
 
 
 # --- the whole pipeline --------------------------------------------------------------------------------------------
