@@ -236,17 +236,23 @@ def patchify(frames: torch.Tensor, patch_size: int = 16, temporal_patch_size: in
     return x.reshape(gt * gh * gw, c * tp * p * p), (gt, gh, gw)
 
 
-def preprocess_image(image, config: VisionPreprocessConfig = OFFICIAL_IMAGE_CONFIG, name: str | None = None):
+def preprocess_image(image, config: VisionPreprocessConfig = OFFICIAL_IMAGE_CONFIG, name: str | None = None,
+                     size: tuple[int, int] | None = None):
     """One image -> (pixel_values (N, 1536) fp32, grid_thw (1, gh, gw)).
 
     Args:
         image: path, PIL image, array or tensor (see `load_image`).
         config: pixel budget and normalisation (the checkpoint's preprocessor_config.json).
+        size: explicit (height, width) (qwen-vl-utils' resized_height / resized_width), rounded to the factor;
+            the pixel budget is not applied.
     """
     x = load_image(image, name)
-    h, w = x.shape[-2:]
+    h, w = size if size is not None else x.shape[-2:]
     try:
-        rh, rw = smart_resize(h, w, config.factor, config.min_pixels, config.max_pixels)
+        if size is not None:
+            rh, rw = smart_resize(h, w, config.factor, 1, 1 << 62)
+        else:
+            rh, rw = smart_resize(h, w, config.factor, config.min_pixels, config.max_pixels)
     except ValueError as e:
         raise ValueError(f"image {name or ''}: {e}") from e
     x = normalize(resize(x, rh, rw), config.image_mean, config.image_std)

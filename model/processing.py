@@ -18,6 +18,7 @@ video_grid_thw (+ labels when asked, + mm_token_type_ids when asked).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -106,24 +107,18 @@ class Qwen3VLProcessor:
 
     # --- media -----------------------------------------------------------------------------------------------------
     def process_image(self, image, options: dict | None = None, name: str | None = None):
-        """One image -> (pixel_values (N, 1536) fp32, grid_thw (1, gh, gw)); options: min/max_pixels, resized_h/w."""
-        cfg = self.image_config
-        o = options or {}
-        if "resized_height" in o and "resized_width" in o:
-            # Explicit size (qwen-vl-utils key): rounded to the factor, budgets lifted.
-            cfg = VisionPreprocessConfig(1, 1 << 62, cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size,
-                                         cfg.image_mean, cfg.image_std)
-            from .image import load_image, normalize, patchify, resize, smart_resize
+        """One image -> (pixel_values (N, 1536) fp32, grid_thw (1, gh, gw)).
 
-            x = load_image(image, name)
-            rh, rw = smart_resize(o["resized_height"], o["resized_width"], cfg.factor, cfg.min_pixels, cfg.max_pixels)
-            x = normalize(resize(x, rh, rw), cfg.image_mean, cfg.image_std)
-            return patchify(x[None].expand(cfg.temporal_patch_size, -1, -1, -1), cfg.patch_size,
-                            cfg.temporal_patch_size, cfg.merge_size)
+        Args:
+            options: the message item's min_pixels / max_pixels (override the budget) or resized_height +
+                resized_width (explicit size, rounded to multiples of 32).
+        """
+        cfg, o = self.image_config, options or {}
         if "min_pixels" in o or "max_pixels" in o:
-            cfg = VisionPreprocessConfig(int(o.get("min_pixels", cfg.min_pixels)), int(o.get("max_pixels", cfg.max_pixels)),
-                                         cfg.patch_size, cfg.temporal_patch_size, cfg.merge_size, cfg.image_mean, cfg.image_std)
-        return preprocess_image(image, cfg, name=name)
+            cfg = dataclasses.replace(cfg, min_pixels=int(o.get("min_pixels", cfg.min_pixels)),
+                                      max_pixels=int(o.get("max_pixels", cfg.max_pixels)))
+        size = (int(o["resized_height"]), int(o["resized_width"])) if "resized_height" in o and "resized_width" in o else None
+        return preprocess_image(image, cfg, name=name, size=size)
 
     def process_video(self, video, options: dict | None = None) -> VideoFeatures:
         """One video (path or frame list) -> VideoFeatures; options: the message item's video keys."""

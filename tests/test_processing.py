@@ -304,3 +304,18 @@ def test_image_config_validation():
     with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
         VisionPreprocessConfig(min_pixels=100, max_pixels=10)
     assert OFFICIAL_IMAGE_CONFIG.factor == 32
+
+
+def test_per_item_image_budget_matches_transformers(proc):
+    """min_pixels / max_pixels on a message item act like transformers' `size` for that image."""
+    from transformers import Qwen2VLImageProcessor
+
+    img = random_image(211, 333, "numpy")
+    item = {"type": "image", "image": img, "min_pixels": 2048, "max_pixels": 30000}
+    ours = proc(messages=[_conv_with(item)])
+    ref = Qwen2VLImageProcessor(size={"shortest_edge": 2048, "longest_edge": 30000}, patch_size=16,
+                                image_mean=[0.5] * 3, image_std=[0.5] * 3)(images=[img], return_tensors="pt")
+    assert ours["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
+    torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], rtol=0, atol=0)
+    sized = proc(messages=[_conv_with({"type": "image", "image": img, "resized_height": 70, "resized_width": 200})])
+    assert sized["image_grid_thw"].tolist() == [[1, 4, 12]]  # rounded to multiples of 32: 64 x 192

@@ -115,6 +115,9 @@ QVU_OPTIONS = {
 @pytest.fixture(scope="module")
 def qwen_vl_utils_fetch():
     qvu = pytest.importorskip("qwen_vl_utils")
+    # qwen-vl-utils needs a reader: torchcodec (needs system FFmpeg libraries) or decord; torchvision >= 0.26 has
+    # no video decoding left. decord's wheel bundles FFmpeg, so it is the one that works everywhere.
+    pytest.importorskip("decord", reason="qwen-vl-utils has no usable video reader (pip install decord)")
     return qvu.fetch_video
 
 
