@@ -55,7 +55,8 @@ def _prune(configs, named_args, **kwargs):
         return configs
     if named_args["Q"].dtype == torch.float32:
         return [FP32_CONFIG]
-    if named_args["SEQ_BUCKET"] == 0:
+    bucket = kwargs["SEQ_BUCKET"] if "SEQ_BUCKET" in kwargs else named_args["SEQ_BUCKET"]  # launched as keyword
+    if bucket == 0:
         return configs[-1:]
     return configs
 
