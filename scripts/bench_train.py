@@ -64,7 +64,7 @@ def _time(step_fn, steps: int, warmup: int) -> tuple[float, float]:
     return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
 
 
-def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int):
+def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int, ac: bool = True):
     """Our model + chunked loss + fused AdamW; returns (ms, peak GiB, last loss)."""
     from model import Qwen3VL
     from train.trainer import forward_losses
@@ -73,7 +73,7 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
     with torch.device("cuda"):
         m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(torch.bfloat16)
     m.train()
-    m.set_activation_checkpointing(True)
+    m.set_activation_checkpointing(ac)
     if compile_blocks:
         m.compile_blocks()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
@@ -139,7 +139,7 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=2048, help="tokens per lm_head chunk of our loss")
-    p.add_argument("--ours", default="torch", help="comma list of our variants: torch, triton, torch+compile")
+    p.add_argument("--ours", default="torch", help="comma list of our variants: <torch|triton>[+compile][+noac]")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--json", default=None, help="also write results here")
     a = p.parse_args()
@@ -153,10 +153,18 @@ def main():
         ms, gib, loss = bench_hf(cfg, batch, a.steps, a.warmup)
         rows.append(("transformers (sdpa, grad ckpt)", ms, gib, loss))
     for v in a.ours.split(","):
-        backend, _, comp = v.partition("+")
-        ms, gib, loss = bench_ours(cfg, batch, a.steps, a.warmup, backend, comp == "compile", a.chunk)
-        rows.append((f"ours (attn {backend}{', compiled blocks' if comp else ''}, act ckpt, chunked CE)",
-                     ms, gib, loss))
+        backend, *flags = v.split("+")
+        unknown = set(flags) - {"compile", "noac"}
+        if unknown:
+            raise SystemExit(f"unknown variant flags {sorted(unknown)} in {v!r} (use compile, noac)")
+        try:
+            ms, gib, loss = bench_ours(cfg, batch, a.steps, a.warmup, backend, "compile" in flags, a.chunk,
+                                       ac="noac" not in flags)
+        except Exception as e:  # report and go on with the other variants
+            print(f"variant {v} failed: {type(e).__name__}: {e}", flush=True)
+            continue
+        rows.append((f"ours (attn {backend}{', compiled blocks' if 'compile' in flags else ''}, "
+                     f"{'no act ckpt' if 'noac' in flags else 'act ckpt'}, chunked CE)", ms, gib, loss))
     import transformers
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}"
