@@ -214,8 +214,10 @@ def frame_size(num_frames: int, height: int, width: int, config: VisionPreproces
 
     Args:
         num_frames: sampled frame count; height, width: source size.
-        options: per-video overrides from the message: `min_pixels`, `max_pixels`, `total_pixels`,
-            `resized_height` + `resized_width`; transformers rule also `cap_pixels_per_frame`, `max_video_tokens`.
+        options: per-video overrides from the message: `resized_height` + `resized_width`; for the transformers
+            rule `min_pixels` and `max_pixels` / `total_pixels` are the whole-video budget (like `size`), plus
+            `cap_pixels_per_frame`, `max_video_tokens`; for the qwen-vl-utils rule `min_pixels` / `max_pixels` are
+            per frame and `total_pixels` is the whole-video budget, as in qwen-vl-utils.
     """
     o = options or {}
     f = config.factor

@@ -11,7 +11,6 @@ transformers; fp32 interpolate + clamp + round as in torchvision v1 for qwen-vl-
 the same fp32 (x - 127.5) / 127.5.
 """
 import math
-import os
 import random
 
 import numpy as np
