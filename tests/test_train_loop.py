@@ -40,7 +40,10 @@ def test_loss_falls_over_30_steps(data, tmp_path):
     assert first > 10.0                      # ~ln(151936) = 11.9 at init
     assert last < 5.0, ls                    # learned at least the answer format (~2.3 = uniform over digits)
     assert res["evals"][-1]["val_loss"] < 5.0 and res["evals"][-1]["cer"] is not None
-    # the export loads with strict load_pretrained and gives the trained model's outputs
+    # the export loads with strict load_pretrained (and its processor) and gives the trained model's outputs
+    from model import load_processor
+
+    assert load_processor(res["final_dir"]).tokenizer.encode("12") == [16, 17]
     m = load_pretrained(res["final_dir"])
     ids = torch.randint(0, 151000, (1, 17))
     with torch.no_grad():

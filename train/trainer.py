@@ -528,12 +528,25 @@ def export(model, path: Path, cfg: Config, rank: int = 0, distributed: bool = Fa
         save_lora_adapter(model, str(path.parent / "adapter"), base_model_name_or_path=cfg.model.path)
         remove_lora(model, merge=True)
     save_pretrained(model, path)
-    try:
-        from model import load_processor
-
-        proc = load_processor(cfg.model.path)
-        if hasattr(proc, "save_pretrained"):
-            proc.save_pretrained(path)
-    except Exception as e:  # the weights are the export; tokenizer files are a convenience
-        log.warning("could not save the processor files to %s: %s", path, e)
+    copy_processor_files(cfg.model.path, path)
     return path
+
+
+PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "video_preprocessor_config.json", "processor_config.json", "generation_config.json")
+
+
+def copy_processor_files(src: str | None, dst: Path):
+    """Make `dst` loadable by `load_processor`: copy the source checkpoint's tokenizer / preprocessor files, or
+    write the embedded tokenizer as tokenizer.json when training started from a preset (src None)."""
+    import shutil
+
+    if src is None:
+        from model.tokenizer import default_tokenizer_json_path
+
+        shutil.copyfile(default_tokenizer_json_path(), dst / "tokenizer.json")
+        return
+    for name in PROCESSOR_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copyfile(Path(src) / name, dst / name)
