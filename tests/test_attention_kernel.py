@@ -195,6 +195,19 @@ def test_decode_dispatch_and_masked_tiles_not_loaded():
         _assert_close(name, a.grad, r.grad, dtype)
 
 
+def test_cu_seqlens_checked_again_after_inplace_change():
+    """The longest-document cache is keyed on the cu_seqlens tensor and its version: an in-place edit is re-checked."""
+    q = _rand(300, 2, 16, dtype=torch.float32)
+    cu = torch.tensor([0, 150, 300], dtype=torch.int32, device=DEVICE)
+    _assert_close("o", attention(q, q, q, cu_seqlens=cu), attention_naive(q, q, q, cu_seqlens=cu), torch.float32)
+    cu[1] = 290  # longest document 150 -> 290, same tensor: a stale cached length would leave rows unwritten (NaN)
+    _assert_close("o(edited cu)", attention(q, q, q, cu_seqlens=cu), attention_naive(q, q, q, cu_seqlens=cu),
+                  torch.float32)
+    cu[2] = 5  # now invalid: must raise, not reuse the cached check
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        attention(q, q, q, cu_seqlens=cu)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(k_heads=3), "multiple of key/value heads"),
     (dict(dtype_k=torch.float64), "dtype"),

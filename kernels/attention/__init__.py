@@ -6,6 +6,8 @@ backward kernels are in `flash.py` (FlashAttention-2 structure), the long-cache 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .decode import decode_attention
@@ -59,12 +61,30 @@ def _check(q, k, v, cu_seqlens, window, num_global, scale):
                              f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         if cu_seqlens.device != q.device:
             raise ValueError(f"attention: cu_seqlens on {cu_seqlens.device}, q on {q.device}")
-        bounds = cu_seqlens.cpu()  # one host sync: the grid needs the longest document
-        lengths = bounds[1:] - bounds[:-1]
-        if bounds[0] != 0 or bounds[-1] != q.shape[0] or (lengths < 0).any():
-            raise ValueError(f"attention: cu_seqlens must rise from 0 to T={q.shape[0]}, got {bounds.tolist()}")
-        max_seqlen = int(lengths.max())
+        max_seqlen = _max_seqlen(cu_seqlens, q.shape[0])
     return packed, max_seqlen
+
+
+# id(cu_seqlens) -> (weakref to it, its version counter, T, max_seqlen): the checks and the longest document need
+# the boundaries on the host (a device sync); a model passes the same cu_seqlens tensor to every layer, so the
+# sync happens once per tensor. An in-place change of the tensor bumps its version and triggers a new check.
+_MAX_SEQLEN_CACHE: dict[int, tuple] = {}
+
+
+def _max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
+    """Validate packed boundaries (0 = cu[0] <= ... <= cu[-1] = T) and return the longest document length."""
+    key = id(cu_seqlens)
+    hit = _MAX_SEQLEN_CACHE.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version and hit[2] == total:
+        return hit[3]
+    bounds = cu_seqlens.cpu()  # host sync: the grid needs the longest document
+    lengths = bounds[1:] - bounds[:-1]
+    if bounds[0] != 0 or bounds[-1] != total or (lengths < 0).any():
+        raise ValueError(f"attention: cu_seqlens must rise from 0 to T={total}, got {bounds.tolist()}")
+    max_seqlen = int(lengths.max())
+    ref = weakref.ref(cu_seqlens, lambda _, key=key: _MAX_SEQLEN_CACHE.pop(key, None))
+    _MAX_SEQLEN_CACHE[key] = (ref, cu_seqlens._version, total, max_seqlen)
+    return max_seqlen
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
