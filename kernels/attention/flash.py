@@ -39,10 +39,11 @@ else:
     DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
     DKDV_CONFIGS = [_cfg(32, 64, 8, 3), _cfg(32, 128, 8, 3), _cfg(64, 64, 8, 3)]
 
-# One tuning run per (sequence-length bucket, padded head dim, mask kind, dtype); lengths and mask sizes are not
-# specialised on (they are masked at run time), which keeps the number of compiles small.
+# One tuning run per (sequence-length bucket, padded head dim, mask kind, dtype); lengths, GQA group and mask sizes
+# are not specialised on (they are masked at run time), which keeps the number of compiles small. HEAD_DIM is a
+# constexpr: a compile-time head-dim mask (72, 80, 96 padded to 128) is what lets the masked loads vectorise.
 TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "CAUSAL", "WINDOW"]
-NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "window", "num_global", "SEQ_BUCKET", "GROUP", "HEAD_DIM"]
+NO_SPECIALIZE = ["seqlen_q", "seqlen_k", "window", "num_global", "SEQ_BUCKET", "GROUP"]
 
 
 FP32_CONFIG = _cfg(64, 32, 4, 2)
@@ -93,6 +94,16 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM, EVEN_D: tl.constexpr, CHECK
         else:
             x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
     return x
+
+
+@triton.jit
+def _offset(b64, stride_b, tok64, stride_t, h, stride_h, ALIGN8: tl.constexpr):
+    """Element offset of (sequence b, its first token, head h). With ALIGN8 the host has checked that it is a multiple
+    of 8 elements (16 bytes): the promise lets the compiler use 16-byte loads (cp.async) for head_dim 72/80/96."""
+    off = b64 * stride_b + tok64 * stride_t + h * stride_h
+    if ALIGN8:
+        off = tl.multiple_of(off, 8)
+    return off
 
 
 @triton.jit
@@ -208,8 +219,8 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
                 stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
                 seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
-                GROUP, HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+                GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # heaviest query blocks first (causal: the last blocks see the most keys)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -221,9 +232,9 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
         return
     hk = hq // GROUP
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * stride_qb + tok.to(tl.int64) * stride_qt + hq * stride_qh
-    k_base = K + b64 * stride_kb + tok.to(tl.int64) * stride_kt + hk * stride_kh
-    v_base = V + b64 * stride_vb + tok.to(tl.int64) * stride_vt + hk * stride_vh
+    q_base = Q + _offset(b64, stride_qb, tok.to(tl.int64), stride_qt, hq, stride_qh, ALIGN8)
+    k_base = K + _offset(b64, stride_kb, tok.to(tl.int64), stride_kt, hk, stride_kh, ALIGN8)
+    v_base = V + _offset(b64, stride_vb, tok.to(tl.int64), stride_vt, hk, stride_vh, ALIGN8)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -253,7 +264,7 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
     o = acc / l_safe[:, None]
-    o_ptrs = O + b64 * stride_ob + tok.to(tl.int64) * stride_ot + hq * stride_oh + offs_m[:, None] * stride_ot \
+    o_ptrs = O + _offset(b64, stride_ob, tok.to(tl.int64), stride_ot, hq, stride_oh, ALIGN8) + offs_m[:, None] * stride_ot \
         + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + b64 * stride_lb + hq * stride_lh + tok + offs_m, lse, mask=offs_m < len_q)
@@ -264,17 +275,18 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, stride_dot, stride_doh,
-                    stride_lb, stride_lh, n_rows, HEAD_DIM, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                    stride_lb, stride_lh, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    ALIGN8: tl.constexpr):
     """delta[b, h, t] = sum_d o * do (fp32), rows t < n_rows of sequence b, head h."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask,
-                other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask,
-                 other=0.0)
+    o_base = O + _offset(b, stride_ob, 0, 0, h, stride_oh, ALIGN8)
+    do_base = DO + _offset(b, stride_dob, 0, 0, h, stride_doh, ALIGN8)
+    o = tl.load(o_base + offs_m[:, None] * stride_ot + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + b * stride_lb + h * stride_lh + offs_m, delta, mask=offs_m < n_rows)
 
@@ -319,8 +331,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_lb, stride_lh,
                      seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
-                     GROUP, HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                     WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+                     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -334,9 +346,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b64 * stride_kb + tok64 * stride_kt + hk * stride_kh + offs_n[:, None] * stride_kt
+    k = _load_rows(K + _offset(b64, stride_kb, tok64, stride_kt, hk, stride_kh, ALIGN8) + offs_n[:, None] * stride_kt
                    + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, EVEN_D, True)
-    v = _load_rows(V + b64 * stride_vb + tok64 * stride_vt + hk * stride_vh + offs_n[:, None] * stride_vt
+    v = _load_rows(V + _offset(b64, stride_vb, tok64, stride_vt, hk, stride_vh, ALIGN8) + offs_n[:, None] * stride_vt
                    + offs_d[None, :], offs_n, len_k, offs_d, HEAD_DIM, EVEN_D, True)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -344,8 +356,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
     lo, f_lo, f_hi, hi = _query_ranges(n0, len_q, len_k, window, num_global, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     for g in range(GROUP):  # the query heads that share this KV head: their gradients sum here
         hq = hk * GROUP + g
-        q_base = Q + b64 * stride_qb + tok64 * stride_qt + hq * stride_qh
-        do_base = DO + b64 * stride_dob + tok64 * stride_dot + hq * stride_doh
+        q_base = Q + _offset(b64, stride_qb, tok64, stride_qt, hq, stride_qh, ALIGN8)
+        do_base = DO + _offset(b64, stride_dob, tok64, stride_dot, hq, stride_doh, ALIGN8)
         lse_base = LSE + b64 * stride_lb + hq * stride_lh + tok
         delta_base = DELTA + b64 * stride_lb + hq * stride_lh + tok
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, f_lo,
@@ -359,9 +371,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
                              WINDOW, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
     dk = dk * sm_scale
     mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DK + b64 * stride_dkb + tok64 * stride_dkt + hk * stride_dkh + offs_n[:, None] * stride_dkt
+    tl.store(DK + _offset(b64, stride_dkb, tok64, stride_dkt, hk, stride_dkh, ALIGN8) + offs_n[:, None] * stride_dkt
              + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b64 * stride_dvb + tok64 * stride_dvt + hk * stride_dvh + offs_n[:, None] * stride_dvt
+    tl.store(DV + _offset(b64, stride_dvb, tok64, stride_dvt, hk, stride_dvh, ALIGN8) + offs_n[:, None] * stride_dvt
              + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
 
 
@@ -395,8 +407,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
                    stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                    stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
                    seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
-                   GROUP, HEAD_DIM, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                   WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+                   GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     hq = tl.program_id(1)
@@ -411,15 +423,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b64 * stride_qb + tok64 * stride_qt + hq * stride_qh + offs_m[:, None] * stride_qt
+    q = _load_rows(Q + _offset(b64, stride_qb, tok64, stride_qt, hq, stride_qh, ALIGN8) + offs_m[:, None] * stride_qt
                    + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, EVEN_D, True)
-    do = _load_rows(DO + b64 * stride_dob + tok64 * stride_dot + hq * stride_doh + offs_m[:, None] * stride_dot
+    do = _load_rows(DO + _offset(b64, stride_dob, tok64, stride_dot, hq, stride_doh, ALIGN8) + offs_m[:, None] * stride_dot
                     + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, EVEN_D, True)
     row_ok = offs_m < len_q
     lse = tl.load(LSE + b64 * stride_lb + hq * stride_lh + tok + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + b64 * stride_lb + hq * stride_lh + tok + offs_m, mask=row_ok, other=0.0)
-    k_base = K + b64 * stride_kb + tok64 * stride_kt + hk * stride_kh
-    v_base = V + b64 * stride_vb + tok64 * stride_vt + hk * stride_vh
+    k_base = K + _offset(b64, stride_kb, tok64, stride_kt, hk, stride_kh, ALIGN8)
+    v_base = V + _offset(b64, stride_vb, tok64, stride_vt, hk, stride_vh, ALIGN8)
     qpos = offs_m + (len_k - len_q)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -439,7 +451,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
                    len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
                    PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b64 * stride_dqb + tok64 * stride_dqt + hq * stride_dqh + offs_m[:, None] * stride_dqt
+    tl.store(DQ + _offset(b64, stride_dqb, tok64, stride_dqt, hq, stride_dqh, ALIGN8) + offs_m[:, None] * stride_dqt
              + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
 
@@ -457,6 +469,14 @@ def _strides3(x: torch.Tensor, packed: bool):
     if packed:
         return 0, x.stride(0), x.stride(1)
     return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _aligned8(p: "_Problem", *tensors: torch.Tensor) -> bool:
+    """True when every stride (but the last) is a multiple of 8 elements and every base 16-byte aligned: the kernels
+    may then promise this to the compiler (tl.multiple_of), so loads masked to head_dim (72, 80, 96) vectorise."""
+    if p.head_dim % 8:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
 
 
 def _seq_bucket(n: int) -> int:
@@ -507,7 +527,8 @@ def flash_forward(q, k, v, p: _Problem):
     lse, slb, slh = p.lse_empty(q.device)
     grid = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.hq, p.batch)  # noqa: E731
     _fwd_kernel[grid](q, k, v, o, lse, p.cu, *_strides3(q, p.packed), *_strides3(k, p.packed),
-                      *_strides3(v, p.packed), *_strides3(o, p.packed), slb, slh, **p.common())
+                      *_strides3(v, p.packed), *_strides3(o, p.packed), slb, slh, **p.common(),
+                      ALIGN8=_aligned8(p, q, k, v, o))
     return o, lse
 
 
@@ -520,18 +541,19 @@ def flash_backward(do, q, k, v, o, lse, p: _Problem):
     bm = 64
     _bwd_preprocess[(triton.cdiv(rows, bm), p.hq, 1 if p.packed else p.batch)](
         o, do, delta, *_strides3(o, p.packed), *_strides3(do, p.packed), slb, slh, rows,
-        HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_M=bm)
+        HEAD_DIM=p.head_dim, BLOCK_D=p.block_d, BLOCK_M=bm, ALIGN8=_aligned8(p, o, do))
     dq = _empty_output(q.shape, q.dtype, q.device)
     dk = _empty_output(k.shape, k.dtype, k.device)
     dv = _empty_output(v.shape, v.dtype, v.device)
     grid_kv = lambda meta: (triton.cdiv(p.seqlen_k, meta["BLOCK_N"]), p.hkv, p.batch)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](q, k, v, do, dk, dv, lse, delta, p.cu, *_strides3(q, p.packed),
                               *_strides3(k, p.packed), *_strides3(v, p.packed), *_strides3(do, p.packed),
-                              *_strides3(dk, p.packed), *_strides3(dv, p.packed), slb, slh, **p.common())
+                              *_strides3(dk, p.packed), *_strides3(dv, p.packed), slb, slh, **p.common(),
+                              ALIGN8=_aligned8(p, q, k, v, do, dk, dv))
     grid_q = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.hq, p.batch)  # noqa: E731
     _bwd_dq_kernel[grid_q](q, k, v, do, dq, lse, delta, p.cu, *_strides3(q, p.packed), *_strides3(k, p.packed),
                            *_strides3(v, p.packed), *_strides3(do, p.packed), *_strides3(dq, p.packed), slb, slh,
-                           **p.common())
+                           **p.common(), ALIGN8=_aligned8(p, q, k, v, do, dq))
     return dq, dk, dv
 
 
