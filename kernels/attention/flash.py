@@ -1,7 +1,7 @@
 """Flash-style attention in Triton: forward with online softmax, backward with recomputation.
 
 Follows Triton's fused-attention tutorial (06-fused-attention) and FlashAttention-2 (Dao, 2023):
-- forward: one program per (query block, query head, sequence); online softmax over key blocks in fp32, stores the
+- forward: one program per (query head, query block, sequence); online softmax over key blocks in fp32, stores the
   output and the natural-log LSE per query row;
 - backward: delta = rowsum(o * do) (preprocess), then a dK/dV kernel (one program per key block and KV head, looping
   over the query heads of its GQA group and over query blocks: no atomics, K/V never repeated in memory) and a dQ
@@ -222,9 +222,10 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
                 GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                 WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # heaviest query blocks first (causal: the last blocks see the most keys)
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    hq = tl.program_id(1)
+    # Heads vary fastest and query blocks run in reverse, so the heaviest blocks of every head (causal: the last
+    # ones) start first and no head's heavy block is left for the tail of the launch.
+    hq = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2)
     tok, len_q, len_k = _seq_info(cu_seqlens, b, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
@@ -334,8 +335,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
                      GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                      WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    # KV heads fastest, key blocks in order: the heaviest blocks (causal: the first; with global tokens: the block
+    # holding them, seen by every query) of every head start first instead of ending the launch as a serial tail.
+    hk = tl.program_id(0)
+    pid_n = tl.program_id(1)
     b = tl.program_id(2)
     tok, len_q, len_k = _seq_info(cu_seqlens, b, seqlen_q, seqlen_k, VARLEN)
     n0 = pid_n * BLOCK_N
@@ -410,8 +413,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
                    GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
                    WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    hq = tl.program_id(1)
+    hq = tl.program_id(0)  # heads fastest, heaviest query blocks first (as in the forward)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2)
     tok, len_q, len_k = _seq_info(cu_seqlens, b, seqlen_q, seqlen_k, VARLEN)
     m0 = pid_m * BLOCK_M
@@ -525,7 +528,7 @@ def flash_forward(q, k, v, p: _Problem):
     """Launch the forward kernel. Returns o (contiguous, q's shape and dtype) and the fp32 LSE buffer."""
     o = _empty_output(q.shape, q.dtype, q.device)
     lse, slb, slh = p.lse_empty(q.device)
-    grid = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.hq, p.batch)  # noqa: E731
+    grid = lambda meta: (p.hq, triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.batch)  # noqa: E731
     _fwd_kernel[grid](q, k, v, o, lse, p.cu, *_strides3(q, p.packed), *_strides3(k, p.packed),
                       *_strides3(v, p.packed), *_strides3(o, p.packed), slb, slh, **p.common(),
                       ALIGN8=_aligned8(p, q, k, v, o))
@@ -545,12 +548,12 @@ def flash_backward(do, q, k, v, o, lse, p: _Problem):
     dq = _empty_output(q.shape, q.dtype, q.device)
     dk = _empty_output(k.shape, k.dtype, k.device)
     dv = _empty_output(v.shape, v.dtype, v.device)
-    grid_kv = lambda meta: (triton.cdiv(p.seqlen_k, meta["BLOCK_N"]), p.hkv, p.batch)  # noqa: E731
+    grid_kv = lambda meta: (p.hkv, triton.cdiv(p.seqlen_k, meta["BLOCK_N"]), p.batch)  # noqa: E731
     _bwd_dkdv_kernel[grid_kv](q, k, v, do, dk, dv, lse, delta, p.cu, *_strides3(q, p.packed),
                               *_strides3(k, p.packed), *_strides3(v, p.packed), *_strides3(do, p.packed),
                               *_strides3(dk, p.packed), *_strides3(dv, p.packed), slb, slh, **p.common(),
                               ALIGN8=_aligned8(p, q, k, v, do, dk, dv))
-    grid_q = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.hq, p.batch)  # noqa: E731
+    grid_q = lambda meta: (p.hq, triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.batch)  # noqa: E731
     _bwd_dq_kernel[grid_q](q, k, v, do, dq, lse, delta, p.cu, *_strides3(q, p.packed), *_strides3(k, p.packed),
                            *_strides3(v, p.packed), *_strides3(do, p.packed), *_strides3(dq, p.packed), slb, slh,
                            **p.common(), ALIGN8=_aligned8(p, q, k, v, do, dq))
