@@ -26,6 +26,19 @@ def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | No
     return out.transpose(1, 2)
 
 
+_MAX_DOC_CALLS = 16          # more documents than this: use one block-diagonal masked call ...
+_MAX_MASKED_TOKENS = 16384   # ... if the (T, T) boolean mask stays small (<= 256 MB)
+
+
+def _doc_mask(lengths: list[int], causal: bool, device) -> torch.Tensor:
+    """(T, T) boolean keep-mask of a packed sequence: block-diagonal over documents, optionally causal."""
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    mask = doc[:, None] == doc[None, :]
+    if causal:
+        mask = mask.tril()
+    return mask
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch", causal: bool = False,
            cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
            scale: float | None = None) -> torch.Tensor:
@@ -56,6 +69,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = 
             out = _sdpa(q.view(n, lengths[0], *q.shape[1:]), k.view(n, lengths[0], *k.shape[1:]),
                         v.view(n, lengths[0], *v.shape[1:]), causal=causal, mask=None, scale=scale)
             return out.reshape(q.shape)
+        T = q.shape[0]
+        if len(lengths) > _MAX_DOC_CALLS and T <= _MAX_MASKED_TOKENS:
+            # many short documents (packed training batches): one masked call beats hundreds of tiny launches
+            return _sdpa(q[None], k[None], v[None], causal=False, mask=_doc_mask(lengths, causal, q.device),
+                         scale=scale)[0]
         outs = [_sdpa(qi[None], ki[None], vi[None], causal=causal, mask=None, scale=scale)[0]
                 for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
         return torch.cat(outs, dim=0)

@@ -139,3 +139,18 @@ def test_mismatched_vision_inputs_raise_clear_errors():
         m(b["input_ids"], pixel_values=b["pixel_values"][:, :100], image_grid_thw=b["image_grid_thw"])
     with pytest.raises(ValueError, match="outside the vocabulary"):
         m(torch.tensor([[5, 10**6]]))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attend_many_documents_masked_path_equals_per_document(causal):
+    """> 16 packed documents take the single block-diagonal masked SDPA call; it must equal per-document calls."""
+    from model.attention import attend
+
+    lengths = torch.randint(1, 12, (23,)).tolist()
+    T = sum(lengths)
+    q, k, v = torch.randn(T, 4, 16), torch.randn(T, 2, 16), torch.randn(T, 2, 16)
+    cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
+    out = attend(q, k, v, causal=causal, cu_seqlens=cu)
+    ref = torch.cat([attend(qi[None], ki[None], vi[None], causal=causal)[0]
+                     for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
