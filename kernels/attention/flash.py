@@ -265,8 +265,8 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
     o = acc / l_safe[:, None]
-    o_ptrs = O + _offset(b64, stride_ob, tok.to(tl.int64), stride_ot, hq, stride_oh, ALIGN8) + offs_m[:, None] * stride_ot \
-        + offs_d[None, :]
+    o_base = O + _offset(b64, stride_ob, tok.to(tl.int64), stride_ot, hq, stride_oh, ALIGN8)
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=(offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))
     tl.store(LSE + b64 * stride_lb + hq * stride_lh + tok + offs_m, lse, mask=offs_m < len_q)
 
@@ -428,8 +428,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + _offset(b64, stride_qb, tok64, stride_qt, hq, stride_qh, ALIGN8) + offs_m[:, None] * stride_qt
                    + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, EVEN_D, True)
-    do = _load_rows(DO + _offset(b64, stride_dob, tok64, stride_dot, hq, stride_doh, ALIGN8) + offs_m[:, None] * stride_dot
-                    + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, EVEN_D, True)
+    do_base = DO + _offset(b64, stride_dob, tok64, stride_dot, hq, stride_doh, ALIGN8)
+    do = _load_rows(do_base + offs_m[:, None] * stride_dot + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, EVEN_D,
+                    True)
     row_ok = offs_m < len_q
     lse = tl.load(LSE + b64 * stride_lb + hq * stride_lh + tok + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + b64 * stride_lb + hq * stride_lh + tok + offs_m, mask=row_ok, other=0.0)
