@@ -158,10 +158,13 @@ def test_attention_noncontiguous_views_and_scale():
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=40, num_global=5), {}],
                          ids=["causal", "causal-window-global", "noncausal"])
 def test_decode_split_kv(kw):
-    """Flash-decoding path (few queries, long cache) with GQA, several splits, and a ragged last split."""
+    """Flash-decoding path (few queries, long cache) with GQA, several splits, a ragged last split, K/V as views of a
+    larger cache buffer."""
     dtype = torch.float32 if not CUDA else torch.bfloat16
     b, lq, lk, hq, hkv, d = 2, 3, 300, 8, 2, 72
-    q, k, v = _rand(b, lq, hq, d, dtype=dtype), _rand(b, lk, hkv, d, dtype=dtype), _rand(b, lk, hkv, d, dtype=dtype)
+    q = _rand(b, lq, hq, d, dtype=dtype)
+    cache = _rand(2, b, lk + 37, hkv, d, dtype=dtype)  # a preallocated KV cache, filled up to lk
+    k, v = cache[0, :, :lk], cache[1, :, :lk]  # strided views, as a generation loop passes them
     o, lse = decode_attention(q, k, v, num_splits=4, **kw)
     ro, rlse = attention_naive(q, k, v, return_lse=True, **kw)
     _assert_close("o", o, ro, dtype)
