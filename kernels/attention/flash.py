@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634
 
 
 def _cfg(bm, bn, warps, stages):
