@@ -317,6 +317,7 @@ class _Logger:
                                     mode=cfg.logging.wandb_mode, dir=cfg.train.out_dir, config=config_to_dict(cfg))
 
     def step(self, step: int, metrics: dict, lr: float, tok_s: float):
+        """Advance the bar; log metrics to wandb every step and print every `train.log_every` steps."""
         if self.rank != 0:
             return
         if self.bar is not None:
@@ -330,6 +331,7 @@ class _Logger:
                        f"grad_norm {metrics['grad_norm']:.3f}  tok/s {tok_s:.0f}")
 
     def eval(self, step: int, res: dict):
+        """Print and log one validation result (loss, CER, a few examples)."""
         if self.rank != 0:
             return
         cer = "n/a" if res["cer"] is None else f"{res['cer']:.4f}"
@@ -342,6 +344,7 @@ class _Logger:
             self.wandb.log(d, step=step)
 
     def print(self, msg: str):
+        """Print on rank 0 without breaking the progress bar."""
         if self.rank != 0:
             return
         if self.bar is not None:
@@ -350,6 +353,7 @@ class _Logger:
             print(msg, flush=True)
 
     def close(self):
+        """Close the bar and finish the wandb run."""
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
