@@ -2,9 +2,11 @@
 
 Forward output, LSE and dq/dk/dv are compared on fresh random inputs, with every kernel output pre-filled with NaN
 (so an element the kernels forget to write fails), on awkward shapes: sequence 1, 17, 131, 257, documents of
-unequal length, head_dim 72/80/96, Hq/Hkv = 8/1, 16/8, 12/4, Lq != Lk. On the CPU they run through the Triton
-interpreter at tiny sizes (fp32 and fp16: the interpreter's bf16 dot is wrong); the `gpu` cases run at full size
-in bf16/fp16 on CUDA: `python -m pytest tests/test_attention_kernel.py -q` on the GPU machine.
+unequal length, head_dim 48/72/80/96, Hq/Hkv = 8/1, 16/8, 12/4, 6/2, Lq != Lk, global queries (`global_queries`:
+the first num_global positions attend everywhere) with the query block holding them partly global. On the CPU they
+run through the Triton interpreter at tiny sizes (fp32 and fp16: the interpreter's bf16 dot is wrong); the `gpu`
+cases run at full size in bf16/fp16 on CUDA: `python -m pytest tests/test_attention_kernel.py -q` on the GPU
+machine.
 
 Tolerances (max abs error divided by max(1, the reference's max magnitude), per tensor; e.g. dq is exactly 0
 for sequence length 1):
@@ -18,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.attention import attention, attention_naive, decode_attention
+from kernels.attention import attention, attention_naive, decode_attention, visibility_mask
 from kernels.attention import flash as flash_mod
 
 CUDA = torch.cuda.is_available()
@@ -84,6 +86,14 @@ CPU_CASES = [
     ("causal-window-global-varlen", [50, 90], None, None, 4, 2, 64, dict(causal=True, window=16, num_global=4)),
     ("causal-lq3-lk131-bottomright", 2, 3, 131, 8, 1, 64, dict(causal=True)),
     ("causal-lq20-lk7-emptyrows", 1, 20, 7, 4, 2, 64, dict(causal=True)),
+    # global queries: G=5 inside the first query block; G=40 spans a block and a half (block size 32 on the CPU) and
+    # covers all of the 3-token document; Lq != Lk both ways (query i at key position Lk - Lq + i)
+    ("noncausal-window-globalq-gqa", 1, 131, 131, 8, 2, 64, dict(window=16, num_global=5, global_queries=True)),
+    ("noncausal-window-globalq-varlen-d48", [70, 3, 45], None, None, 6, 2, 48,
+     dict(window=8, num_global=40, global_queries=True)),
+    ("causal-window-globalq", 1, 131, 131, 4, 2, 64, dict(causal=True, window=16, num_global=5, global_queries=True)),
+    ("noncausal-window-globalq-lq40-lk70", 2, 40, 70, 4, 1, 64, dict(window=10, num_global=45, global_queries=True)),
+    ("noncausal-window-globalq-lq45-lk20", 1, 45, 20, 4, 4, 32, dict(window=6, num_global=3, global_queries=True)),
 ]
 
 GPU_CASES = [
@@ -98,6 +108,8 @@ GPU_CASES = [
     ("causal-window-global-gqa", 1, 2048, 2048, 16, 8, 128, dict(causal=True, window=300, num_global=64)),
     ("noncausal-window-global-varlen", [1000, 900], None, None, 8, 2, 64, dict(window=128, num_global=16)),
     ("causal-lq64-lk2000", 1, 64, 2000, 16, 8, 128, dict(causal=True)),
+    ("noncausal-window-globalq-varlen", [1000, 900, 77], None, None, 8, 2, 128,
+     dict(window=128, num_global=200, global_queries=True)),
 ]
 
 
@@ -113,7 +125,8 @@ def _make_inputs(batch, lq, lk, hq, hkv, d, dtype):
 
 # CPU (interpreter): fp32 for every case, fp16 for a representative few (the interpreter is slow and its bf16 dot
 # is wrong). CUDA: bf16 for every case, fp32 (ieee dots, slow to compile) for one.
-_FP16_CPU = ("causal-seq17-gqa-d72", "causal-varlen-gqa-d64", "causal-window-global-gqa")
+_FP16_CPU = ("causal-seq17-gqa-d72", "causal-varlen-gqa-d64", "causal-window-global-gqa",
+             "noncausal-window-globalq-gqa", "noncausal-window-globalq-varlen-d48")
 if CUDA:
     _CPU_PARAMS = [pytest.param(c, torch.bfloat16, id=f"{c[0]}-bf16") for c in CPU_CASES] + \
         [pytest.param(c, torch.float32, id=f"{c[0]}-fp32") for c in CPU_CASES if c[0] == "causal-varlen-gqa-d64"]
@@ -155,11 +168,12 @@ def test_attention_noncontiguous_views_and_scale():
     _check_against_reference(q, k, v, dtype, causal=True)
 
 
-@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=40, num_global=5), {}],
-                         ids=["causal", "causal-window-global", "noncausal"])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=True, window=40, num_global=5), {},
+                                dict(window=2, num_global=298, global_queries=True)],
+                         ids=["causal", "causal-window-global", "noncausal", "window-globalq"])
 def test_decode_split_kv(kw):
     """Flash-decoding path (few queries, long cache) with GQA, several splits, a ragged last split, K/V as views of a
-    larger cache buffer."""
+    larger cache buffer. window-globalq: query 0 (key position 297 < G) also sees key 299, outside its window."""
     dtype = torch.float32 if not CUDA else torch.bfloat16
     b, lq, lk, hq, hkv, d = 2, 3, 300, 8, 2, 72
     q = _rand(b, lq, hq, d, dtype=dtype)
@@ -217,10 +231,82 @@ def test_cu_seqlens_checked_again_after_inplace_change():
     (dict(window=0), "window"),
     (dict(cu=[0, 5, 3]), "cu_seqlens"),
     (dict(cu_dtype=torch.int64), "int32"),
+    (dict(global_queries=1), "global_queries"),
 ])
 def test_attention_bad_inputs(bad, match):
     q = _rand(10, 4, 16, dtype=torch.float32)
     k = _rand(10, bad.get("k_heads", 2), 16, dtype=bad.get("dtype_k", torch.float32))
     cu = torch.tensor(bad.get("cu", [0, 4, 10]), dtype=bad.get("cu_dtype", torch.int32), device=DEVICE)
     with pytest.raises((ValueError, TypeError), match=match):
-        attention(q, k, k, cu_seqlens=cu, window=bad.get("window"))
+        attention(q, k, k, cu_seqlens=cu, window=bad.get("window"), global_queries=bad.get("global_queries", False))
+
+
+def test_visibility_mask_global_queries_by_hand():
+    """The reference rule itself, written out: window 2, G = 2, 6 keys; Lq = Lk (rows 0-1 global) and Lq = 3 < Lk
+    (rows sit at key positions 3-5: none global, the flag changes nothing)."""
+    want = torch.tensor([[1, 1, 1, 1, 1, 1],
+                         [1, 1, 1, 1, 1, 1],
+                         [1, 1, 1, 1, 0, 0],
+                         [1, 1, 1, 1, 1, 0],
+                         [1, 1, 0, 1, 1, 1],
+                         [1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(visibility_mask(6, 6, window=2, num_global=2, global_queries=True), want)
+    assert torch.equal(visibility_mask(3, 6, window=2, num_global=2, global_queries=True), want[3:])
+    assert torch.equal(visibility_mask(6, 6, causal=True, window=2, num_global=2, global_queries=True),
+                       want & torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_global_queries_causal_kernel_path():
+    """With causal=True global queries change nothing (a query's keys j <= i < G are global keys); attention() drops
+    the flag, so the kernels' causal + GLOBAL_Q code is checked here directly, packed, against the reference."""
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    kw = dict(causal=True, window=6, num_global=37)
+    cu = torch.tensor([0, 60, 100], dtype=torch.int32, device=DEVICE)
+    q, k, v = _rand(100, 4, 32, dtype=dtype), _rand(100, 2, 32, dtype=dtype), _rand(100, 2, 32, dtype=dtype)
+    mask_gq = attention_naive(q, k, v, cu_seqlens=cu, global_queries=True, **kw)
+    torch.testing.assert_close(mask_gq, attention_naive(q, k, v, cu_seqlens=cu, **kw), rtol=0, atol=0)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = flash_mod.FlashAttentionFunction.apply(*leaves, cu, 60, True, 6, 37, 32 ** -0.5, True)
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    ro, rlse = attention_naive(*ref, cu_seqlens=cu, global_queries=True, return_lse=True, **kw)
+    _assert_close("o", o, ro, dtype)
+    _assert_close("lse", lse, rlse, dtype)
+    do = torch.randn_like(o)
+    o.backward(do)
+    ro.float().backward(do.float())
+    for name, a, r in zip(("dq", "dk", "dv"), leaves, ref):
+        _assert_close(name, a.grad, r.grad, dtype)
+
+
+@pytest.mark.parametrize("poison", ["kv", "q_do"])
+def test_global_queries_masked_tiles_not_loaded(poison):
+    """Non-causal window + global queries: every key is visible (to the global queries), but a query block without
+    global queries must not load key tiles outside its window, and a key block must not load query tiles that do
+    not see it. Tile-aligned NaN rows [3u, 4u) of K/V (or of Q/dO): rows/keys [u, 2u) see none of them, so they
+    must come out finite and equal to the clean reference; tiles are at most u wide (32 interpreter, 128 CUDA)."""
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    u = 128 if CUDA else 32
+    b, seq, hq, hkv, d = 1, 5 * u, 4, 2, 64
+    kw = dict(window=u // 4, num_global=5, global_queries=True)
+    q, k, v = _rand(b, seq, hq, d, dtype=dtype), _rand(b, seq, hkv, d, dtype=dtype), _rand(b, seq, hkv, d, dtype=dtype)
+    do = torch.randn_like(q)
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    ro, rlse = attention_naive(*ref, return_lse=True, **kw)
+    ro.float().backward(do.float())
+    bad = slice(3 * u, 4 * u)
+    good = slice(u, 2 * u)
+    qp, kp, vp, dop = q.clone(), k.clone(), v.clone(), do.clone()
+    for x in ((kp, vp) if poison == "kv" else (qp, dop)):
+        x[:, bad] = float("nan")
+    leaves = [x.clone().requires_grad_() for x in (qp, kp, vp)]
+    o, lse = attention(*leaves, return_lse=True, **kw)
+    o.backward(dop)
+    if poison == "kv":
+        assert torch.isnan(o[:, :5]).all(), "global queries should see the poisoned keys"
+        _assert_close("o[good]", o[:, good], ro[:, good], dtype)
+        _assert_close("lse[good]", lse[:, :, good], rlse[:, :, good], dtype)
+        _assert_close("dq[good]", leaves[0].grad[:, good], ref[0].grad[:, good], dtype)
+    else:
+        _assert_close("o[good]", o[:, good], ro[:, good], dtype)
+        _assert_close("dk[good]", leaves[1].grad[:, good], ref[1].grad[:, good], dtype)
+        _assert_close("dv[good]", leaves[2].grad[:, good], ref[2].grad[:, good], dtype)

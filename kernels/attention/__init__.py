@@ -1,4 +1,4 @@
-"""Triton flash attention: `attention(q, k, v, ...)` with causal / sliding-window / global-prefix / packed masks.
+"""Triton flash attention: `attention(q, k, v, ...)` with causal / sliding-window / global-token / packed masks.
 
 Layout as flash-attn: q (B, L, Hq, D), k and v (B, L, Hkv, D), or packed (T, H, D) with `cu_seqlens`. Forward and
 backward kernels are in `flash.py` (FlashAttention-2 structure), the long-cache decoding path in `decode.py`
@@ -19,7 +19,7 @@ _DECODE_MIN_KEYS = 1024  # the split-KV path pays off only once the keys outnumb
 _DECODE_MAX_ROWS = 64  # Lq * Hq / Hkv rows per KV head handled by one decode program
 
 
-def _check(q, k, v, cu_seqlens, window, num_global, scale):
+def _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries=False):
     """Validate the inputs of `attention`; returns (packed, max_seqlen)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -52,6 +52,8 @@ def _check(q, k, v, cu_seqlens, window, num_global, scale):
         raise ValueError(f"attention: window must be None or an int >= 1, got {window!r}")
     if not isinstance(num_global, int) or num_global < 0:
         raise ValueError(f"attention: num_global must be an int >= 0, got {num_global!r}")
+    if not isinstance(global_queries, bool):
+        raise TypeError(f"attention: global_queries must be a bool, got {type(global_queries).__name__}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"attention: scale must be a Python number or None, got {type(scale).__name__}")
     max_seqlen = 0
@@ -89,11 +91,12 @@ def _max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               cu_seqlens: torch.Tensor | None = None, window: int | None = None, num_global: int = 0,
-              scale: float | None = None, return_lse: bool = False):
+              scale: float | None = None, return_lse: bool = False, global_queries: bool = False):
     """Exact softmax attention with fp32 accumulation, differentiable in q, k, v.
 
     Key j is visible to query i when (not causal or j <= i) and (window is None or |i - j| < window or
-    j < num_global), positions counted inside each document; with Lq < Lk query i sits at key position Lk - Lq + i.
+    j < num_global or (global_queries and i < num_global)), positions counted inside each document; with
+    Lq != Lk query i sits at key position Lk - Lq + i (that position is the i above).
 
     Args:
         q: (B, Lq, Hq, D) or packed (T, Hq, D); fp16, bf16 or fp32; D <= 128 (64, 72, 80, 96, 128 tuned).
@@ -102,15 +105,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         cu_seqlens: (num_docs + 1,) int32 boundaries of the packed documents; no attention across documents.
         window: sliding window size W (keys with |i - j| < W), or None.
         num_global: the first G keys of each sequence are visible to every query (with a window).
+        global_queries: the queries at the first G positions also attend to every key (with a window). With
+            causal=True it changes nothing: such a query's keys j <= i < G are global keys already.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the natural-log log-sum-exp, (B, Hq, Lq) or (Hq, T) fp32 (no gradient).
     Returns:
         o with q's shape and dtype (contiguous); and lse when return_lse.
     """
-    packed, max_seqlen = _check(q, k, v, cu_seqlens, window, num_global, scale)
+    packed, max_seqlen = _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if window is not None and window >= max(q.shape[-3], k.shape[-3]) + 1 and num_global == 0:
         window = None  # covers everything: the plain path is cheaper
+    # global queries change the mask only without causality, with a window, and when some query sits below G
+    global_queries = (global_queries and not causal and window is not None and num_global > 0
+                      and (packed or k.shape[1] - q.shape[1] < num_global))
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
@@ -121,9 +129,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     group = q.shape[-2] // k.shape[-2]
     if (not packed and not needs_grad and k.shape[1] >= _DECODE_MIN_KEYS
             and q.shape[1] * group <= _DECODE_MAX_ROWS):
-        o, lse = decode_attention(q, k, v, causal=causal, window=window, num_global=num_global, scale=scale)
+        o, lse = decode_attention(q, k, v, causal=causal, window=window, num_global=num_global, scale=scale,
+                                  global_queries=global_queries)
     else:
-        o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale)
+        o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale,
+                                              global_queries)
     return (o, lse) if return_lse else o
 
 

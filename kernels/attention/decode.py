@@ -23,7 +23,7 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
                            seqlen_q, seqlen_k, keys_per_split, sm_scale, window, num_global,
                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                           WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+                           WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, PRECISION: tl.constexpr):
     """Partial attention of one key chunk. OP: (S, B, Hq, Lq, D) fp32 normalised outputs, LP: (S, B, Hq, Lq) fp32
     natural-log LSE (-inf where the chunk holds no visible key)."""
     s = tl.program_id(0)
@@ -46,7 +46,8 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
     v_base = V + b * stride_vb + hk * stride_vh
     start = s * keys_per_split
     end = tl.minimum(start + keys_per_split, seqlen_k)
-    # visible keys of all rows: [0, num_global) and [lowest window start, end) when windowed
+    # visible keys of all rows: [0, num_global) and [lowest window start, end) when windowed. That covers global
+    # queries too: when the first row (key position Lk - Lq) is one, the window start is below num_global.
     r1_end = start
     r2_start = start
     if WINDOW:
@@ -70,7 +71,7 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
                         other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             vis = _visible(qpos[:, None], kn[None, :], row_ok[:, None], k_ok[None, :], window, num_global, CAUSAL,
-                           WINDOW)
+                           WINDOW, GLOBAL_Q)
             qk = tl.where(vis, qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)
@@ -124,7 +125,7 @@ def _num_sms(device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                      window: int | None = None, num_global: int = 0, scale: float | None = None,
-                     num_splits: int | None = None):
+                     num_splits: int | None = None, global_queries: bool = False):
     """Split-KV attention for few queries over a long cache (forward only).
 
     Args:
@@ -132,6 +133,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         k, v: (B, Lk, Hkv, D), last dim contiguous.
         causal, window, num_global, scale: as in `attention` (bottom-right aligned).
         num_splits: key chunks per (sequence, KV head); default fills the GPU about twice.
+        global_queries: as in `attention` (queries at key positions < num_global ignore the window).
     Returns:
         o (B, Lq, Hq, D) in q's dtype and the natural-log LSE (B, Hq, Lq) fp32.
     """
@@ -155,7 +157,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     _decode_partial_kernel[(num_splits, hkv, bsz)](
         q, k, v, op, lp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], lq, lk, keys_per_split, scale,
         window or 0, num_global, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
-        CAUSAL=causal, WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        CAUSAL=causal, WINDOW=window is not None, GLOBAL_Q=bool(global_queries) and window is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=1 if INTERPRET else (2 if q.dtype == torch.float32 else 3))
     o = _flash._empty_output(q.shape, q.dtype, q.device)
     lse = _flash._empty_output((bsz, hq, lq), torch.float32, q.device)

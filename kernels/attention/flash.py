@@ -106,21 +106,26 @@ def _offset(b64, stride_b, tok64, stride_t, h, stride_h, ALIGN8: tl.constexpr):
 
 
 @triton.jit
-def _visible(qpos, kpos, q_ok, k_ok, window, num_global, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _visible(qpos, kpos, q_ok, k_ok, window, num_global, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+             GLOBAL_Q: tl.constexpr):
     """Element mask: broadcastable query/key positions (key coordinates) and in-bounds flags -> bool tile."""
     vis = q_ok & k_ok
     if CAUSAL:
         vis = vis & (kpos <= qpos)
     if WINDOW:
-        vis = vis & ((((qpos - kpos) < window) & ((kpos - qpos) < window)) | (kpos < num_global))
+        near = (((qpos - kpos) < window) & ((kpos - qpos) < window)) | (kpos < num_global)
+        if GLOBAL_Q:
+            near = near | (qpos < num_global)  # global queries: the first G positions attend everywhere
+        vis = vis & near
     return vis
 
 
 @triton.jit
 def _key_ranges(m0, len_q, len_k, window, num_global, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr):
     """Key-block ranges for the query block starting at m0: global prefix [0, g_end) (masked), then [lo, f_lo)
-    masked, [f_lo, f_hi) fully visible, [f_hi, hi) masked. Every visible key is in exactly one range."""
+    masked, [f_lo, f_hi) fully visible, [f_hi, hi) masked. Every visible key is in exactly one range. With
+    GLOBAL_Q, a block holding a global query (position < num_global) spans every key causality allows."""
     off = len_k - len_q
     qlo = m0 + off  # key position of the first query row
     qhi = tl.minimum(m0 + BLOCK_M, len_q) - 1 + off  # ... of the last real query row
@@ -138,6 +143,19 @@ def _key_ranges(m0, len_q, len_k, window, num_global, BLOCK_M: tl.constexpr, BLO
             lim = tl.minimum(lim, qlo + window)
         lo = tl.maximum(qlo - window + 1, 0)
         f_lo = qhi - window + 1
+        if GLOBAL_Q:
+            # A block whose first row is a global query needs every key up to the causal limit. Its keys below lo
+            # need nothing: they are < qlo < num_global, global keys, in the [0, g_end) prefix already.
+            any_g = qlo < num_global
+            all_g = qhi < num_global  # every row is global: what causality allows is visible to all of them
+            hi_c = len_k
+            lim_c = len_k
+            if CAUSAL:
+                hi_c = tl.minimum(hi_c, qhi + 1)
+                lim_c = tl.minimum(lim_c, qlo + 1)
+            hi = tl.where(any_g, hi_c, hi)
+            lim = tl.where(all_g, lim_c, lim)
+            f_lo = tl.where(all_g, 0, f_lo)
     hi = tl.maximum(hi, 0)
     lim = tl.maximum(lim, 0)
     lo = (tl.minimum(lo, hi) // BLOCK_N) * BLOCK_N
@@ -151,9 +169,10 @@ def _key_ranges(m0, len_q, len_k, window, num_global, BLOCK_M: tl.constexpr, BLO
 
 @triton.jit
 def _query_ranges(n0, len_q, len_k, window, num_global, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """Query-block ranges for the key block starting at n0: [lo, f_lo) masked, [f_lo, f_hi) fully visible,
-    [f_hi, hi) masked. Keys below num_global ignore the window."""
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr):
+    """Query-block ranges for the key block starting at n0: global-query prefix [0, g_end) (masked, only with
+    GLOBAL_Q and not causal), then [lo, f_lo) masked, [f_lo, f_hi) fully visible, [f_hi, hi) masked. Keys below
+    num_global ignore the window; with GLOBAL_Q so do queries at positions below num_global."""
     off = len_k - len_q
     klo = n0
     khi = tl.minimum(n0 + BLOCK_N, len_k) - 1
@@ -174,10 +193,18 @@ def _query_ranges(n0, len_q, len_k, window, num_global, BLOCK_M: tl.constexpr, B
     hi = tl.maximum(hi, 0)
     lim = tl.maximum(lim, 0)
     lo = (tl.minimum(tl.maximum(lo, 0), hi) // BLOCK_M) * BLOCK_M
+    g_end = 0
+    if WINDOW:
+        if GLOBAL_Q:
+            if not CAUSAL:  # causal: a global query's keys j <= i < num_global are global keys, seen anyway
+                # the query blocks holding global queries see every key block; the window's range starts after
+                g_end = (tl.minimum(tl.maximum(num_global - off, 0), len_q) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+                lo = tl.maximum(lo, g_end)
+                hi = tl.maximum(hi, lo)
     f_lo = tl.maximum(f_lo, lo)
     f_lo = tl.minimum((f_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, hi)
     f_hi = tl.minimum(tl.maximum(lim // BLOCK_M * BLOCK_M, f_lo), hi)
-    return lo, f_lo, f_hi, hi
+    return g_end, lo, f_lo, f_hi, hi
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +213,7 @@ def _query_ranges(n0, len_q, len_k, window, num_global, BLOCK_M: tl.constexpr, B
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, end, qpos, offs_n, offs_d,
                len_k, qk_scale, window, num_global,
-               MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM,
+               MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, HEAD_DIM,
                EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         kn = start_n + offs_n
@@ -195,7 +222,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, start, en
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN) raw scores
         if MASK:
             vis = _visible(qpos[:, None], kn[None, :], True, kn[None, :] < len_k, window, num_global, CAUSAL,
-                           WINDOW)
+                           WINDOW, GLOBAL_Q)
             qk = tl.where(vis, qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max, log2 units
             m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows that have seen nothing yet: avoid inf - inf
@@ -219,8 +246,8 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
                 stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh, stride_lb, stride_lh,
                 seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
                 GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+                ALIGN8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Heads vary fastest and query blocks run in reverse, so the heaviest blocks of every head (causal: the last
     # ones) start first and no head's heavy block is left for the tail of the launch.
     hq = tl.program_id(0)
@@ -246,20 +273,20 @@ def _fwd_kernel(Q, K, V, O, LSE, cu_seqlens,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     g_end, lo, f_lo, f_hi, hi = _key_ranges(m0, len_q, len_k, window, num_global, BLOCK_M, BLOCK_N, CAUSAL,
-                                            WINDOW)
+                                            WINDOW, GLOBAL_Q)
     if WINDOW:
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0, g_end, qpos, offs_n,
-                                   offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM,
-                                   EVEN_D, BLOCK_N, PRECISION)
+                                   offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, GLOBAL_Q,
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, lo, f_lo, qpos, offs_n,
-                                   offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM,
-                                   EVEN_D, BLOCK_N, PRECISION)
+                                   offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, GLOBAL_Q,
+                                   HEAD_DIM, EVEN_D, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, qpos, offs_n,
-                               offs_d, len_k, qk_scale, window, num_global, False, CAUSAL, WINDOW, HEAD_DIM,
-                               EVEN_D, BLOCK_N, PRECISION)
+                               offs_d, len_k, qk_scale, window, num_global, False, CAUSAL, WINDOW, GLOBAL_Q,
+                               HEAD_DIM, EVEN_D, BLOCK_N, PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, f_hi, hi, qpos, offs_n,
-                               offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM,
-                               EVEN_D, BLOCK_N, PRECISION)
+                               offs_d, len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, GLOBAL_Q,
+                               HEAD_DIM, EVEN_D, BLOCK_N, PRECISION)
     empty = l_i == 0.0  # rows that see no key (causal with Lq > Lk): output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)  # natural log
@@ -294,7 +321,7 @@ def _bwd_preprocess(O, DO, DELTA, stride_ob, stride_ot, stride_oh, stride_dob, s
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, start, end, kpos,
                 offs_m, offs_d, len_q, len_k, qk_scale, window, num_global,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM,
+                MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, HEAD_DIM,
                 EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
     off = len_k - len_q
     for start_m in range(start, end, BLOCK_M):
@@ -309,7 +336,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, 
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASK:
             vis = _visible(qm[None, :] + off, kpos[:, None], qm[None, :] < len_q, True, window, num_global, CAUSAL,
-                           WINDOW)
+                           WINDOW, GLOBAL_Q)
             pT = tl.where(vis, pT, 0.0)
         do = _load_rows(do_base + qm[:, None] * stride_dot + offs_d[None, :], qm, len_q, offs_d, HEAD_DIM, EVEN_D,
                         MASK)
@@ -332,8 +359,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh, stride_lb, stride_lh,
                      seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
                      GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                     WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+                     ALIGN8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # KV heads fastest, key blocks in order: the heaviest blocks (causal: the first; with global tokens: the block
     # holding them, seen by every query) of every head start first instead of ending the launch as a serial tail.
     hk = tl.program_id(0)
@@ -355,22 +382,27 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, f_lo, f_hi, hi = _query_ranges(n0, len_q, len_k, window, num_global, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    q_gend, lo, f_lo, f_hi, hi = _query_ranges(n0, len_q, len_k, window, num_global, BLOCK_M, BLOCK_N, CAUSAL,
+                                               WINDOW, GLOBAL_Q)
     for g in range(GROUP):  # the query heads that share this KV head: their gradients sum here
         hq = hk * GROUP + g
         q_base = Q + _offset(b64, stride_qb, tok64, stride_qt, hq, stride_qh, ALIGN8)
         do_base = DO + _offset(b64, stride_dob, tok64, stride_dot, hq, stride_doh, ALIGN8)
         lse_base = LSE + b64 * stride_lb + hq * stride_lh + tok
         delta_base = DELTA + b64 * stride_lb + hq * stride_lh + tok
+        if GLOBAL_Q:  # query blocks holding global queries (empty range when causal)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, 0,
+                                 q_gend, offs_n, offs_m, offs_d, len_q, len_k, qk_scale, window, num_global, True,
+                                 CAUSAL, WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, lo, f_lo,
                              offs_n, offs_m, offs_d, len_q, len_k, qk_scale, window, num_global, True, CAUSAL,
-                             WINDOW, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
+                             WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, f_lo, f_hi,
                              offs_n, offs_m, offs_d, len_q, len_k, qk_scale, window, num_global, False, CAUSAL,
-                             WINDOW, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
+                             WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, f_hi, hi,
                              offs_n, offs_m, offs_d, len_q, len_k, qk_scale, window, num_global, True, CAUSAL,
-                             WINDOW, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
+                             WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D, BLOCK_M, PRECISION)
     dk = dk * sm_scale
     mask = (offs_n[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + _offset(b64, stride_dkb, tok64, stride_dkt, hk, stride_dkh, ALIGN8) + offs_n[:, None] * stride_dkt
@@ -382,7 +414,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, cu_seqlens,
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start, end, qpos, offs_n, offs_d,
               len_k, qk_scale, window, num_global,
-              MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HEAD_DIM,
+              MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, HEAD_DIM,
               EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
         kn = start_n + offs_n
@@ -394,7 +426,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start
         p = tl.math.exp2(qk - lse[:, None])
         if MASK:
             vis = _visible(qpos[:, None], kn[None, :], True, kn[None, :] < len_k, window, num_global, CAUSAL,
-                           WINDOW)
+                           WINDOW, GLOBAL_Q)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -410,8 +442,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
                    stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lh,
                    seqlen_q, seqlen_k, sm_scale, window, num_global, SEQ_BUCKET,
                    GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, CAUSAL: tl.constexpr,
-                   WINDOW: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr, ALIGN8: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, VARLEN: tl.constexpr, PRECISION: tl.constexpr,
+                   ALIGN8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     hq = tl.program_id(0)  # heads fastest, heaviest query blocks first (as in the forward)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.program_id(2)
@@ -439,20 +471,20 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, cu_seqlens,
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     g_end, lo, f_lo, f_hi, hi = _key_ranges(m0, len_q, len_k, window, num_global, BLOCK_M, BLOCK_N, CAUSAL,
-                                            WINDOW)
+                                            WINDOW, GLOBAL_Q)
     if WINDOW:
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, g_end, qpos, offs_n, offs_d,
-                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
-                       PRECISION)
+                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D,
+                       BLOCK_N, PRECISION)
         dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, lo, f_lo, qpos, offs_n, offs_d,
-                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
-                       PRECISION)
+                       len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D,
+                       BLOCK_N, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_lo, f_hi, qpos, offs_n, offs_d,
-                   len_k, qk_scale, window, num_global, False, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
-                   PRECISION)
+                   len_k, qk_scale, window, num_global, False, CAUSAL, WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D,
+                   BLOCK_N, PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, f_hi, hi, qpos, offs_n, offs_d,
-                   len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, HEAD_DIM, EVEN_D, BLOCK_N,
-                   PRECISION)
+                   len_k, qk_scale, window, num_global, True, CAUSAL, WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D,
+                   BLOCK_N, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + _offset(b64, stride_dqb, tok64, stride_dqt, hq, stride_dqh, ALIGN8) + offs_m[:, None] * stride_dqt
              + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -490,7 +522,7 @@ def _seq_bucket(n: int) -> int:
 class _Problem:
     """Launch geometry shared by forward and backward: layout, lengths, GQA group, mask flags."""
 
-    def __init__(self, q, k, cu_seqlens, max_seqlen, causal, window, num_global, scale):
+    def __init__(self, q, k, cu_seqlens, max_seqlen, causal, window, num_global, scale, global_queries=False):
         self.packed = cu_seqlens is not None
         if self.packed:
             self.batch = cu_seqlens.numel() - 1
@@ -503,6 +535,7 @@ class _Problem:
         self.group = self.hq // self.hkv
         self.block_d = max(16, triton.next_power_of_2(self.head_dim))
         self.causal, self.window, self.num_global = causal, window, num_global
+        self.global_q = bool(global_queries) and window is not None and num_global > 0  # no effect otherwise
         self.scale = scale
         self.precision = "ieee" if q.dtype == torch.float32 else "tf32"
         self.bucket = _seq_bucket(max(self.seqlen_q, self.seqlen_k))
@@ -520,8 +553,8 @@ class _Problem:
         return dict(seqlen_q=self.seqlen_q, seqlen_k=self.seqlen_k, sm_scale=self.scale,
                     window=self.window or 0, num_global=self.num_global, SEQ_BUCKET=self.bucket, GROUP=self.group,
                     HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, EVEN_D=self.block_d == self.head_dim,
-                    CAUSAL=self.causal,
-                    WINDOW=self.window is not None, VARLEN=self.packed, PRECISION=self.precision)
+                    CAUSAL=self.causal, WINDOW=self.window is not None, GLOBAL_Q=self.global_q, VARLEN=self.packed,
+                    PRECISION=self.precision)
 
 
 def flash_forward(q, k, v, p: _Problem):
@@ -564,8 +597,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     """Autograd wrapper: forward saves (q, k, v, o, lse); backward recomputes P tile by tile."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale):
-        p = _Problem(q, k, cu_seqlens, max_seqlen, causal, window, num_global, scale)
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale, global_queries=False):
+        p = _Problem(q, k, cu_seqlens, max_seqlen, causal, window, num_global, scale, global_queries)
         o, lse = flash_forward(q, k, v, p)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.problem = p
@@ -576,4 +609,4 @@ class FlashAttentionFunction(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = flash_backward(do, q, k, v, o, lse, ctx.problem)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None

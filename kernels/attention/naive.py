@@ -3,7 +3,8 @@
 Materialises the full (Lq, Lk) score matrix per sequence, so it is only for small shapes. The visibility rule is
 the one the kernels implement (flash-attn conventions, bottom-right aligned when Lq != Lk):
 query i sits at key position p = Lk - Lq + i, and key j is visible when
-(not causal or j <= p) and (window is None or |p - j| < window or j < num_global).
+(not causal or j <= p) and (window is None or |p - j| < window or j < num_global
+                            or (global_queries and p < num_global)).
 A query that sees no key returns output 0 and LSE -inf.
 """
 from __future__ import annotations
@@ -12,12 +13,12 @@ import torch
 
 
 def visibility_mask(lq: int, lk: int, *, causal: bool = False, window: int | None = None, num_global: int = 0,
-                    device: torch.device | str | None = None) -> torch.Tensor:
+                    global_queries: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (lq, lk) mask, True where query i may attend to key j.
 
     Args:
         lq, lk: query and key lengths of one sequence (queries bottom-right aligned to keys).
-        causal, window, num_global: the mask options of `attention`.
+        causal, window, num_global, global_queries: the mask options of `attention`.
     """
     qpos = torch.arange(lq, device=device)[:, None] + (lk - lq)  # (lq, 1) positions in key coordinates
     kpos = torch.arange(lk, device=device)[None, :]  # (1, lk)
@@ -25,7 +26,10 @@ def visibility_mask(lq: int, lk: int, *, causal: bool = False, window: int | Non
     if causal:
         vis &= kpos <= qpos
     if window is not None:
-        vis &= ((qpos - kpos).abs() < window) | (kpos < num_global)
+        near = ((qpos - kpos).abs() < window) | (kpos < num_global)
+        if global_queries:
+            near = near | (qpos < num_global)  # the first G query positions attend everywhere
+        vis &= near
     return vis
 
 
@@ -44,14 +48,14 @@ def _attend_one(q, k, v, vis, scale):
 
 def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     cu_seqlens: torch.Tensor | None = None, window: int | None = None, num_global: int = 0,
-                    scale: float | None = None, return_lse: bool = False):
+                    global_queries: bool = False, scale: float | None = None, return_lse: bool = False):
     """Reference attention in fp32 (differentiable through autograd), same contract as `attention`.
 
     Args:
         q: (B, Lq, Hq, D) or packed (T, Hq, D) with cu_seqlens.
         k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D); Hq % Hkv == 0.
         cu_seqlens: (num_docs + 1,) int32 document boundaries of the packed layout.
-        causal, window, num_global: see the module docstring.
+        causal, window, num_global, global_queries: see the module docstring.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the natural-log LSE, (B, Hq, Lq) or (Hq, T), fp32.
     Returns:
@@ -61,7 +65,7 @@ def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     qf, kf, vf = q.float(), k.float(), v.float()
     if cu_seqlens is None:
         vis = visibility_mask(q.shape[1], k.shape[1], causal=causal, window=window, num_global=num_global,
-                              device=q.device)
+                              global_queries=global_queries, device=q.device)
         outs = [_attend_one(qf[b], kf[b], vf[b], vis, scale) for b in range(q.shape[0])]
         o = torch.stack([x[0] for x in outs])  # (B, Lq, Hq, D)
         lse = torch.stack([x[1] for x in outs])  # (B, Hq, Lq)
@@ -70,7 +74,7 @@ def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         os_, lses = [], []
         for s, e in zip(bounds[:-1], bounds[1:]):
             vis = visibility_mask(e - s, e - s, causal=causal, window=window, num_global=num_global,
-                                  device=q.device)
+                                  global_queries=global_queries, device=q.device)
             o_d, lse_d = _attend_one(qf[s:e], kf[s:e], vf[s:e], vis, scale)
             os_.append(o_d)
             lses.append(lse_d)
