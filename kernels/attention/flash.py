@@ -7,9 +7,10 @@ Follows Triton's fused-attention tutorial (06-fused-attention) and FlashAttentio
   over the query heads of its GQA group and over query blocks: no atomics, K/V never repeated in memory) and a dQ
   kernel (one program per query block and query head, looping over key blocks).
 
-Masks (causal, sliding window, global prefix keys, packed documents through cu_seqlens, ragged tails) are handled
-per tile: each program computes the range of key (or query) blocks that can hold a visible pair, splits it into
-ranges that need an element mask and ranges that are fully visible, and never loads a fully masked tile.
+Masks (causal, sliding window, global prefix keys and optionally global queries, packed documents through
+cu_seqlens, ragged tails) are handled per tile: each program computes the range of key (or query) blocks that can
+hold a visible pair, splits it into ranges that need an element mask and ranges that are fully visible, and never
+loads a fully masked tile.
 Query i sits at key position Lk - Lq + i (bottom-right alignment, as in flash-attn).
 """
 from __future__ import annotations
