@@ -63,10 +63,12 @@ def main():
     ap.add_argument("--window", action="store_true")
     ap.add_argument("--varlen", action="store_true")
     ap.add_argument("--unaligned", action="store_true", help="strides not multiples of 8 (ALIGN8 off)")
+    ap.add_argument("--global-queries", action="store_true", help="compile with GLOBAL_Q=True")
     args = ap.parse_args()
     block_d = max(16, triton.next_power_of_2(args.head_dim))
     base = dict(HEAD_DIM=args.head_dim, BLOCK_D=block_d, EVEN_D=block_d == args.head_dim, CAUSAL=args.causal,
-                WINDOW=args.window, VARLEN=args.varlen, PRECISION="tf32", ALIGN8=not args.unaligned)
+                WINDOW=args.window, VARLEN=args.varlen, PRECISION="tf32", ALIGN8=not args.unaligned,
+                GLOBAL_Q=args.global_queries)
     for kernel, configs in ((flash._fwd_kernel, flash.FWD_CONFIGS), (flash._bwd_dq_kernel, flash.DQ_CONFIGS),
                             (flash._bwd_dkdv_kernel, flash.DKDV_CONFIGS)):
         names = kernel.fn.arg_names
