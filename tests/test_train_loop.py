@@ -176,3 +176,31 @@ def test_lr_schedule_warmup_then_cosine():
     assert got[:4] == [0.25, 0.5, 0.75, 1.0]
     assert got[4] == pytest.approx(1.0) and got[-1] > 0.1 and lr_at(20, 20, c) == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(got[3:], got[4:]))
+
+
+def test_batched_generation_matches_one_by_one(data, tmp_path):
+    """CER generations are batched with left padding; prompts of different lengths must give the same answers."""
+    import json
+
+    from model import load_processor
+    from train.trainer import _generate_batch
+
+    recs = [json.loads(line) for line in open(data["val"])][:3]
+    recs[1]["messages"][0]["content"][1]["text"] = "Read every digit in this picture, please, slowly."
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg = small_config(data, tmp_path, train={"eval_max_new_tokens": 6})
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():  # larger random weights: a fresh model answers "\n" to everything
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.15)
+    tok = load_processor(None).tokenizer
+    ds = SFTDataset(str(path), ChatEncoder(load_processor(None), model.config, cfg.data),
+                    root=os.path.dirname(data["val"]))
+    prompts = [ds.prompt(i) for i in range(3)]
+    assert len({p.input_ids.numel() for p in prompts}) == 2  # really padded
+    batched = _generate_batch(model, prompts, cfg, "cpu", tok, return_ids=True)
+    single = [_generate_batch(model, [p], cfg, "cpu", tok, return_ids=True)[0] for p in prompts]
+    assert batched == single and len({tuple(b) for b in batched}) > 1

@@ -152,7 +152,8 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _autocast(device: torch.device, precision: str):
+def _autocast(device, precision: str):
+    device = torch.device(device)
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -275,8 +276,8 @@ def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) ->
     return res
 
 
-def _generate_batch(model, prompts: list, cfg: Config, device, tokenizer) -> list[str]:
-    """Greedy answers for a list of Encoded prompts, batched with left padding."""
+def _generate_batch(model, prompts: list, cfg: Config, device, tokenizer, return_ids: bool = False) -> list:
+    """Greedy answers (strings, or new-token id lists with `return_ids`) for Encoded prompts, left-padded batch."""
     L = max(p.input_ids.numel() for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(prompts), L), pad, dtype=torch.long)
@@ -292,7 +293,10 @@ def _generate_batch(model, prompts: list, cfg: Config, device, tokenizer) -> lis
     with _autocast(device, cfg.train.precision):
         out = model.generate(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
                              max_new_tokens=cfg.train.eval_max_new_tokens, pad_token_id=pad, **kw)
-    return [t.strip() for t in tokenizer.batch_decode(out[:, L:].cpu(), skip_special_tokens=True)]
+    new = out[:, L:].cpu()
+    if return_ids:
+        return [[t for t in row.tolist() if t != pad] for row in new]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 # ----------------------------------------------------------------------------------------------- the job
