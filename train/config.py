@@ -55,7 +55,9 @@ class OCRGenConfig:
     font_size: tuple = (18, 24)
     rotation: float = 2.0            # max |degrees|
     noise: float = 0.05              # std of additive pixel noise (0..1 scale)
-    align: str = "random"            # random: anywhere on the canvas | left: left edge + up to 4 px jitter
+    align: str = "random"            # random: anywhere on the canvas | left: left edge + up to `jitter` px
+    jitter: int = 4                  # max random x offset (px) with align=left
+    colors: str = "random"           # random: gray levels per image | fixed: black on white
     fonts: tuple = ()                # font file names to use (e.g. [DejaVuSans.ttf]); () = every DejaVu face
     font_dir: Optional[str] = None   # folder of .ttf files; None = matplotlib's fonts/ttf
     prompt: str = "Read the text in the image."
@@ -205,6 +207,7 @@ class Config:
         _check(self.data.ocr.charset in ("digits", "words", "mixed"), "data.ocr.charset", self.data.ocr.charset,
                "digits | words | mixed")
         _check(self.data.ocr.align in ("random", "left"), "data.ocr.align", self.data.ocr.align, "random | left")
+        _check(self.data.ocr.colors in ("random", "fixed"), "data.ocr.colors", self.data.ocr.colors, "random | fixed")
         for k in self.optim.module_lr:
             _check(k in FREEZE_GROUPS + ("lora",), "optim.module_lr", k, f"keys in {FREEZE_GROUPS + ('lora',)}")
         for name, v in (("train.steps", self.train.steps), ("train.grad_accum", self.train.grad_accum),

@@ -108,12 +108,12 @@ class OCRRenderer:
             if (x1 - x0 <= c.width - 4 and y1 - y0 <= c.height - 2) or size <= 8 or path is None:
                 break
             size -= 1
-        bg = rng.randint(170, 255)
-        fg = rng.randint(0, max(0, bg - 120))
+        bg = rng.randint(170, 255) if c.colors == "random" else 255
+        fg = rng.randint(0, max(0, bg - 120)) if c.colors == "random" else 0
         img = Image.new("L", (c.width, c.height), color=bg)
         draw = ImageDraw.Draw(img)
         free_x, free_y = max(0, c.width - (x1 - x0) - 2), max(0, c.height - (y1 - y0) - 1)
-        tx = rng.randint(0, free_x if c.align == "random" else min(4, free_x)) - x0
+        tx = rng.randint(0, free_x if c.align == "random" else min(c.jitter, free_x)) - x0
         ty = rng.randint(0, free_y) - y0
         draw.text((tx, ty), text, fill=fg, font=font)
         if c.rotation > 0:
