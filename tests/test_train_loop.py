@@ -1,7 +1,9 @@
 """The training loop (train/trainer.py) on CPU: loss falls, packed == unpacked, freezing, LoRA, MoE aux loss,
 exact resume, and checkpoint integrity (train/checkpoint.py)."""
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,7 +45,16 @@ def test_loss_falls_over_30_steps(data, tmp_path):
     # the export loads with strict load_pretrained (and its processor) and gives the trained model's outputs
     from model import load_processor
 
-    assert load_processor(res["final_dir"]).tokenizer.encode("12") == [16, 17]
+    exported = load_processor(res["final_dir"])
+    assert exported.tokenizer.encode("12") == [16, 17]
+    # ... and preprocesses images with the training budgets, so inference sees what training saw
+    from train.data import SFTDataset as _DS
+
+    train_ds = _DS(data["train"], ChatEncoder(load_processor(None), res["model"].config, cfg.data))
+    rec = json.loads(open(data["train"]).readline())
+    conv = [dict(m, content=[dict(c, image=str(Path(data["train"]).parent / c["image"])) if c.get("type") == "image"
+                             else c for c in m["content"]]) for m in rec["messages"]]
+    assert torch.equal(exported(messages=[conv])["image_grid_thw"], train_ds[0].image_grid_thw)
     m = load_pretrained(res["final_dir"])
     ids = torch.randint(0, 151000, (1, 17))
     with torch.no_grad():
