@@ -61,9 +61,15 @@ def _check_against_reference(q, k, v, dtype, backward=True, **kw):
     ref_leaves = [x.detach().clone().requires_grad_(backward) for x in (q, k, v)]
     ro, rlse = attention_naive(*ref_leaves, return_lse=True, **kw)
     assert o.dtype == q.dtype and o.shape == q.shape
-    _assert_close("o", o, ro, dtype)
-    _assert_close("lse", lse, rlse, dtype)
-    if not backward:
+    _compare(o, lse, ro, rlse, leaves if backward else None, ref_leaves, dtype)
+
+
+def _compare(o, lse, ro, rlse, leaves, ref_leaves, dtype, tag=""):
+    """o and lse against the reference; then, unless leaves is None, backward a random dO through both and
+    compare dq, dk, dv."""
+    _assert_close(f"o{tag}", o, ro, dtype)
+    _assert_close(f"lse{tag}", lse, rlse, dtype)
+    if leaves is None:
         return
     do = torch.randn_like(o)
     o.backward(do)
@@ -203,13 +209,7 @@ def test_decode_dispatch_and_masked_tiles_not_loaded():
     _assert_close("lse(decode)", lse, rlse, dtype)
     leaves = [x.clone().requires_grad_() for x in (q, kp, vp)]
     o, lse = attention(*leaves, return_lse=True, **kw)
-    _assert_close("o(flash)", o, ro, dtype)
-    _assert_close("lse(flash)", lse, rlse, dtype)
-    do = torch.randn_like(o)
-    o.backward(do)
-    ro.float().backward(do.float())
-    for name, a, r in zip(("dq", "dk", "dv"), leaves, ref):
-        _assert_close(name, a.grad, r.grad, dtype)
+    _compare(o, lse, ro, rlse, leaves, ref, dtype, tag="(flash)")
 
 
 def test_cu_seqlens_checked_again_after_inplace_change():
@@ -269,13 +269,7 @@ def test_global_queries_causal_kernel_path():
     o, lse = flash_mod.FlashAttentionFunction.apply(*leaves, cu, 60, True, 6, 37, 32 ** -0.5, True)
     ref = [x.clone().requires_grad_() for x in (q, k, v)]
     ro, rlse = attention_naive(*ref, cu_seqlens=cu, global_queries=True, return_lse=True, **kw)
-    _assert_close("o", o, ro, dtype)
-    _assert_close("lse", lse, rlse, dtype)
-    do = torch.randn_like(o)
-    o.backward(do)
-    ro.float().backward(do.float())
-    for name, a, r in zip(("dq", "dk", "dv"), leaves, ref):
-        _assert_close(name, a.grad, r.grad, dtype)
+    _compare(o, lse, ro, rlse, leaves, ref, dtype)
 
 
 @pytest.mark.parametrize("poison", ["kv", "q_do"])

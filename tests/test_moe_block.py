@@ -137,15 +137,20 @@ def test_is_sparse_and_validation():
         SparseMoeBlock(16, MoEConfig(4, 2, 8))(torch.randn(3, 15))
 
 
+def _backend_pair(H: int = 32, E: int = 6, k: int = 2, I: int = 24):
+    """(device, H, torch-backend block, triton-backend block with the same weights)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    block_t = SparseMoeBlock(H, MoEConfig(E, k, I, backend="torch")).to(dev)
+    block_k = SparseMoeBlock(H, MoEConfig(E, k, I, backend="triton")).to(dev)
+    block_k.load_state_dict(block_t.state_dict())
+    return dev, H, block_t, block_k
+
+
 def test_triton_backend_matches_torch():
     """Same block, backend "triton" (kernels.moe; interpreter on CPU) vs "torch", forward and backward, fp32."""
     pytest.importorskip("triton")
     torch.manual_seed(5)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    H, E, k, I = 32, 6, 2, 24
-    block_t = SparseMoeBlock(H, MoEConfig(E, k, I, backend="torch")).to(dev)
-    block_k = SparseMoeBlock(H, MoEConfig(E, k, I, backend="triton")).to(dev)
-    block_k.load_state_dict(block_t.state_dict())
+    dev, H, block_t, block_k = _backend_pair()
     x = torch.randn(2, 9, H, device=dev)
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     g = torch.randn(2, 9, H, device=dev)
@@ -164,11 +169,7 @@ def test_triton_backend_under_autocast():
     """fp32 master weights + autocast (fp16 here: the CPU interpreter cannot do bf16 dots): both backends agree."""
     pytest.importorskip("triton")
     torch.manual_seed(6)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    H, E, k, I = 32, 6, 2, 24
-    block_t = SparseMoeBlock(H, MoEConfig(E, k, I, backend="torch")).to(dev)
-    block_k = SparseMoeBlock(H, MoEConfig(E, k, I, backend="triton")).to(dev)
-    block_k.load_state_dict(block_t.state_dict())
+    dev, H, block_t, block_k = _backend_pair()
     x = torch.randn(3, 7, H, device=dev)
     with torch.autocast(dev, dtype=torch.float16):
         y_t, _ = block_t(x)
