@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, ".")
 from model import Qwen3VL, preset  # noqa: E402
+from timing import median_ms  # noqa: E402  (scripts/timing.py)
 
 IMAGE, VIDEO, VSTART, VEND = 151655, 151656, 151652, 151653
 
@@ -39,25 +40,6 @@ def video_inputs(frames: int, side: int = 448, device="cuda", seed=0):
     grid = torch.tensor([[t, h, h]], device=device)
     tt = (input_ids == VIDEO).long() * 2
     return dict(input_ids=input_ids, pixel_values_videos=px, video_grid_thw=grid), tt
-
-
-def time_fn(fn, reps=5, warmup=2):
-    if not torch.cuda.is_available():  # CPU dry run
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1000
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def rel(a, b):
@@ -154,7 +136,7 @@ def main():
                 torch.cuda.reset_peak_memory_stats()
             try:
                 with torch.no_grad():
-                    ms = time_fn(fn)
+                    ms = median_ms(fn)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
                 rows.append(dict(impl=name, frames=frames, tokens=n, ms=round(ms, 1),
                                  tok_per_s=round(n / ms * 1000), peak_gib=round(peak, 2)))

@@ -17,13 +17,13 @@ import inspect
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from timing import median_ms  # noqa: E402  (scripts/timing.py)
 
 
 def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
@@ -49,19 +49,9 @@ def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
 
 
 def _time(step_fn, steps: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        step_fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step_fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    """(median ms per step, peak GiB over the timed steps)."""
+    ms = median_ms(step_fn, reps=steps, warmup=warmup)
+    return ms, torch.cuda.max_memory_allocated() / 2**30
 
 
 def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int, ac: bool = True):
