@@ -48,10 +48,22 @@ def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
             "image_grid_thw": grid.to(device), "pixel_values_videos": None, "video_grid_thw": None}
 
 
-def _time(step_fn, steps: int, warmup: int) -> tuple[float, float]:
-    """(median ms per step, peak GiB over the timed steps)."""
-    ms = median_ms(step_fn, reps=steps, warmup=warmup)
-    return ms, torch.cuda.max_memory_allocated() / 2**30
+def _train_steps(m, loss_fn, steps: int, warmup: int) -> tuple[float, float, float]:
+    """Time optimizer steps (loss_fn() -> loss, backward, fused AdamW); returns (median ms, peak GiB, last loss)."""
+    gc.collect()  # release what the previous run left behind before this one allocates
+    torch.cuda.empty_cache()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+    last = {}
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last["loss"] = loss.detach()
+
+    ms = median_ms(step, reps=steps, warmup=warmup)
+    return ms, torch.cuda.max_memory_allocated() / 2**30, float(last["loss"])
 
 
 def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int, ac: bool = True):
@@ -66,24 +78,13 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
     m.set_activation_checkpointing(ac)
     if compile_blocks:
         m.compile_blocks()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
     n = int((batch["labels"] != -100).sum())
-    last = {}
 
-    def step():
+    def loss_fn():
         losses, _ = forward_losses(m, batch, chunk, precision="bf16")
-        loss = losses.sum() / n
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        last["loss"] = loss.detach()
+        return losses.sum() / n
 
-    ms, gib = _time(step, steps, warmup)
-    out = (ms, gib, float(last["loss"]))
-    del m, opt
-    gc.collect()
-    torch.cuda.empty_cache()
-    return out
+    return _train_steps(m, loss_fn, steps, warmup)
 
 
 def bench_hf(cfg, batch, steps, warmup):
@@ -99,26 +100,11 @@ def bench_hf(cfg, batch, steps, warmup):
     m.train()
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.config.use_cache = False
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
     kw = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"],
           "image_grid_thw": batch["image_grid_thw"], "labels": batch["labels_unshifted"]}
     if "mm_token_type_ids" in inspect.signature(m.forward).parameters:
         kw["mm_token_type_ids"] = (batch["input_ids"] == cfg.image_token_id).int()
-    last = {}
-
-    def step():
-        loss = m(**kw).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        last["loss"] = loss.detach()
-
-    ms, gib = _time(step, steps, warmup)
-    out = (ms, gib, float(last["loss"]))
-    del m, opt
-    gc.collect()
-    torch.cuda.empty_cache()
-    return out
+    return _train_steps(m, lambda: m(**kw).loss, steps, warmup)
 
 
 def main():
