@@ -12,6 +12,7 @@ required. We always save the official layout.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -204,7 +205,6 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if attn_backend is not None:
         config = config.replace(attn_backend=attn_backend)
     if moe_backend is not None and config.is_moe:
-        import dataclasses
         config = config.replace(text=dataclasses.replace(
             config.text, moe=dataclasses.replace(config.text.moe, backend=moe_backend)))
     with torch.device("meta"):
