@@ -56,6 +56,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = 
     if backend == "triton" and mask is None:
         from kernels.attention import attention  # Triton is imported only when asked for
 
+        if torch.is_autocast_enabled(q.device.type):
+            # match SDPA under autocast: run in the autocast dtype (fp32 RoPE outputs meet bf16 v here)
+            dt = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dt), k.to(dt), v.to(dt)
         return attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown attention backend {backend!r}")

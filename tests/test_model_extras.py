@@ -45,6 +45,22 @@ def test_triton_backend_in_model_matches_torch_fp32():
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-3, atol=1e-5, msg=n)
 
 
+def test_triton_backend_under_autocast_matches_torch():
+    """fp32 master weights + autocast (the training setup): the vision tower's fp32 RoPE outputs meet the
+    autocast-dtype v, and the Triton backend must run them in the autocast dtype as SDPA does (fp16 here: the CPU
+    interpreter cannot do bf16 dots). Same logits within fp16 tolerance."""
+    ref, tri = _pair()
+    rng = torch.Generator().manual_seed(3)
+    b = batch([Sample(rng).text(4).image(4, 4).text(3)])
+    b.pop("attention_mask")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        o1 = ref(**b).logits.float()
+        o2 = tri(**b).logits.float()
+    assert torch.isfinite(o2).all()
+    rel = (o2 - o1).norm() / o1.norm()
+    assert rel < 1e-2, rel
+
+
 def test_activation_checkpointing_gives_identical_gradients():
     torch.manual_seed(0)
     m = Qwen3VL(preset("tiny"))
