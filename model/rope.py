@@ -118,13 +118,16 @@ def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
 
     Args: grid_thw (n, 3) long. Returns (N_patches, 2) long.
     """
-    out = []
+    out, seen = [], {}
     for t, h, w in grid_thw.tolist():
-        rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
-        cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
-        # merge-block order: (block_row, block_col, in_row, in_col)
-        rc = torch.stack([rows.permute(0, 2, 1, 3).reshape(-1), cols.permute(0, 2, 1, 3).reshape(-1)], dim=-1)
-        out.append(rc.repeat(t, 1))
+        rc = seen.get((h, w))
+        if rc is None:  # packed batches repeat a few sizes hundreds of times: build each once
+            rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
+            cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
+            # merge-block order: (block_row, block_col, in_row, in_col)
+            rc = seen[(h, w)] = torch.stack([rows.permute(0, 2, 1, 3).reshape(-1),
+                                             cols.permute(0, 2, 1, 3).reshape(-1)], dim=-1)
+        out.append(rc if t == 1 else rc.repeat(t, 1))
     return torch.cat(out, dim=0)
 
 

@@ -95,34 +95,53 @@ class PatchMerger(nn.Module):
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # exact (erf) GELU here, unlike the blocks
 
 
+def _interpolate_one(table: torch.Tensor, side: int, h: int, w: int, merge: int) -> torch.Tensor:
+    """Bilinear (align_corners=True) resampling of the (side*side, D) table to an h x w grid, merge-block order."""
+    def taps(n):
+        src = torch.arange(n, dtype=torch.float32, device=table.device) * (side - 1) / max(n - 1, 1)
+        lo = src.floor()
+        frac = src - lo
+        lo = lo.long()
+        return lo, (lo + 1).clamp(max=side - 1), frac
+
+    h0, h1, fh = taps(h)
+    w0, w1, fw = taps(w)
+    # four corners: (rows, cols) index grids and weights, each (h, w)
+    idx = [(h0[:, None] * side + w0[None]), (h0[:, None] * side + w1[None]),
+           (h1[:, None] * side + w0[None]), (h1[:, None] * side + w1[None])]
+    wts = [((1 - fh)[:, None] * (1 - fw)[None]), ((1 - fh)[:, None] * fw[None]),
+           (fh[:, None] * (1 - fw)[None]), (fh[:, None] * fw[None])]
+    # fp32 weights: the weighted sum promotes to fp32 like the reference, cast by the caller
+    emb = sum(table[i].float() * wt[..., None] for i, wt in zip(idx, wts))  # (h, w, D)
+    # raster (h, w) -> merge-block order (h/m, w/m, m, m)
+    return emb.view(h // merge, merge, w // merge, merge, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
+
+
 def interpolate_pos_embed(table: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     """Bilinear (align_corners=True) resampling of the square learned table to each grid, in merge-block order.
+
+    Each distinct (h, w) is resampled once and every image gathers its rows with one index_select, so a packed
+    batch of hundreds of same-sized images costs a handful of kernels instead of ~30 per image.
 
     Args: table (side*side, D); grid_thw (n, 3). Returns (N_patches, D) fp32.
     """
     side = int(round(table.shape[0] ** 0.5))
-    out = []
-    for t, h, w in grid_thw.tolist():
-        def taps(n):
-            src = torch.arange(n, dtype=torch.float32, device=table.device) * (side - 1) / max(n - 1, 1)
-            lo = src.floor()
-            frac = src - lo
-            lo = lo.long()
-            return lo, (lo + 1).clamp(max=side - 1), frac
-
-        h0, h1, fh = taps(h)
-        w0, w1, fw = taps(w)
-        # four corners: (rows, cols) index grids and weights, each (h, w)
-        idx = [(h0[:, None] * side + w0[None]), (h0[:, None] * side + w1[None]),
-               (h1[:, None] * side + w0[None]), (h1[:, None] * side + w1[None])]
-        wts = [((1 - fh)[:, None] * (1 - fw)[None]), ((1 - fh)[:, None] * fw[None]),
-               (fh[:, None] * (1 - fw)[None]), (fh[:, None] * fw[None])]
-        # fp32 weights: the weighted sum promotes to fp32 like the reference, cast by the caller
-        emb = sum(table[i].float() * wt[..., None] for i, wt in zip(idx, wts))  # (h, w, D)
-        # raster (h, w) -> merge-block order (h/m, w/m, m, m)
-        emb = emb.view(h // merge, merge, w // merge, merge, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
-        out.append(emb.repeat(t, 1))
-    return torch.cat(out, dim=0)
+    grids = grid_thw.tolist()
+    if len(grids) == 1:
+        t, h, w = grids[0]
+        emb = _interpolate_one(table, side, h, w, merge)
+        return emb if t == 1 else emb.repeat(t, 1)
+    offsets: dict[tuple[int, int], int] = {}
+    parts, index, n = [], [], 0
+    for t, h, w in grids:
+        if (h, w) not in offsets:
+            offsets[(h, w)] = n
+            parts.append(_interpolate_one(table, side, h, w, merge))
+            n += h * w
+        o = offsets[(h, w)]
+        index.append(torch.arange(o, o + h * w).repeat(t))
+    uniq = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return uniq.index_select(0, torch.cat(index).to(table.device, non_blocking=True))
 
 
 class VisionTower(nn.Module):

@@ -68,11 +68,15 @@ def test_logits_and_positions_match_transformers(pair, case):
         assert torch.equal(pos[0, 0], torch.arange(b["input_ids"].shape[1]))
 
 
-@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("kind", ["image", "video", "repeated_sizes"])
 def test_vision_and_deepstack_features_match(pair, kind):
+    """repeated_sizes: a packed training batch repeats grid sizes (position tables are built once per size and
+    gathered per image), interleaved so the gather order matters."""
     hf, ours, _ = pair
     rng = torch.Generator().manual_seed(7)
-    s = Sample(rng).image(6, 10).image(4, 8) if kind == "image" else Sample(rng).video(3, 8, 6)
+    s = {"image": lambda: Sample(rng).image(6, 10).image(4, 8),
+         "video": lambda: Sample(rng).video(3, 8, 6),
+         "repeated_sizes": lambda: Sample(rng).image(4, 8).image(6, 4).image(4, 8).image(4, 8).image(6, 4)}[kind]()
     px = torch.cat(s.img_px or s.vid_px)
     grid = torch.tensor(s.img_grid or s.vid_grid)
     with torch.no_grad():
