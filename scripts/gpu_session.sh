@@ -24,11 +24,14 @@ case "$stage" in
     grep -v "it/s\]" "$OUT/ocr.log" | tail -40
     ;;
   train)
-    timeout 200 python -m pytest tests/test_attention_kernel.py -q -x -p no:cacheprovider \
+    timeout 270 python scripts/bench_train.py --tokens 8192 --steps 6 --ours ${OURS:-torch,triton,triton+compile} \
+      --json "$OUT/bench_train_8k.json" > "$OUT/bench_train_8k.log" 2>&1
+    echo "bench 8K rc=$?"; grep -v Warning "$OUT/bench_train_8k.log" | tail -12
+    timeout 170 python scripts/bench_train.py --tokens 16384 --steps 4 --ours ${OURS16:-triton} \
+      --json "$OUT/bench_train_16k.json" > "$OUT/bench_train_16k.log" 2>&1
+    echo "bench 16K rc=$?"; grep -v Warning "$OUT/bench_train_16k.log" | tail -8
+    timeout 130 python -m pytest tests/test_attention_kernel.py -q -x -p no:cacheprovider \
       -k "(test_attention_gpu and (lq64 or globalq or fp16)) or noncontiguous or decode or cu_seqlens_checked or bad_inputs or visibility or global_queries" \
       2>&1 | tail -15 | tee "$OUT/attn_tests_rest.txt"
-    timeout 380 python scripts/bench_train.py --tokens 8192 --steps 6 --ours ${OURS:-torch,triton,torch+compile} \
-      --json "$OUT/bench_train.json" > "$OUT/bench_train.log" 2>&1
-    echo "bench rc=$?"; tail -30 "$OUT/bench_train.log"
     ;;
 esac
