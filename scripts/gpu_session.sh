@@ -34,4 +34,12 @@ case "$stage" in
       -k "(test_attention_gpu and (lq64 or globalq or fp16)) or noncontiguous or decode or cu_seqlens_checked or bad_inputs or visibility or global_queries" \
       2>&1 | tail -15 | tee "$OUT/attn_tests_rest.txt"
     ;;
+  final)
+    timeout 250 python scripts/bench_train.py --tokens 8192 --steps 6 --ours ${OURS:-torch+compile,triton+compile} \
+      --json "$OUT/bench_train_compile.json" > "$OUT/bench_train_compile.log" 2>&1
+    echo "bench compile rc=$?"; grep "^|\|failed" "$OUT/bench_train_compile.log" | tail -8
+    timeout 270 python -m train experiment=ocr_demo_gpu logging.wandb_mode=disabled ${EXTRA:-} hydra.run.dir="$OUT/hydra" > "$OUT/ocr.log" 2>&1
+    echo "train rc=$?"; cp runs/ocr_demo_gpu/result.json "$OUT/" 2>/dev/null
+    tr '\r' '\n' < "$OUT/ocr.log" | grep -a "^eval\|^exported\|Error" | tail -20
+    ;;
 esac
