@@ -215,3 +215,51 @@ def test_batched_generation_matches_one_by_one(data, tmp_path):
     batched = _generate_batch(model, prompts, cfg, "cpu", tok, return_ids=True)
     single = [_generate_batch(model, [p], cfg, "cpu", tok, return_ids=True)[0] for p in prompts]
     assert batched == single and len({tuple(b) for b in batched}) > 1
+
+
+def test_training_trajectory_matches_transformers(data, tmp_path):
+    """Independent check of the whole training step: the same random weights saved by us and loaded into
+    transformers' Qwen3VLForConditionalGeneration, the same samples, the same AdamW settings. Our step (packed
+    row, cu_seqlens, chunked CE, train.trainer.build_optimizer) and transformers' (one sample per call, CE on
+    its logits) give the same loss at every step, so the model, its gradients and the optimizer agree."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from model import load_processor
+    from model.checkpoint import save_pretrained
+
+    cfg = small_config(data, tmp_path)
+    torch.manual_seed(0)
+    ours = build_model(cfg.model)
+    save_pretrained(ours, tmp_path / "init")
+    ref = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "init", dtype=torch.float32,
+                                                          attn_implementation="sdpa").train()
+    ds = SFTDataset(data["train"], ChatEncoder(load_processor(None), ours.config, cfg.data))
+    opt_ours = build_optimizer(ours, cfg.optim)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                weight_decay=cfg.optim.weight_decay)
+    image_pad = ours.config.image_token_id
+    history = []
+    for step in range(4):
+        samples = [ds[i] for i in range(3 * step, 3 * step + 3)]
+        packed = pack_samples(samples)
+        losses, _ = forward_losses(ours, packed, chunk_size=16)
+        loss_ours = losses.mean()
+        opt_ours.zero_grad(set_to_none=True)
+        loss_ours.backward()
+        opt_ours.step()
+        total, count = 0.0, 0
+        for s in samples:
+            ids = s.input_ids[None]
+            logits = ref(input_ids=ids, pixel_values=s.pixel_values, image_grid_thw=s.image_grid_thw,
+                         mm_token_type_ids=(ids == image_pad).int()).logits[0, :-1]
+            tgt = s.labels[1:]
+            total = total + torch.nn.functional.cross_entropy(logits, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((tgt != IGNORE_INDEX).sum())
+        loss_ref = total / count
+        opt_ref.zero_grad(set_to_none=True)
+        loss_ref.backward()
+        opt_ref.step()
+        torch.testing.assert_close(loss_ours.detach(), loss_ref.detach(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"step {step}: {m}")
+        history.append(float(loss_ours))
+    assert history[-1] < history[0] - 0.5, history  # the weights moved, so later steps test the updates too
