@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .autocast import to_autocast_dtype
+
 
 def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
     """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> (B, Lq, Hq, D) through SDPA (GQA by expanding K/V views)."""
@@ -39,15 +41,6 @@ def _doc_mask(lengths: list[int], causal: bool, device) -> torch.Tensor:
     return mask
 
 
-@torch.compiler.disable
-def _triton_attention(q, k, v, causal, cu_seqlens, scale):
-    """kernels.attention, opaque to torch.compile (compiled blocks call it eagerly: dynamo cannot trace the Triton
-    launcher's autotuner, and the kernel gains nothing from being traced)."""
-    from kernels.attention import attention  # Triton is imported only when asked for
-
-    return attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch", causal: bool = False,
            cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
            scale: float | None = None) -> torch.Tensor:
@@ -63,11 +56,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = 
     Returns: same layout as q.
     """
     if backend == "triton" and mask is None:
-        if torch.is_autocast_enabled(q.device.type):
-            # match SDPA under autocast: run in the autocast dtype (fp32 RoPE outputs meet bf16 v here)
-            dt = torch.get_autocast_dtype(q.device.type)
-            q, k, v = q.to(dt), k.to(dt), v.to(dt)
-        return _triton_attention(q, k, v, causal, cu_seqlens, scale)
+        from kernels.attention import attention  # Triton is imported only when asked for
+
+        q, k, v = to_autocast_dtype(q, k, v)  # as SDPA under autocast (fp32 RoPE outputs meet bf16 v)
+        return attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown attention backend {backend!r}")
     if cu_seqlens is not None:

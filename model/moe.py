@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .autocast import to_autocast_dtype
+
 BACKENDS = ("torch", "triton")
 
 
@@ -146,12 +148,8 @@ class Experts(nn.Module):
         """
         if self.backend == "triton":
             from kernels.moe import moe_experts  # Triton is imported only when this backend is chosen
-            gate_up, down, x_in = self.gate_up_proj, self.down_proj, x
-            if torch.is_autocast_enabled(x.device.type):
-                # The kernels take one dtype; under autocast (fp32 master weights) run them in the autocast dtype,
-                # as autocast would run the torch backend's matmuls. The casts are differentiable.
-                dt = torch.get_autocast_dtype(x.device.type)
-                x_in, gate_up, down, topk_weights = x.to(dt), gate_up.to(dt), down.to(dt), topk_weights.to(dt)
+
+            x_in, gate_up, down, topk_weights = to_autocast_dtype(x, self.gate_up_proj, self.down_proj, topk_weights)
             return moe_experts(x_in, gate_up, down, topk_ids, topk_weights).to(x.dtype)
         return experts_torch(x, self.gate_up_proj, self.down_proj, topk_ids, topk_weights)
 

@@ -127,7 +127,7 @@ def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
             # merge-block order: (block_row, block_col, in_row, in_col)
             rc = seen[(h, w)] = torch.stack([rows.permute(0, 2, 1, 3).reshape(-1),
                                              cols.permute(0, 2, 1, 3).reshape(-1)], dim=-1)
-        out.append(rc if t == 1 else rc.repeat(t, 1))
+        out.append(rc.repeat(t, 1))
     return torch.cat(out, dim=0)
 
 

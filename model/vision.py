@@ -126,22 +126,16 @@ def interpolate_pos_embed(table: torch.Tensor, grid_thw: torch.Tensor, merge: in
     Args: table (side*side, D); grid_thw (n, 3). Returns (N_patches, D) fp32.
     """
     side = int(round(table.shape[0] ** 0.5))
-    grids = grid_thw.tolist()
-    if len(grids) == 1:
-        t, h, w = grids[0]
-        emb = _interpolate_one(table, side, h, w, merge)
-        return emb if t == 1 else emb.repeat(t, 1)
     offsets: dict[tuple[int, int], int] = {}
     parts, index, n = [], [], 0
-    for t, h, w in grids:
+    for t, h, w in grid_thw.tolist():
         if (h, w) not in offsets:
             offsets[(h, w)] = n
             parts.append(_interpolate_one(table, side, h, w, merge))
             n += h * w
         o = offsets[(h, w)]
         index.append(torch.arange(o, o + h * w).repeat(t))
-    uniq = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    return uniq.index_select(0, torch.cat(index).to(table.device, non_blocking=True))
+    return torch.cat(parts).index_select(0, torch.cat(index).to(table.device, non_blocking=True))
 
 
 class VisionTower(nn.Module):

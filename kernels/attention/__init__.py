@@ -89,6 +89,7 @@ def _max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
     return max_seqlen
 
 
+@torch.compiler.disable  # opaque to torch.compile: dynamo cannot trace Triton's launcher/autotuner
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               cu_seqlens: torch.Tensor | None = None, window: int | None = None, num_global: int = 0,
               scale: float | None = None, return_lse: bool = False, global_queries: bool = False):

@@ -59,6 +59,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         return dx, d_gate_up, d_down, d_weights, None
 
 
+@torch.compiler.disable  # opaque to torch.compile: dynamo cannot trace Triton's launcher/autotuner
 def moe_experts(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
     """Mix each token's top-k SwiGLU experts with Triton grouped GEMMs (differentiable in all float inputs).
 
