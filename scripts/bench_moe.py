@@ -281,7 +281,7 @@ def main():
                     t.grad = None
                 if has_gmm:
                     errs["grouped_mm y"] = rel_err(experts_grouped_mm(x, w1, w2, ids, wr), y_ref)
-                log(f"  rel. L2 error vs fp32 reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+                log("  rel. L2 error vs fp32 reference: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
                 del y_ref, ref_in
 
             impls = [("experts", "ours", lambda: moe_experts(x, w1, w2, ids, wr), [x, w1, w2, wr])]

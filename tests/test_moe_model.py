@@ -3,11 +3,10 @@ layout), logits (text, image, video), greedy generation, aux loss, save -> trans
 Tolerances: fp32, rtol = atol = 1e-5 (same math, different op order)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from model import load_pretrained, save_pretrained
 from model.checkpoint import CheckpointError
