@@ -3,7 +3,6 @@ layout), logits (text, image, video), greedy generation, aux loss, save -> trans
 Tolerances: fp32, rtol = atol = 1e-5 (same math, different op order)."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from safetensors.torch import load_file
