@@ -13,9 +13,13 @@ from .autocast import to_autocast_dtype
 
 
 def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> (B, Lq, Hq, D) through SDPA (GQA by expanding K/V views)."""
+    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> (B, Lq, Hq, D) through SDPA (GQA natively, else by repeating K/V)."""
     hq, hkv = q.shape[2], k.shape[2]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if hq != hkv and mask is None and (causal is False or q.shape[2] == k.shape[2]) and _SDPA_GQA:
+        # flash / math backends take GQA directly: no repeated K/V copies saved for backward
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
     if hq != hkv:
         k = k.repeat_interleave(hq // hkv, dim=1)
         v = v.repeat_interleave(hq // hkv, dim=1)
@@ -28,6 +32,7 @@ def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | No
     return out.transpose(1, 2)
 
 
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
 _MAX_DOC_CALLS = 16          # more documents than this: use one block-diagonal masked call ...
 _MAX_MASKED_TOKENS = 16384   # ... if the (T, T) boolean mask stays small (<= 256 MB)
 
@@ -42,8 +47,8 @@ def _doc_mask(lengths: list[int], causal: bool, device) -> torch.Tensor:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch", causal: bool = False,
-           cu_seqlens: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-           scale: float | None = None) -> torch.Tensor:
+           cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+           mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """Attention in flash layout.
 
     Args:
@@ -51,6 +56,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = 
         backend: "torch" (SDPA) or "triton" (kernels.attention).
         causal: causal mask (bottom-right aligned when Lq < Lk, i.e. decoding with a cache).
         cu_seqlens: (n_docs + 1,) int32 document boundaries of a packed sequence.
+        max_seqlen: its longest document, if known (saves the Triton backend a host sync; needed under compile).
         mask: optional boolean (B, 1, Lq, Lk) keep-mask (padding); torch backend only.
         scale: softmax scale, default D ** -0.5.
     Returns: same layout as q.
@@ -59,12 +65,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = 
         from kernels.attention import attention  # Triton is imported only when asked for
 
         q, k, v = to_autocast_dtype(q, k, v)  # as SDPA under autocast (fp32 RoPE outputs meet bf16 v)
-        return attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, scale=scale)
+        return attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown attention backend {backend!r}")
     if cu_seqlens is not None:
         if mask is not None:
             raise ValueError("cu_seqlens and an explicit mask cannot be combined")
+        if cu_seqlens.numel() == 2:  # one document: a plain call (no host sync, so no graph break under compile)
+            return _sdpa(q[None], k[None], v[None], causal=causal, mask=None, scale=scale)[0]
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         if len(set(lengths)) == 1:
             # equal documents (e.g. the frames of a video): one batched call, (n, len, H, D)

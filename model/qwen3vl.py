@@ -73,10 +73,16 @@ class Qwen3VL(nn.Module):
         if self.config.text.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
-    def set_activation_checkpointing(self, enabled: bool = True):
-        """Recompute each vision and decoder block in backward instead of storing its activations."""
+    def set_activation_checkpointing(self, enabled: bool = True, every: int = 1):
+        """Recompute vision and decoder blocks in backward instead of storing their activations.
+
+        every: checkpoint decoder layer i when i % every == 0 (1: all; 2: half, trading memory for less recompute).
+        """
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
         self.model.visual.activation_checkpointing = enabled
         self.model.language_model.activation_checkpointing = enabled
+        self.model.language_model.checkpoint_every = every
 
     def compile_blocks(self, **compile_kwargs) -> "Qwen3VL":
         """torch.compile each vision block and decoder layer in place (fuses norms, rotary and activations).
@@ -182,7 +188,10 @@ class Qwen3VL(nn.Module):
             diag[torch.arange(L), torch.arange(L) + past] = True
             mask = mask | diag
 
-        hidden, router_logits = lm(embeds, cos, sin, mask=mask, cu_seqlens=cu_seqlens, cache=past_key_values,
+        # the longest packed document, once per forward (the Triton kernels size their grid with it)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None else None
+        hidden, router_logits = lm(embeds, cos, sin, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                   cache=past_key_values,
                                    visual_mask=visual_mask, deepstack=deepstack)
         if past_key_values is not None:
             past_key_values.advance()

@@ -48,7 +48,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, cache=None):
+    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, max_seqlen=None, cache=None):
         """x (B, L, D); cos/sin (B, L, hd); mask (B, 1, L, Lk) bool or None; cache: KVCache or None."""
         B, L, _ = x.shape
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, L, self.hq, self.hd)), cos, sin)
@@ -58,7 +58,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Lk, Hkv, hd): past + new
         if cu_seqlens is not None:
             # packed batch: (1, T, H, hd) -> (T, H, hd), documents never see each other
-            o = attend(q[0], k[0], v[0], backend=self.backend, causal=True, cu_seqlens=cu_seqlens)[None]
+            o = attend(q[0], k[0], v[0], backend=self.backend, causal=True, cu_seqlens=cu_seqlens,
+                       max_seqlen=max_seqlen)[None]
         else:
             o = attend(q, k, v, backend=self.backend, causal=True, mask=mask)
         return self.o_proj(o.reshape(B, L, -1))
@@ -86,9 +87,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cu_seqlens=None, cache=None):
+    def forward(self, x, cos, sin, mask=None, cu_seqlens=None, cache=None, max_seqlen=None):
         """Returns (x, router_logits or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cu_seqlens=cu_seqlens, cache=cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cu_seqlens=cu_seqlens,
+                               max_seqlen=max_seqlen, cache=cache)
         h = self.post_attention_layernorm(x)
         if self.sparse:
             h, router_logits = self.mlp(h)
@@ -106,25 +108,26 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.activation_checkpointing = False
+        self.checkpoint_every = 1  # checkpoint layer i when i % checkpoint_every == 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask=None, cu_seqlens=None,
-                cache=None, visual_mask: torch.Tensor | None = None,
+                max_seqlen: int | None = None, cache=None, visual_mask: torch.Tensor | None = None,
                 deepstack: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Args:
             x: (B, L, D) input embeddings (visual features already scattered in).
             cos, sin: (B, L, head_dim) rotary tables.
             mask: (B, 1, L, Lk) bool keep-mask for padded batches, or None (plain causal).
-            cu_seqlens: (n_docs + 1,) int32 for a packed batch (B == 1).
+            cu_seqlens: (n_docs + 1,) int32 for a packed batch (B == 1); max_seqlen: its longest document.
             cache: KVCache for decoding.
             visual_mask: (B, L) bool, positions of image/video tokens; deepstack: per level (n_visual, D).
         Returns: (hidden (B, L, D) after the final norm, router logits of the MoE layers).
         """
         router_logits = []
         for i, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training:
-                x, rl = checkpoint(layer, x, cos, sin, mask, cu_seqlens, None, use_reentrant=False)
+            if self.activation_checkpointing and self.training and i % self.checkpoint_every == 0:
+                x, rl = checkpoint(layer, x, cos, sin, mask, cu_seqlens, None, max_seqlen, use_reentrant=False)
             else:
-                x, rl = layer(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, cache=cache)
+                x, rl = layer(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, cache=cache, max_seqlen=max_seqlen)
             if rl is not None:
                 router_logits.append(rl)
             if deepstack is not None and i < len(deepstack) and visual_mask is not None:

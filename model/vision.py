@@ -38,14 +38,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        """x (N, D); cu_seqlens (n_frames + 1,) int32; cos/sin (N, head_dim) fp32."""
+    def forward(self, x, cu_seqlens, cos, sin, max_seqlen=None):
+        """x (N, D); cu_seqlens (n_frames + 1,) int32 (longest frame max_seqlen); cos/sin (N, head_dim) fp32."""
         N = x.shape[0]
         q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # each (N, H, hd)
         # RoPE in fp32, as the reference does, then back to the activation dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        o = attend(q, k, v, backend=self.backend, causal=False, cu_seqlens=cu_seqlens)
+        o = attend(q, k, v, backend=self.backend, causal=False, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.proj(o.reshape(N, -1))
 
 
@@ -69,8 +69,8 @@ class VisionBlock(nn.Module):
         self.attn = VisionAttention(cfg, backend)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cu_seqlens, cos, sin):
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+    def forward(self, x, cu_seqlens, cos, sin, max_seqlen=None):
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin, max_seqlen)
         return x + self.mlp(self.norm2(x))
 
 
@@ -171,12 +171,13 @@ class VisionTower(nn.Module):
         # attention stays inside each temporal group (frame pair): one document per (t index, image/video)
         frame_len = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
         cu_seqlens = F.pad(frame_len.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32)
+        max_seqlen = int(frame_len.max())
         deepstack = []
         for i, blk in enumerate(self.blocks):
             if self.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, cu_seqlens, cos, sin, use_reentrant=False)
+                x = checkpoint(blk, x, cu_seqlens, cos, sin, max_seqlen, use_reentrant=False)
             else:
-                x = blk(x, cu_seqlens, cos, sin)
+                x = blk(x, cu_seqlens, cos, sin, max_seqlen)
             if i in cfg.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), deepstack

@@ -48,25 +48,50 @@ def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
             "image_grid_thw": grid.to(device), "pixel_values_videos": None, "video_grid_thw": None}
 
 
-def _train_steps(m, loss_fn, steps: int, warmup: int) -> tuple[float, float, float]:
-    """Time optimizer steps (loss_fn() -> loss, backward, fused AdamW); returns (median ms, peak GiB, last loss)."""
+def _train_steps(m, loss_fn, steps: int, warmup: int, in_backward: bool = False,
+                 profile: bool = False) -> tuple[float, float, float]:
+    """Time optimizer steps (loss_fn() -> loss, backward, fused AdamW); returns (median ms, peak GiB, last loss).
+
+    in_backward: each parameter's AdamW step runs as soon as its gradient is complete (a post-accumulate-grad hook,
+    as torchtune's optimizer_in_bwd), so gradients never all exist at once (same update; no global grad clipping).
+    """
     gc.collect()  # release what the previous run left behind before this one allocates
     torch.cuda.empty_cache()
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+    torch.cuda.reset_peak_memory_stats()
+    if in_backward:
+        opts = {p: torch.optim.AdamW([p], lr=1e-5, fused=True) for p in m.parameters()}
+
+        def hook(p):
+            opts[p].step()
+            opts[p].zero_grad(set_to_none=True)
+
+        for p in m.parameters():
+            p.register_post_accumulate_grad_hook(hook)
+    else:
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
     last = {}
 
     def step():
         loss = loss_fn()
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if not in_backward:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         last["loss"] = loss.detach()
 
     ms = median_ms(step, reps=steps, warmup=warmup)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof_ctx
+
+        with prof_ctx(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
     return ms, torch.cuda.max_memory_allocated() / 2**30, float(last["loss"])
 
 
-def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int, ac: bool = True):
+def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int, ac: bool = True,
+               ac_every: int = 1, in_backward: bool = False, profile: bool = False):
     """Our model + chunked loss + fused AdamW; returns (ms, peak GiB, last loss)."""
     from model import Qwen3VL
     from train.trainer import forward_losses
@@ -75,7 +100,7 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
     with torch.device("cuda"):
         m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(torch.bfloat16)
     m.train()
-    m.set_activation_checkpointing(ac)
+    m.set_activation_checkpointing(ac, every=ac_every)
     if compile_blocks:
         m.compile_blocks()
     n = int((batch["labels"] != -100).sum())
@@ -84,7 +109,7 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
         losses, _ = forward_losses(m, batch, chunk, precision="bf16")
         return losses.sum() / n
 
-    return _train_steps(m, loss_fn, steps, warmup)
+    return _train_steps(m, loss_fn, steps, warmup, in_backward, profile)
 
 
 def bench_hf(cfg, batch, steps, warmup):
@@ -115,7 +140,9 @@ def main():
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=2048, help="tokens per lm_head chunk of our loss")
-    p.add_argument("--ours", default="torch", help="comma list of our variants: <torch|triton>[+compile][+noac]")
+    p.add_argument("--ours", default="torch", help="comma list of our variants: <torch|triton>[+compile][+noac]"
+                   "[+ac2|+ac3 (checkpoint every 2nd / 3rd decoder layer)][+oib (optimizer step in backward)]")
+    p.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one step of each variant")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--json", default=None, help="also write results here")
     a = p.parse_args()
@@ -130,17 +157,22 @@ def main():
         rows.append(("transformers (sdpa, grad ckpt)", ms, gib, loss))
     for v in a.ours.split(","):
         backend, *flags = v.split("+")
-        unknown = set(flags) - {"compile", "noac"}
+        unknown = set(flags) - {"compile", "noac", "ac2", "ac3", "oib"}
         if unknown:
-            raise SystemExit(f"unknown variant flags {sorted(unknown)} in {v!r} (use compile, noac)")
+            raise SystemExit(f"unknown variant flags {sorted(unknown)} in {v!r} (use compile, noac, ac2, ac3, oib)")
+        every = 2 if "ac2" in flags else (3 if "ac3" in flags else 1)
         try:
             ms, gib, loss = bench_ours(cfg, batch, a.steps, a.warmup, backend, "compile" in flags, a.chunk,
-                                       ac="noac" not in flags)
+                                       ac="noac" not in flags, ac_every=every, in_backward="oib" in flags,
+                                       profile=a.profile)
         except Exception as e:  # report and go on with the other variants
             print(f"variant {v} failed: {type(e).__name__}: {e}", flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
             continue
-        rows.append((f"ours (attn {backend}{', compiled blocks' if 'compile' in flags else ''}, "
-                     f"{'no act ckpt' if 'noac' in flags else 'act ckpt'}, chunked CE)", ms, gib, loss))
+        ckpt = "no act ckpt" if "noac" in flags else ("act ckpt" if every == 1 else f"act ckpt every {every}")
+        rows.append((f"ours (attn {backend}{', compiled blocks' if 'compile' in flags else ''}, {ckpt}"
+                     f"{', AdamW in backward' if 'oib' in flags else ''}, chunked CE)", ms, gib, loss))
     import transformers
 
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}"

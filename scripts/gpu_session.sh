@@ -4,6 +4,7 @@
 #   bash scripts/gpu_session.sh ocr         # ocr_demo_gpu training run (+ curve plot)
 #   bash scripts/gpu_session.sh train       # train-step benchmarks at 8K and 16K tokens, then the remaining kernel tests
 #   bash scripts/gpu_session.sh final       # compiled train-step variants, then a shorter ocr_demo_gpu run
+#   bash scripts/gpu_session.sh speed       # train-step variants at 8K (OURS), then a kernel profile of PROF
 # Env: OURS / OURS16 (bench_train variants), EXTRA (Hydra overrides for the OCR run).
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -47,7 +48,13 @@ case "$stage" in
     bench_train compile 250 8192 6 "${OURS:-torch+compile,triton+compile}"
     ocr_run 270
     ;;
+  speed)
+    bench_train 8k 330 8192 6 "${OURS:-torch+compile,triton+compile,triton+compile+oib+ac2}"
+    timeout 170 python scripts/bench_train.py --tokens 8192 --steps 3 --skip-hf --profile \
+      --ours "${PROF:-triton+compile}" > "$OUT/profile.log" 2>&1
+    echo "profile rc=$?"; grep -v "^-" "$OUT/profile.log" | head -40 | cut -c1-160
+    ;;
   *)
-    echo "unknown stage $stage (attention | ocr | train | final)"; exit 2
+    echo "unknown stage $stage (attention | ocr | train | final | speed)"; exit 2
     ;;
 esac

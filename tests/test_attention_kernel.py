@@ -266,7 +266,7 @@ def test_global_queries_causal_kernel_path():
     mask_gq = attention_naive(q, k, v, cu_seqlens=cu, global_queries=True, **kw)
     torch.testing.assert_close(mask_gq, attention_naive(q, k, v, cu_seqlens=cu, **kw), rtol=0, atol=0)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    o, lse = flash_mod.FlashAttentionFunction.apply(*leaves, cu, 60, True, 6, 37, 32 ** -0.5, True)
+    o, lse = flash_mod.flash_attn_fwd(*leaves, cu, 60, True, 6, 37, 32 ** -0.5, True)
     ref = [x.clone().requires_grad_() for x in (q, k, v)]
     ro, rlse = attention_naive(*ref, cu_seqlens=cu, global_queries=True, return_lse=True, **kw)
     _compare(o, lse, ro, rlse, leaves, ref, dtype)

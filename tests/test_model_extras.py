@@ -173,13 +173,24 @@ def test_attend_many_documents_masked_path_equals_per_document(causal):
 
 
 def test_triton_backend_inside_torch_compile():
-    """compile_blocks + attn_backend=triton: dynamo must leave the Triton launcher alone (it failed to trace the
-    autotuner on the GPU); the compiled call equals the eager one. backend="eager" keeps this a tracing test."""
+    """attn_backend=triton under torch.compile: the kernels are custom ops, so the whole call compiles as one graph
+    (fullgraph=True fails on any graph break) through AOTAutograd (fake shapes, registered backward); packed with
+    max_seqlen as the model passes it, outputs and gradients equal the eager torch backend's."""
     from model.attention import attend
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 9, 4, 16) for _ in range(3))
-    k, v = k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
-    fn = torch.compile(lambda q, k, v: attend(q, k, v, backend="triton", causal=True) * 2, backend="eager",
-                       fullgraph=False)
-    torch.testing.assert_close(fn(q, k, v), attend(q, k, v, backend="torch", causal=True) * 2, rtol=1e-4, atol=1e-4)
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32)
+    q, k, v = torch.randn(14, 4, 16), torch.randn(14, 2, 16), torch.randn(14, 2, 16)
+
+    def run(fn):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = fn(*leaves)
+        out.square().sum().backward()
+        return [out.detach()] + [x.grad for x in leaves]
+
+    compiled = torch.compile(lambda q, k, v: attend(q, k, v, backend="triton", causal=True, cu_seqlens=cu,
+                                                    max_seqlen=9) * 2, backend="aot_eager", fullgraph=True)
+    got = run(compiled)
+    ref = run(lambda q, k, v: attend(q, k, v, backend="torch", causal=True, cu_seqlens=cu) * 2)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

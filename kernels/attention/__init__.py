@@ -11,7 +11,7 @@ import weakref
 import torch
 
 from .decode import decode_attention
-from .flash import FlashAttentionFunction
+from .flash import flash_attn_fwd
 from .naive import attention_flops, attention_naive, visibility_mask
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -19,7 +19,7 @@ _DECODE_MIN_KEYS = 1024  # the split-KV path pays off only once the keys outnumb
 _DECODE_MAX_ROWS = 64  # Lq * Hq / Hkv rows per KV head handled by one decode program
 
 
-def _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries=False):
+def _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries=False, max_seqlen=None):
     """Validate the inputs of `attention`; returns (packed, max_seqlen)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
@@ -56,15 +56,22 @@ def _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries=False)
         raise TypeError(f"attention: global_queries must be a bool, got {type(global_queries).__name__}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"attention: scale must be a Python number or None, got {type(scale).__name__}")
-    max_seqlen = 0
     if packed:
         if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"attention: cu_seqlens must be a 1-D int32 tensor (num_docs + 1,), got "
                              f"{cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
         if cu_seqlens.device != q.device:
             raise ValueError(f"attention: cu_seqlens on {cu_seqlens.device}, q on {q.device}")
-        max_seqlen = _max_seqlen(cu_seqlens, q.shape[0])
-    return packed, max_seqlen
+        if max_seqlen is not None and (not isinstance(max_seqlen, int) or max_seqlen < 0):
+            raise ValueError(f"attention: max_seqlen must be None or an int >= 0, got {max_seqlen!r}")
+        if torch.compiler.is_compiling():
+            # no host sync inside a compiled graph: trust the caller's bound, else the total (correct, slower grid)
+            return packed, q.shape[0] if max_seqlen is None else max_seqlen
+        longest = _max_seqlen(cu_seqlens, q.shape[0])
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"attention: max_seqlen={max_seqlen} but the longest document has {longest} tokens")
+        return packed, longest
+    return packed, 0
 
 
 # id(cu_seqlens) -> (weakref to it, its version counter, T, max_seqlen): the checks and the longest document need
@@ -89,10 +96,10 @@ def _max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
     return max_seqlen
 
 
-@torch.compiler.disable  # opaque to torch.compile: dynamo cannot trace Triton's launcher/autotuner
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              cu_seqlens: torch.Tensor | None = None, window: int | None = None, num_global: int = 0,
-              scale: float | None = None, return_lse: bool = False, global_queries: bool = False):
+              cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, window: int | None = None,
+              num_global: int = 0, scale: float | None = None, return_lse: bool = False,
+              global_queries: bool = False):
     """Exact softmax attention with fp32 accumulation, differentiable in q, k, v.
 
     Key j is visible to query i when (not causal or j <= i) and (window is None or |i - j| < window or
@@ -104,6 +111,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D), Hq % Hkv == 0 (GQA/MQA without repeating K/V).
         causal: causal mask (bottom-right aligned).
         cu_seqlens: (num_docs + 1,) int32 boundaries of the packed documents; no attention across documents.
+        max_seqlen: the longest document of a packed call, if the caller knows it (as in flash-attn). Eager calls
+            check it against cu_seqlens (one host sync per cu_seqlens tensor, cached); inside torch.compile it
+            saves that sync, which a graph cannot hold (without it the grid is sized for T, correct but slower).
         window: sliding window size W (keys with |i - j| < W), or None.
         num_global: the first G keys of each sequence are visible to every query (with a window).
         global_queries: the queries at the first G positions also attend to every key (with a window). With
@@ -112,8 +122,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return_lse: also return the natural-log log-sum-exp, (B, Hq, Lq) or (Hq, T) fp32 (no gradient).
     Returns:
         o with q's shape and dtype (contiguous); and lse when return_lse.
+
+    torch.compile traces this function: the kernels are the custom ops qwen3vl_lab::flash_attn_fwd / _bwd, one
+    graph node each (no graph break); the split-KV decode path is eager-only.
     """
-    packed, max_seqlen = _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries)
+    packed, max_seqlen = _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries, max_seqlen)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if window is not None and window >= max(q.shape[-3], k.shape[-3]) + 1 and num_global == 0:
         window = None  # covers everything: the plain path is cheaper
@@ -128,13 +141,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return (o, lse) if return_lse else o
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     group = q.shape[-2] // k.shape[-2]
-    if (not packed and not needs_grad and k.shape[1] >= _DECODE_MIN_KEYS
+    if (not packed and not needs_grad and not torch.compiler.is_compiling() and k.shape[1] >= _DECODE_MIN_KEYS
             and q.shape[1] * group <= _DECODE_MAX_ROWS):
         o, lse = decode_attention(q, k, v, causal=causal, window=window, num_global=num_global, scale=scale,
                                   global_queries=global_queries)
     else:
-        o, lse = FlashAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale,
-                                              global_queries)
+        o, lse = flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, window or 0, num_global, scale,
+                                global_queries)
     return (o, lse) if return_lse else o
 
 

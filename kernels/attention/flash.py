@@ -16,6 +16,7 @@ Query i sits at key position Lk - Lq + i (bottom-right alignment, as in flash-at
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -594,20 +595,51 @@ def flash_backward(do, q, k, v, o, lse, p: _Problem):
     return dq, dk, dv
 
 
-class FlashAttentionFunction(torch.autograd.Function):
-    """Autograd wrapper: forward saves (q, k, v, o, lse); backward recomputes P tile by tile."""
+# The kernels as torch.library custom ops: eager calls dispatch straight to them, and torch.compile (inductor)
+# keeps them as single opaque nodes of its graph (shapes from the fake implementations) instead of breaking the
+# graph around a Python launcher it cannot trace. `window` 0 means no window.
+@torch.library.custom_op("qwen3vl_lab::flash_attn_fwd", mutates_args=())
+def flash_attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor],
+                   max_seqlen: int, causal: bool, window: int, num_global: int, scale: float,
+                   global_queries: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (o with q's shape and dtype, fp32 LSE (B, Hq, Lq) or packed (Hq, T))."""
+    p = _Problem(q, k, cu_seqlens, max_seqlen, causal, window or None, num_global, scale, global_queries)
+    return flash_forward(q, k, v, p)
 
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale, global_queries=False):
-        p = _Problem(q, k, cu_seqlens, max_seqlen, causal, window, num_global, scale, global_queries)
-        o, lse = flash_forward(q, k, v, p)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.problem = p
-        ctx.mark_non_differentiable(lse)
-        return o, lse
 
-    @staticmethod
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = flash_backward(do, q, k, v, o, lse, ctx.problem)
-        return dq, dk, dv, None, None, None, None, None, None, None
+@flash_attn_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, causal, window, num_global, scale, global_queries):
+    lse_shape = (q.shape[1], q.shape[0]) if cu_seqlens is not None else (q.shape[0], q.shape[2], q.shape[1])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("qwen3vl_lab::flash_attn_bwd", mutates_args=())
+def flash_attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, cu_seqlens: Optional[torch.Tensor], max_seqlen: int, causal: bool,
+                   window: int, num_global: int, scale: float,
+                   global_queries: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward: (dq, dk, dv), contiguous, shapes and dtypes of q, k, v; recomputes P tile by tile."""
+    p = _Problem(q, k, cu_seqlens, max_seqlen, causal, window or None, num_global, scale, global_queries)
+    return flash_backward(do, q, k, v, o, lse, p)
+
+
+@flash_attn_bwd.register_fake
+def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, window, num_global, scale, global_queries):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, *args = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.args = args
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = flash_attn_bwd(do.contiguous(), q, k, v, o, lse, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
