@@ -133,7 +133,7 @@ class Qwen3VL(nn.Module):
         """
         B, L = input_ids.shape
         lm = self.model.language_model
-        if int(input_ids.max()) >= self.config.text.vocab_size or int(input_ids.min()) < 0:
+        if bool(((input_ids < 0) | (input_ids >= self.config.text.vocab_size)).any()):  # one host sync
             raise ValueError(f"input_ids outside the vocabulary [0, {self.config.text.vocab_size})")
         if cu_seqlens is not None and (B != 1 or attention_mask is not None or past_key_values is not None):
             raise ValueError("cu_seqlens (packed batch) needs B == 1, no attention_mask and no cache")

@@ -152,10 +152,12 @@ class VisionTower(nn.Module):
             PatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
         self.activation_checkpointing = False
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                merge: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]] | torch.Tensor:
         """Args: pixel_values (N, 1536); grid_thw (n, 3) long (t, h, w) in patches.
 
-        Returns: (merged (N/4, out_hidden), [deepstack_i (N/4, out_hidden)]).
+        Returns: (merged (N/4, out_hidden), [deepstack_i (N/4, out_hidden)]); with merge=False only the last
+            block's patch features (N, hidden), merge-block order (the vision warm-up reads them).
         """
         cfg = self.cfg
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
@@ -178,6 +180,8 @@ class VisionTower(nn.Module):
                 x = checkpoint(blk, x, cu_seqlens, cos, sin, max_seqlen, use_reentrant=False)
             else:
                 x = blk(x, cu_seqlens, cos, sin, max_seqlen)
-            if i in cfg.deepstack_visual_indexes:
+            if merge and i in cfg.deepstack_visual_indexes:
                 deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
+        if not merge:
+            return x
         return self.merger(x), deepstack

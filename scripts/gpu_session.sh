@@ -35,7 +35,7 @@ case "$stage" in
     echo "bench rc=$?"; tail -45 "$OUT/bench_attention.log"
     ;;
   ocr)
-    ocr_run 540
+    ocr_run "${OCR_S:-540}"
     ;;
   train)
     bench_train 8k 270 8192 6 "${OURS:-torch,triton,triton+compile}"
@@ -50,9 +50,11 @@ case "$stage" in
     ;;
   speed)
     bench_train 8k 330 8192 6 "${OURS:-torch+compile,triton+compile,triton+compile+oib+ac2}"
-    timeout 170 python scripts/bench_train.py --tokens 8192 --steps 3 --skip-hf --profile \
-      --ours "${PROF:-triton+compile}" > "$OUT/profile.log" 2>&1
-    echo "profile rc=$?"; grep -v "^-" "$OUT/profile.log" | head -40 | cut -c1-160
+    if [ "${PROF:-triton+compile}" != none ]; then
+      timeout 170 python scripts/bench_train.py --tokens 8192 --steps 3 --skip-hf --profile \
+        --ours "${PROF:-triton+compile}" > "$OUT/profile.log" 2>&1
+      echo "profile rc=$?"; grep -v "^-" "$OUT/profile.log" | head -40 | cut -c1-160
+    fi
     ;;
   *)
     echo "unknown stage $stage (attention | ocr | train | final | speed)"; exit 2

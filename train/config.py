@@ -137,6 +137,24 @@ class FreezeConfig:
 
 
 @dataclass(frozen=True)
+class VisionWarmupConfig:
+    """Optional first stage: the vision tower alone learns to read lines with a CTC head (train/vision_warmup.py)."""
+    steps: int = 0                   # 0: off
+    lr: float = 1.0e-3
+    batch_size: int = 64             # images per step
+    num_workers: int = 0             # DataLoader workers decoding images
+    log_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "num_workers"):
+            _check(getattr(self, name) >= 0, f"train.vision_warmup.{name}", getattr(self, name), ">= 0")
+        for name in ("batch_size", "log_every"):
+            _check(getattr(self, name) >= 1, f"train.vision_warmup.{name}", getattr(self, name), ">= 1")
+        _check(self.lr > 0, "train.vision_warmup.lr", self.lr, "> 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Loop, precision, checkpointing and validation settings."""
     out_dir: str = "runs/default"
@@ -162,6 +180,7 @@ class TrainConfig:
     num_threads: int = 0             # torch.set_num_threads on CPU; 0 = leave as is
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    vision_warmup: VisionWarmupConfig = field(default_factory=VisionWarmupConfig)
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     y = labels.reshape(-1)
     keep = y != IGNORE_INDEX
     h, y = h[keep], y[keep]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= weight.shape[0]):
+    if y.numel() and bool(((y < 0) | (y >= weight.shape[0])).any()):  # one host sync
         raise ValueError(f"labels outside [0, {weight.shape[0]}): min {int(y.min())}, max {int(y.max())}")
     if h.is_cuda and torch.is_autocast_enabled("cuda"):
         h = h.to(torch.get_autocast_dtype("cuda"))

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, FreezeConfig, ModelConfig, OptimConfig, config_to_dict
+from .config import Config, ConfigError, FreezeConfig, ModelConfig, OptimConfig, config_to_dict
 from .data import (BatchStream, ChatEncoder, PackedBatchSampler, SFTDataset, count_label_tokens, dataset_root,
                    pack_samples)
 from .loss import chunked_cross_entropy
@@ -413,6 +413,24 @@ def train(cfg: Config) -> dict:
         lc = cfg.train.lora
         apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules, lc.exclude_vision)
     counts = apply_freezing(model, cfg.train.freeze)
+    start_step, position = 0, {"epoch": 0, "offset": 0}
+    resume_from = None
+    if cfg.train.resume == "auto":
+        resume_from = latest_checkpoint(ckpt_root)
+    elif cfg.train.resume != "none":
+        resume_from = Path(cfg.train.resume)
+    warm = cfg.train.vision_warmup
+    if warm.steps > 0 and resume_from is None:
+        # first stage (a fresh run only: a checkpoint already holds the warmed-up tower)
+        if distributed:
+            raise ConfigError("train.vision_warmup runs single-process; warm up once, then launch torchrun with "
+                              "model.path=<that export>")
+        if counts.get("vision", 0) == 0:
+            raise ConfigError("train.vision_warmup.steps > 0 but the vision tower is frozen (train.freeze.vision or "
+                              "mode=lora): nothing to warm up")
+        from .vision_warmup import vision_warmup
+
+        vision_warmup(model, train_ds, warm, device, log=print)
     if cfg.train.activation_checkpointing:
         model.set_activation_checkpointing(True)
     if distributed:
@@ -420,12 +438,6 @@ def train(cfg: Config) -> dict:
     optimizer = build_optimizer(model, cfg.optim)
 
     # -- resume
-    start_step, position = 0, {"epoch": 0, "offset": 0}
-    resume_from = None
-    if cfg.train.resume == "auto":
-        resume_from = latest_checkpoint(ckpt_root)
-    elif cfg.train.resume != "none":
-        resume_from = Path(cfg.train.resume)
     if resume_from is not None:
         st = load_checkpoint(resume_from, model, optimizer, distributed=distributed)
         start_step, position = st["step"], st["position"]
