@@ -91,7 +91,7 @@ def _train_steps(m, loss_fn, steps: int, warmup: int, in_backward: bool = False,
 
 
 def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int, ac: bool = True,
-               ac_every: int = 1, in_backward: bool = False, profile: bool = False):
+               ac_every: int = 1, in_backward: bool = False, profile: bool = False, vision_ac: bool = True):
     """Our model + chunked loss + fused AdamW; returns (ms, peak GiB, last loss)."""
     from model import Qwen3VL
     from train.trainer import forward_losses
@@ -101,6 +101,7 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
         m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(torch.bfloat16)
     m.train()
     m.set_activation_checkpointing(ac, every=ac_every)
+    m.model.visual.activation_checkpointing = ac and vision_ac
     if compile_blocks:
         m.compile_blocks()
     n = int((batch["labels"] != -100).sum())
@@ -141,7 +142,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk", type=int, default=2048, help="tokens per lm_head chunk of our loss")
     p.add_argument("--ours", default="torch", help="comma list of our variants: <torch|triton>[+compile][+noac]"
-                   "[+ac2|+ac3 (checkpoint every 2nd / 3rd decoder layer)][+oib (optimizer step in backward)]")
+                   "[+ac2|+ac3 (checkpoint every 2nd / 3rd decoder layer)][+vnoac (vision tower not checkpointed)]"
+                   "[+oib (optimizer step in backward)]")
     p.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one step of each variant")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--json", default=None, help="also write results here")
@@ -157,20 +159,22 @@ def main():
         rows.append(("transformers (sdpa, grad ckpt)", ms, gib, loss))
     for v in a.ours.split(","):
         backend, *flags = v.split("+")
-        unknown = set(flags) - {"compile", "noac", "ac2", "ac3", "oib"}
+        unknown = set(flags) - {"compile", "noac", "ac2", "ac3", "oib", "vnoac"}
         if unknown:
-            raise SystemExit(f"unknown variant flags {sorted(unknown)} in {v!r} (use compile, noac, ac2, ac3, oib)")
+            raise SystemExit(f"unknown variant flags {sorted(unknown)} in {v!r} (use compile, noac, ac2, ac3, vnoac, "
+                             "oib)")
         every = 2 if "ac2" in flags else (3 if "ac3" in flags else 1)
         try:
             ms, gib, loss = bench_ours(cfg, batch, a.steps, a.warmup, backend, "compile" in flags, a.chunk,
                                        ac="noac" not in flags, ac_every=every, in_backward="oib" in flags,
-                                       profile=a.profile)
+                                       profile=a.profile, vision_ac="vnoac" not in flags)
         except Exception as e:  # report and go on with the other variants
             print(f"variant {v} failed: {type(e).__name__}: {e}", flush=True)
             gc.collect()
             torch.cuda.empty_cache()
             continue
         ckpt = "no act ckpt" if "noac" in flags else ("act ckpt" if every == 1 else f"act ckpt every {every}")
+        ckpt += " (not the vision tower)" if "vnoac" in flags and "noac" not in flags else ""
         rows.append((f"ours (attn {backend}{', compiled blocks' if 'compile' in flags else ''}, {ckpt}"
                      f"{', AdamW in backward' if 'oib' in flags else ''}, chunked CE)", ms, gib, loss))
     import transformers

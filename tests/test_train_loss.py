@@ -40,3 +40,41 @@ def test_shift_labels_never_crosses_documents():
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)
     assert shift_labels(labels, cu).tolist() == [[2, 3, IGNORE_INDEX, 5, 6, 7, IGNORE_INDEX]]
     assert shift_labels(labels).tolist() == [[2, 3, 4, 5, 6, 7, IGNORE_INDEX]]
+
+
+def test_fused_elementwise_stages_equal_the_eager_ones():
+    """The two stages that CUDA runs compiled (`_lse_and_loss`, `_dlogits`), run eagerly here, equal
+    F.cross_entropy and its gradient (on a GPU the next test also runs the compiled path end to end)."""
+    from train.loss import _dlogits, _lse_and_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 37, generator=g, requires_grad=True)
+    y = torch.randint(0, 37, (5,), generator=g)
+    up = torch.rand(5, generator=g)
+    lse, loss = _lse_and_loss(logits.detach(), y)
+    ref = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(lse, torch.logsumexp(logits.detach(), -1))
+    (ref * up).sum().backward()
+    torch.testing.assert_close(_dlogits(logits.detach(), lse, y, up), logits.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled (fused) path runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_ce_fused_cuda_matches_reference(dtype):
+    g = torch.Generator().manual_seed(0)
+    n, vocab, dim = 300, 5003, 64
+    h = torch.randn(n, dim, generator=g).cuda().to(dtype).requires_grad_()
+    w = (torch.randn(vocab, dim, generator=g) * 0.2).cuda().to(dtype).requires_grad_()
+    y = torch.randint(0, vocab, (n,), generator=g).cuda()
+    gl = torch.rand(n, generator=g).cuda()
+    out = chunked_cross_entropy(h, w, y, chunk_size=128)
+    (out * gl).sum().backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h32, w32 = h.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = reference_cross_entropy(h32, w32, y)
+    (ref * gl).sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(gh.float(), h32.grad, **tol)
+    torch.testing.assert_close(gw.float(), w32.grad, **tol)

@@ -14,6 +14,34 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _lse_and_loss(logits: torch.Tensor, labels: torch.Tensor):
+    """(c, V) logits (any float dtype) -> fp32 (log-sum-exp, loss) per row."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    return lse, lse - x.gather(1, labels[:, None]).squeeze(1)
+
+
+def _dlogits(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """(softmax(logits) - onehot(labels)) * grad[:, None], computed in fp32, returned in the logits' dtype."""
+    p = (logits.float() - lse[:, None]).exp()
+    onehot = torch.arange(p.shape[1], device=p.device)[None, :] == labels[:, None]
+    return ((p - onehot.float()) * grad[:, None]).to(logits.dtype)
+
+
+_FUSED: dict = {}
+
+
+def _fused_kernels(hidden: torch.Tensor):
+    """On CUDA: the two elementwise stages above compiled (inductor fuses each into one pass over the logits;
+    eager PyTorch makes ~6 passes and an fp32 copy of every (chunk, vocab) block). None elsewhere: CPU runs stay
+    free of a C++ toolchain requirement, and use the equivalent eager code."""
+    if not hidden.is_cuda:
+        return None
+    if not _FUSED:
+        _FUSED["k"] = (torch.compile(_lse_and_loss, dynamic=False), torch.compile(_dlogits, dynamic=False))
+    return _FUSED["k"]
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of `softmax(h @ W.T)`; logits exist one chunk at a time, in fp32."""
 
@@ -26,8 +54,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = hidden.shape[0]
         losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        fused = _fused_kernels(hidden)
         for s in range(0, n, chunk_size):
             e = min(n, s + chunk_size)
+            if fused:  # one pass over the (c, V) logits in their matmul dtype, no fp32 copy
+                lse[s:e], losses[s:e] = fused[0](hidden[s:e] @ weight.t(), labels[s:e])
+                continue
             # fp32 logits for this chunk only (matches an fp32 softmax over autocast bf16 logits up to rounding)
             logits = (hidden[s:e] @ weight.t()).float()                     # (c, V)
             lse[s:e] = torch.logsumexp(logits, dim=-1)
@@ -43,13 +75,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None
+        fused = _fused_kernels(hidden)
         for s in range(0, n, c):
             e = min(n, s + c)
-            g = (hidden[s:e] @ weight.t()).float()                          # recomputed logits (c, V)
-            g.sub_(lse[s:e, None]).exp_()                                   # softmax, in place
-            g[torch.arange(e - s, device=g.device), labels[s:e]] -= 1.0
-            g.mul_(grad_losses[s:e, None].float())                          # dL/dlogits (c, V)
-            g = g.to(weight.dtype)  # matmuls in the input dtype (bf16 on GPU) with fp32 accumulation inside
+            if fused:  # softmax - onehot, times the upstream grad, in one pass (fp32 math, weight-dtype result)
+                g = fused[1](hidden[s:e] @ weight.t(), lse[s:e], labels[s:e], grad_losses[s:e].float())
+            else:
+                g = (hidden[s:e] @ weight.t()).float()                      # recomputed logits (c, V)
+                g.sub_(lse[s:e, None]).exp_()                               # softmax, in place
+                g[torch.arange(e - s, device=g.device), labels[s:e]] -= 1.0
+                g.mul_(grad_losses[s:e, None].float())                      # dL/dlogits (c, V)
+                g = g.to(weight.dtype)  # matmuls in the input dtype (bf16 on GPU), fp32 accumulation inside
             if need_h:
                 grad_h[s:e] = (g @ weight).to(hidden.dtype)
             if need_w:

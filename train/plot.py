@@ -9,7 +9,7 @@ import sys
 
 
 def plot_curve(result_path: str, out_png: str, title: str | None = None):
-    """Draw loss (left axis, log scale) and CER (right axis) against the optimizer step.
+    """Draw loss (left axis) and CER (right axis), both log scale, against the optimizer step.
 
     Args:
         result_path: result.json written by `train.trainer.train`.
@@ -31,11 +31,13 @@ def plot_curve(result_path: str, out_png: str, title: str | None = None):
     cer = [e for e in ev if e.get("cer") is not None]
     if cer:
         ax2 = ax.twinx()
-        ax2.plot([e["step"] for e in cer], [e["cer"] for e in cer], "s-", color="tab:red", label="val CER")
-        ax2.set_ylabel("character error rate")
-        ax2.set_ylim(0, max(1.0, max(e["cer"] for e in cer)) * 1.05)
+        ax2.plot([e["step"] for e in cer], [e["cer"] for e in cer], "s-", color="tab:red",
+                 label=f"val CER (last {cer[-1]['cer']:.4f})")
+        ax2.set_ylabel("character error rate (log)")
+        ax2.set_yscale("log")  # untrained garbage (CER >> 1) and a reading model (CER ~1e-3) on one axis
         ax2.legend(loc="upper center")
     ax.legend(loc="upper right")
+    ax.grid(alpha=0.3)
     ax.set_title(title or result_path)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)

@@ -87,7 +87,8 @@ def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
     Args:
         model: Qwen3VL (not yet sharded).  dataset: SFTDataset.  cfg: VisionWarmupConfig (steps, lr, batch_size,
         log_every).  device: torch device.  log: print-like callable.
-    Returns: {"loss": last loss, "column_acc": exact-match rate of the greedy readings in the last batch}.
+    Returns: {"history": CTC loss per step, "loss": the last one, "line_acc": exact-match rate of the greedy
+        readings in the last batch}.
     """
     from .config import ConfigError
 
@@ -105,7 +106,7 @@ def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
         collate_fn=pack_samples, num_workers=cfg.num_workers, persistent_workers=False)
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     model.train()
-    t0, res = time.perf_counter(), {}
+    t0, res = time.perf_counter(), {"history": []}
     for step, b in enumerate(loader, 1):
         if b["input_ids"] is None:
             continue
@@ -119,8 +120,9 @@ def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         truth = [texts[i] for i in b["indices"].tolist()]
-        res = {"loss": float(loss.detach()), "column_acc": sum(r == t for r, t in zip(read, truth)) / len(truth)}
+        res["history"].append(float(loss.detach()))
+        res.update(loss=res["history"][-1], line_acc=sum(r == t for r, t in zip(read, truth)) / len(truth))
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log(f"vision warm-up {step:4d}/{cfg.steps}  ctc_loss {res['loss']:.4f}  line_acc {res['column_acc']:.3f}"
+            log(f"vision warm-up {step:4d}/{cfg.steps}  ctc_loss {res['loss']:.4f}  line_acc {res['line_acc']:.3f}"
                 f"  '{read[0]}'<-'{truth[0]}'  {time.perf_counter() - t0:.0f}s")
     return res
