@@ -179,8 +179,9 @@ def test_triton_backend_inside_torch_compile():
     from model.attention import attend
 
     torch.manual_seed(0)
-    cu = torch.tensor([0, 5, 14], dtype=torch.int32)
-    q, k, v = torch.randn(14, 4, 16), torch.randn(14, 2, 16), torch.randn(14, 2, 16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (tests/conftest.py)
+    cu = torch.tensor([0, 5, 14], dtype=torch.int32, device=dev)
+    q, k, v = (torch.randn(14, h, 16, device=dev) for h in (4, 2, 2))
 
     def run(fn):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
