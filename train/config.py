@@ -165,6 +165,8 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda
     precision: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
+    checkpoint_vision: bool = True   # with activation_checkpointing: also the vision blocks (False: faster, more memory)
+    compile: bool = False            # torch.compile each vision block and decoder layer (Qwen3VL.compile_blocks)
     loss_chunk_size: int = 1024      # tokens per lm_head chunk in the chunked cross-entropy
     aux_loss_coef: float = 0.001     # MoE load-balancing loss weight (models with experts)
     log_every: int = 10

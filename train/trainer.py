@@ -433,6 +433,9 @@ def train(cfg: Config) -> dict:
         vision_warmup(model, train_ds, warm, device, log=print)
     if cfg.train.activation_checkpointing:
         model.set_activation_checkpointing(True)
+        model.model.visual.activation_checkpointing = cfg.train.checkpoint_vision
+    if cfg.train.compile:
+        model.compile_blocks(dynamic=None)  # packed batches change length: dynamic shapes after the first recompile
     if distributed:
         apply_fsdp(model, cfg.parallel, device.type)
     optimizer = build_optimizer(model, cfg.optim)
