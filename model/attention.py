@@ -32,7 +32,7 @@ def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | No
     return out.transpose(1, 2)
 
 
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
+_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # the argument exists (torch >= 2.5)
 _MAX_DOC_CALLS = 16          # more documents than this: use one block-diagonal masked call ...
 _MAX_MASKED_TOKENS = 16384   # ... if the (T, T) boolean mask stays small (<= 256 MB)
 

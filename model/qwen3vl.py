@@ -188,8 +188,10 @@ class Qwen3VL(nn.Module):
             diag[torch.arange(L), torch.arange(L) + past] = True
             mask = mask | diag
 
-        # the longest packed document, once per forward (the Triton kernels size their grid with it)
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens is not None else None
+        # the longest packed document, once per forward (the Triton kernels size their grid with it; SDPA needs none)
+        max_seqlen = None
+        if cu_seqlens is not None and self.config.attn_backend == "triton":
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         hidden, router_logits = lm(embeds, cos, sin, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
                                    cache=past_key_values,
                                    visual_mask=visual_mask, deepstack=deepstack)
