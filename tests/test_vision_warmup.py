@@ -99,3 +99,16 @@ def test_warmup_with_a_frozen_tower_is_refused(data, tmp_path):
     cfg = small_config(data, tmp_path, train={"vision_warmup": {"steps": 3}, "freeze": {"vision": True}})
     with pytest.raises(ConfigError, match="vision tower is frozen"):
         train(cfg)
+
+
+def test_warmup_on_text_only_samples_names_the_problem(tmp_path):
+    import json
+
+    path = tmp_path / "text.jsonl"
+    rec = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Say a number."}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "42"}]}]}
+    path.write_text("\n".join(json.dumps(rec) for _ in range(4)) + "\n")
+    cfg = small_config({"train": str(path), "val": str(path)}, tmp_path / "run",
+                       train={"vision_warmup": {"steps": 2, "batch_size": 2}})
+    with pytest.raises(ValueError, match="exactly one image.*text.jsonl"):
+        train(cfg)

@@ -85,8 +85,8 @@ def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
     """Train `model.model.visual` with a CTC head on `dataset` (single-image samples) for cfg.steps steps.
 
     Args:
-        model: Qwen3VL (not yet sharded).  dataset: SFTDataset.  cfg: VisionWarmupConfig (steps, lr, batch_size,
-        log_every).  device: torch device.  log: print-like callable.
+        model: Qwen3VL (not yet sharded).  dataset: SFTDataset of one-image samples.  cfg: VisionWarmupConfig.
+        device: torch device.  log: print-like callable.
     Returns: {"history": CTC loss per step, "loss": the last one, "line_acc": exact-match rate of the greedy
         readings in the last batch}.
     """
@@ -110,6 +110,9 @@ def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
     for step, b in enumerate(loader, 1):
         if b["input_ids"] is None:
             continue
+        if b["pixel_values"] is None or b["pixel_values_videos"] is not None:
+            raise ValueError(f"vision warm-up: every training sample must hold exactly one image (samples "
+                             f"{b['indices'].tolist()} of {dataset.path} do not); set train.vision_warmup.steps=0")
         batch = {k: b[k].to(device) for k in ("pixel_values", "image_grid_thw")}
         for pg in opt.param_groups:  # short linear warmup, then constant
             pg["lr"] = cfg.lr * min(1.0, step / max(1, cfg.steps // 10))
