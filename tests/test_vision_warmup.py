@@ -88,11 +88,12 @@ def test_warmup_trains_only_the_vision_tower_and_its_loss_falls(data, tmp_path):
 
 def test_trainer_warms_up_on_a_fresh_start_only(data, tmp_path, capsys):
     over = {"steps": 4, "save_every": 2, "vision_warmup": {"steps": 3, "batch_size": 4, "log_every": 1}}
-    train(small_config(data, tmp_path, train={**over, "stop_after_steps": 2}))
+    first = train(small_config(data, tmp_path, train={**over, "stop_after_steps": 2}))
     assert capsys.readouterr().out.count("vision warm-up") == 3
+    assert len(first["vision_warmup"]["history"]) == 3  # also in result.json
     res = train(small_config(data, tmp_path, train=over))          # resumes at step 2: no second warm-up
     assert [h["step"] for h in res["history"]] == [3, 4]
-    assert "vision warm-up" not in capsys.readouterr().out
+    assert "vision warm-up" not in capsys.readouterr().out and res["vision_warmup"] is None
 
 
 def test_warmup_with_a_frozen_tower_is_refused(data, tmp_path):

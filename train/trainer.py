@@ -420,6 +420,7 @@ def train(cfg: Config) -> dict:
     elif cfg.train.resume != "none":
         resume_from = Path(cfg.train.resume)
     warm = cfg.train.vision_warmup
+    warmup_result = None  # stage 1's CTC losses, when it ran in this invocation
     if warm.steps > 0 and resume_from is None:
         # first stage (a fresh run only: a checkpoint already holds the warmed-up tower)
         if distributed:
@@ -430,7 +431,9 @@ def train(cfg: Config) -> dict:
                               "mode=lora): nothing to warm up")
         from .vision_warmup import vision_warmup
 
-        vision_warmup(model, train_ds, warm, device, log=print)
+        t_warm = time.perf_counter()
+        warmup_result = vision_warmup(model, train_ds, warm, device, log=print)
+        warmup_result["wall_s"] = time.perf_counter() - t_warm
     if cfg.train.activation_checkpointing:
         model.set_activation_checkpointing(True)
         model.model.visual.activation_checkpointing = cfg.train.checkpoint_vision
@@ -514,7 +517,7 @@ def train(cfg: Config) -> dict:
     logger.close()
     result = {"history": history, "evals": [{k: v for k, v in e.items() if k != "examples"} for e in evals],
               "final_dir": str(final_dir) if final_dir else None, "checkpoint": str(last_ckpt) if last_ckpt else None,
-              "wall_s": time.perf_counter() - t_start, "steps": step}
+              "wall_s": time.perf_counter() - t_start, "steps": step, "vision_warmup": warmup_result}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))
