@@ -73,14 +73,15 @@ class Qwen3VL(nn.Module):
         if self.config.text.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
-    def set_activation_checkpointing(self, enabled: bool = True, every: int = 1):
+    def set_activation_checkpointing(self, enabled: bool = True, every: int = 1, vision: bool = True):
         """Recompute vision and decoder blocks in backward instead of storing their activations.
 
         every: checkpoint decoder layer i when i % every == 0 (1: all; 2: half, trading memory for less recompute).
+        vision: also the vision blocks (False: they are cheap to store and slow to recompute for their work).
         """
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        self.model.visual.activation_checkpointing = enabled
+        self.model.visual.activation_checkpointing = enabled and vision
         self.model.language_model.activation_checkpointing = enabled
         self.model.language_model.checkpoint_every = every
 

@@ -100,8 +100,7 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
     with torch.device("cuda"):
         m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(torch.bfloat16)
     m.train()
-    m.set_activation_checkpointing(ac, every=ac_every)
-    m.model.visual.activation_checkpointing = ac and vision_ac
+    m.set_activation_checkpointing(ac, every=ac_every, vision=vision_ac)
     if compile_blocks:
         m.compile_blocks()
     n = int((batch["labels"] != -100).sum())

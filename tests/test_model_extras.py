@@ -73,8 +73,8 @@ def test_activation_checkpointing_gives_identical_gradients(monkeypatch):
     o1, g1 = _loss_and_grads(m, b)
     # every layer, every 2nd decoder layer, decoder only (the vision blocks not checkpointed)
     for every, vision in ((1, True), (2, True), (1, False)):
-        m.set_activation_checkpointing(True, every=every)
-        m.model.visual.activation_checkpointing = vision
+        m.set_activation_checkpointing(True, every=every, vision=vision)
+        assert m.model.visual.activation_checkpointing == vision
         m.train()
         calls.clear()
         o2, g2 = _loss_and_grads(m, b)

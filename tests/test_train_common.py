@@ -1,4 +1,5 @@
 """Shared helpers for the training tests (no tests here): a small synthetic OCR set and a small-model config.
+Their fixtures (`data`, `single_thread`) are in tests/conftest.py.
 
 The model is the `tiny` preset shrunk further (hidden 64, 2 decoder layers, 2 ViT blocks, one DeepStack level)
 but with the real 151,936 vocabulary, so the chunked loss and the embedding behave as in real runs.
@@ -70,3 +71,4 @@ def one_thread():
 def params_snapshot(model) -> dict[str, torch.Tensor]:
     """Detached clones of every parameter, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+

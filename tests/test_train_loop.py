@@ -14,18 +14,9 @@ from train.data import ChatEncoder, SFTDataset, pack_samples
 from train.loss import IGNORE_INDEX
 from train.trainer import build_model, build_optimizer, forward_losses, lr_at, train
 
-from .test_train_common import ocr_set, one_thread, params_snapshot, small_config
+from .test_train_common import params_snapshot, small_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return ocr_set(tmp_path_factory.mktemp("ocr"))
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _losses(res):

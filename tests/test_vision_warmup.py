@@ -10,18 +10,9 @@ from train.data import ChatEncoder, SFTDataset
 from train.trainer import build_model, train
 from train.vision_warmup import CTCHead, column_features, vision_warmup
 
-from .test_train_common import ocr_set, one_thread, params_snapshot, small_config
+from .test_train_common import params_snapshot, small_config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return ocr_set(tmp_path_factory.mktemp("ocr"))
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_column_features_follow_the_processors_patch_order():

@@ -8,6 +8,8 @@ one (chunk, vocab) fp32 block instead of (tokens, vocab).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -28,18 +30,16 @@ def _dlogits(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, grad
     return ((p - onehot.float()) * grad[:, None]).to(logits.dtype)
 
 
-_FUSED: dict = {}
+@functools.cache
+def _compiled_stages():
+    return torch.compile(_lse_and_loss, dynamic=False), torch.compile(_dlogits, dynamic=False)
 
 
 def _fused_kernels(hidden: torch.Tensor):
     """On CUDA: the two elementwise stages above compiled (inductor fuses each into one pass over the logits;
     eager PyTorch makes ~6 passes and an fp32 copy of every (chunk, vocab) block). None elsewhere: CPU runs stay
     free of a C++ toolchain requirement, and use the equivalent eager code."""
-    if not hidden.is_cuda:
-        return None
-    if not _FUSED:
-        _FUSED["k"] = (torch.compile(_lse_and_loss, dynamic=False), torch.compile(_dlogits, dynamic=False))
-    return _FUSED["k"]
+    return _compiled_stages() if hidden.is_cuda else None
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):

@@ -435,8 +435,7 @@ def train(cfg: Config) -> dict:
         warmup_result = vision_warmup(model, train_ds, warm, device, log=print)
         warmup_result["wall_s"] = time.perf_counter() - t_warm
     if cfg.train.activation_checkpointing:
-        model.set_activation_checkpointing(True)
-        model.model.visual.activation_checkpointing = cfg.train.checkpoint_vision
+        model.set_activation_checkpointing(True, vision=cfg.train.checkpoint_vision)
     if cfg.train.compile:
         model.compile_blocks(dynamic=None)  # packed batches change length: dynamic shapes after the first recompile
     if distributed:

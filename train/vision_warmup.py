@@ -18,6 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from model.rope import vision_position_ids
+
 from .data import pack_samples
 
 
@@ -27,15 +29,14 @@ def column_features(patches: torch.Tensor, grid_thw: torch.Tensor, merge: int) -
     Args:
         patches: (N, D) last-block vision features in the processor's merge-block order.
         grid_thw: (n, 3) (t, h, w) in patches.  merge: spatial_merge_size.
-    Returns: n tensors of shape (w, D).
+    Returns: n tensors of shape (w, D), averaged over frames and rows.
     """
+    cols = vision_position_ids(grid_thw, merge)[:, 1].to(patches.device)  # column of every patch, same order
     out, start = [], 0
     for t, h, w in grid_thw.tolist():
-        x = patches[start:start + t * h * w]
+        x, c = patches[start:start + t * h * w], cols[start:start + t * h * w]
         start += t * h * w
-        # merge-block order (t, h/m, w/m, m, m) -> raster (t, h, w); then mean over frames and rows
-        x = x.view(t, h // merge, w // merge, merge, merge, -1).permute(0, 1, 3, 2, 4, 5).reshape(t, h, w, -1)
-        out.append(x.mean(dim=(0, 1)))
+        out.append(x.new_zeros(w, x.shape[1]).index_add(0, c, x) / (t * h))
     return out
 
 
