@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .moe import MoEConfig
+from .rope import ROTARY_LAYOUTS, SECTION
 
-ROPE_LAYOUTS = ("interleaved", "chunked", "1d")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 ATTN_BACKENDS = ("torch", "triton")
 
@@ -76,8 +76,9 @@ class VisionConfig:
 class RopeConfig:
     """Text rotary embedding: layout of the 3 MRoPE axes over the frequencies, and context scaling.
 
-    layout: "interleaved" (Qwen3-VL: THWTHW...), "chunked" (Qwen2.5-VL: [T..][H..][W..]), or "1d" (plain RoPE on
-    the temporal/text axis only; an ablation). rope_type: "default", "linear", "dynamic" (NTK) or "yarn".
+    layout: a name in model.rope.ROTARY_LAYOUTS: "interleaved" (Qwen3-VL: THWTHW...), "chunked" (Qwen2.5-VL:
+    [T..][H..][W..]), "1d" (plain RoPE on the temporal/text axis only; an ablation), or one registered there.
+    rope_type: "default", "linear", "dynamic" (NTK) or "yarn".
     """
 
     theta: float = 5_000_000.0
@@ -95,8 +96,8 @@ class RopeConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
-        if self.layout not in ROPE_LAYOUTS:
-            raise ConfigError(f"rope layout {self.layout!r} not in {ROPE_LAYOUTS}")
+        if self.layout not in ROTARY_LAYOUTS:
+            raise ConfigError(f"rope layout {self.layout!r} not in {tuple(ROTARY_LAYOUTS)}")
         if self.rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope_type {self.rope_type!r} not in {ROPE_TYPES}")
         if len(self.mrope_section) != 3:
@@ -134,7 +135,7 @@ class TextConfig:
                 f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"text_config.head_dim {self.head_dim} must be even")
-        if self.rope.layout != "1d" and 2 * sum(self.rope.mrope_section) != self.head_dim:
+        if ROTARY_LAYOUTS[self.rope.layout].uses_section and 2 * sum(self.rope.mrope_section) != self.head_dim:
             raise ConfigError(
                 f"mrope_section {self.rope.mrope_section} sums to {sum(self.rope.mrope_section)}, "
                 f"but head_dim {self.head_dim} has {self.head_dim // 2} frequencies")
@@ -227,9 +228,9 @@ _TEXT_KEYS = {
 }
 _TOP_KEYS = {"text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
              "vision_end_token_id", "tie_word_embeddings", "attn_backend"}
-_ROPE_KEYS = {"rope_type", "type", "rope_theta", "mrope_section", "mrope_interleaved", "factor",
-              "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
-              "mscale_all_dim", "truncate", "partial_rotary_factor"}
+# rope_parameters keys besides the layout's own (those come from model.rope.ROTARY_LAYOUTS, see _layout_from_hf)
+_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
+              "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate", "partial_rotary_factor"}
 
 
 def _check_keys(d: dict, allowed: set[str], where: str):
@@ -238,13 +239,36 @@ def _check_keys(d: dict, allowed: set[str], where: str):
         raise ConfigError(f"{where}: unknown field(s) {unknown}; refusing to guess what they mean")
 
 
+def _layout_keys() -> set[str]:
+    """Every rope_parameters key that some registered rotary layout uses in its config.json spelling."""
+    return {k for lay in ROTARY_LAYOUTS.values() for sp in lay.hf_spellings for k in sp}
+
+
+def _layout_from_hf(rp: dict, where: str) -> str:
+    """The registered layout whose config.json spelling matches rp's layout keys exactly (SECTION: any value)."""
+    keys = _layout_keys()
+    given = {k: v for k, v in rp.items() if k in keys and v is not None}  # null counts as absent
+    found = [lay.name for lay in ROTARY_LAYOUTS.values() for sp in lay.hf_spellings
+             if set(sp) == set(given) and all(v is SECTION or given[k] == v for k, v in sp.items())]
+    if len(found) != 1:
+        raise ConfigError(f"{where}: rope layout fields {given} match {'no' if not found else 'several'} registered "
+                          f"rotary layout(s) {found or tuple(ROTARY_LAYOUTS)}")
+    return found[0]
+
+
+def _layout_to_hf(r: RopeConfig) -> dict[str, Any]:
+    """The layout's config.json fields: its first registered spelling, with the mrope_section filled in."""
+    spelling = ROTARY_LAYOUTS[r.layout].hf_spellings[0]
+    return {k: list(r.mrope_section) if v is SECTION else v for k, v in spelling.items()}
+
+
 def _rope_from_hf(t: dict, where: str) -> RopeConfig:
     rp = t.get("rope_parameters")
     rs = t.get("rope_scaling")
     if rp is not None and rs is not None and rp != rs:
         raise ConfigError(f"{where}: both rope_parameters and rope_scaling given and they differ")
     rp = dict(rp if rp is not None else (rs or {}))
-    _check_keys(rp, _ROPE_KEYS, f"{where}.rope_parameters")
+    _check_keys(rp, _ROPE_KEYS | _layout_keys(), f"{where}.rope_parameters")
     theta = rp.get("rope_theta", t.get("rope_theta"))
     if theta is None:
         raise ConfigError(f"{where}: no rope_theta (neither top-level nor in rope_parameters)")
@@ -253,12 +277,9 @@ def _rope_from_hf(t: dict, where: str) -> RopeConfig:
     if rp.get("partial_rotary_factor", 1.0) != 1.0 or t.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{where}: partial_rotary_factor != 1 is not part of Qwen3-VL")
     rope_type = rp.get("rope_type", rp.get("type", "default"))
-    section = rp.get("mrope_section")
-    interleaved = rp.get("mrope_interleaved", section is not None)
-    layout = "interleaved" if interleaved else ("chunked" if section is not None else "1d")
-    kw = dict(theta=float(theta), layout=layout, rope_type=rope_type)
-    if section is not None:
-        kw["mrope_section"] = tuple(section)
+    kw = dict(theta=float(theta), layout=_layout_from_hf(rp, where), rope_type=rope_type)
+    if rp.get("mrope_section") is not None:
+        kw["mrope_section"] = tuple(rp["mrope_section"])
     for k in ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
               "original_max_position_embeddings"):
         if rp.get(k) is not None:
@@ -322,10 +343,7 @@ def _from_hf(d: dict, where: str) -> Qwen3VLConfig:
 
 def _to_hf(c: Qwen3VLConfig) -> dict[str, Any]:
     t, v, r = c.text, c.vision, c.text.rope
-    rope: dict[str, Any] = {"rope_type": r.rope_type}
-    if r.layout != "1d":
-        rope["mrope_section"] = list(r.mrope_section)
-        rope["mrope_interleaved"] = r.layout == "interleaved"
+    rope: dict[str, Any] = {"rope_type": r.rope_type, **_layout_to_hf(r)}
     if r.rope_type != "default":
         rope["factor"] = r.factor
     if r.rope_type == "yarn":

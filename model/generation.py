@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .positions import decode_position_ids
+
 
 class KVCache:
     """Per-layer K/V buffers of shape (B, max_len, Hkv, hd), filled left to right; `length` tokens are valid."""
@@ -96,7 +98,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             break
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        # all three MRoPE axes advance together: position = cache length + rope delta
-        pos = (cache.length + rope_deltas).view(1, B, 1).expand(3, B, 1)
+        pos = decode_position_ids(cache.length, rope_deltas)  # (3, B, 1)
         out = model(nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
     return torch.cat(tokens, dim=1)

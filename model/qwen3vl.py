@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .config import Qwen3VLConfig
-from .rope import TextRotary, get_rope_index
+from .positions import get_rope_index
+from .rope import TextRotary
 from .text import TextDecoder
 from .vision import VisionTower
 

@@ -1,18 +1,29 @@
-"""Rotary position embeddings for Qwen3-VL: text MRoPE (interleaved / chunked / 1-D), context scaling, the vision
-tower's 2-D RoPE, and the 3-axis position-id builder (`get_rope_index`).
+"""Rotary position embeddings for Qwen3-VL: the text decoder's MRoPE tables (with the registry of rotary layouts),
+context scaling, and the vision tower's 2-D RoPE. Position ids themselves (prefill, decode, packing) live in
+model/positions.py; this file turns them into cos/sin tables.
+
+A rotary layout says which position axis (T, H or W) drives each of the head_dim/2 frequency slots. Layouts live
+in `ROTARY_LAYOUTS`, filled by the `@rotary_layout(name)` decorator: adding one is a function
+`(mrope_section, n_freq) -> (n_freq,) long axis ids` plus its decorator line. model/config.py validates
+`RopeConfig.layout` against this registry and reads/writes config.json through each entry's `hf_spellings`, so a
+new layout round-trips with no other edit (one transformers does not know is spelled `"mrope_layout": name`).
+This file imports model/config.py only for type hints, so config.py can import the registry without a cycle.
 
 References: RoFormer (Su et al. 2021); Qwen2-VL MRoPE (chunked T|H|W sections); Qwen3-VL interleaved MRoPE
 (frequency slot i takes H for i = 1 mod 3, W for i = 2 mod 3, T otherwise, within 3 * section); YaRN
-(Peng et al. 2023) and NTK/linear position interpolation. SPEC.md sections 1 and 4.
+(Peng et al. 2023) and NTK/linear position interpolation.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
-from .config import RopeConfig, TextConfig
+if TYPE_CHECKING:
+    from .config import RopeConfig, TextConfig
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -72,18 +83,84 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int, max_position_embeddings: int,
     return interpolation * (1 - keep) + extrapolation * keep, float(attention_factor)
 
 
-def mrope_axis_map(rope: RopeConfig, n_freq: int) -> torch.Tensor:
-    """Which position axis (0=T, 1=H, 2=W) drives each of the n_freq frequency slots."""
+# ---------------------------------------------------------------------------------------------- rotary layouts
+SECTION = "<mrope_section>"  # placeholder in an hf spelling: the layout's mrope_section goes here
+
+
+@dataclass(frozen=True)
+class RotaryLayout:
+    """One way of sharing the rotary frequencies between the T, H and W position axes.
+
+    axis_map: (mrope_section (s_t, s_h, s_w), n_freq) -> (n_freq,) long, the axis (0=T, 1=H, 2=W) of each slot.
+    uses_section: whether mrope_section matters (checked against head_dim, written to config.json).
+    hf_spellings: the config.json `rope_scaling` layout keys that mean this layout, the first one written by
+        `to_hf`; the value SECTION stands for the mrope_section list. Reading needs an exact match of the keys.
+    """
+
+    name: str
+    axis_map: Callable[[tuple[int, int, int], int], torch.Tensor]
+    uses_section: bool
+    hf_spellings: tuple[dict[str, Any], ...]
+
+
+ROTARY_LAYOUTS: dict[str, RotaryLayout] = {}
+
+
+def rotary_layout(name: str, *, uses_section: bool = True, hf_spellings: tuple[dict[str, Any], ...] = ()):
+    """Decorator registering `fn(mrope_section, n_freq) -> axis ids` as layout `name` in ROTARY_LAYOUTS.
+
+    Without hf_spellings the layout is written to config.json as {"mrope_layout": name} (plus "mrope_section"
+    when uses_section), which transformers does not read but our `from_hf` does.
+    """
+    def register(fn):
+        if name in ROTARY_LAYOUTS:
+            raise ValueError(f"rotary layout {name!r} is already registered")
+        default = {"mrope_section": SECTION} if uses_section else {}
+        spellings = tuple(hf_spellings) or ({**default, "mrope_layout": name},)
+        if ("mrope_section" in spellings[0]) != uses_section:
+            raise ValueError(f"rotary layout {name!r}: the first hf spelling must write mrope_section iff uses_section")
+        ROTARY_LAYOUTS[name] = RotaryLayout(name, fn, uses_section, spellings)
+        return fn
+    return register
+
+
+@rotary_layout("interleaved", hf_spellings=(
+    {"mrope_section": SECTION, "mrope_interleaved": True},
+    {"mrope_section": SECTION},       # transformers' Qwen3-VL: a section without the flag is interleaved
+    {"mrope_interleaved": True}))     # flag without a section: the default section
+def interleaved(section: tuple[int, int, int], n_freq: int) -> torch.Tensor:
+    """Qwen3-VL: THWTHW...THW then T for the remainder: slots 1,4,..,3*s_h-2 take H; 2,5,..,3*s_w-1 take W."""
+    _, s_h, s_w = section
     axis = torch.zeros(n_freq, dtype=torch.long)
-    s_t, s_h, s_w = rope.mrope_section
-    if rope.layout == "interleaved":
-        # THWTHW...THW then T for the remainder: slots 1,4,..,3*s_h-2 take H; 2,5,..,3*s_w-1 take W.
-        axis[1:3 * s_h:3] = 1
-        axis[2:3 * s_w:3] = 2
-    elif rope.layout == "chunked":
-        axis[s_t:s_t + s_h] = 1
-        axis[s_t + s_h:s_t + s_h + s_w] = 2
-    return axis  # "1d": all T
+    axis[1:3 * s_h:3] = 1
+    axis[2:3 * s_w:3] = 2
+    return axis
+
+
+@rotary_layout("chunked", hf_spellings=({"mrope_section": SECTION, "mrope_interleaved": False},))
+def chunked(section: tuple[int, int, int], n_freq: int) -> torch.Tensor:
+    """Qwen2-VL / Qwen2.5-VL: [T]*s_t [H]*s_h [W]*s_w."""
+    s_t, s_h, s_w = section
+    axis = torch.zeros(n_freq, dtype=torch.long)
+    axis[s_t:s_t + s_h] = 1
+    axis[s_t + s_h:s_t + s_h + s_w] = 2
+    return axis
+
+
+@rotary_layout("1d", uses_section=False, hf_spellings=({}, {"mrope_interleaved": False}))
+def one_d(section: tuple[int, int, int], n_freq: int) -> torch.Tensor:
+    """Plain RoPE on the temporal/text axis only (an ablation): H and W are ignored."""
+    return torch.zeros(n_freq, dtype=torch.long)
+
+
+def mrope_axis_map(rope: RopeConfig, n_freq: int) -> torch.Tensor:
+    """Which position axis (0=T, 1=H, 2=W) drives each of the n_freq frequency slots: (n_freq,) long."""
+    axis = ROTARY_LAYOUTS[rope.layout].axis_map(rope.mrope_section, n_freq)
+    # shape and dtype only: the model may be built on the meta device, where values cannot be read
+    if axis.shape != (n_freq,) or axis.dtype != torch.long:
+        raise ValueError(f"rotary layout {rope.layout!r} must return ({n_freq},) long axis ids in {{0, 1, 2}}, "
+                         f"got {tuple(axis.shape)} {axis.dtype}")
+    return axis
 
 
 class TextRotary(nn.Module):
@@ -143,99 +220,3 @@ def vision_rotary(grid_thw: torch.Tensor, head_dim: int, theta: float, merge: in
     freqs = (pos[..., None].float() * inv_freq).flatten(1)  # (N, 2 * head_dim/4): [row freqs | col freqs]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
-
-
-# ---------------------------------------------------------------------------------------------- position ids
-def get_rope_index(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
-                   video_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                   *, config, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-axis (T, H, W) position ids for a batch, derived from input_ids (Qwen3-VL get_rope_index semantics).
-
-    Text runs advance all three axes together; a run of image/video pad tokens with merged grid (h', w') gets
-    T = pos, H = pos + row, W = pos + col, then pos += max(h', w'). A video of t temporal groups is t separate runs
-    (the timestamp text between groups is ordinary text). Padded positions (attention_mask == 0) are skipped and get 0.
-
-    Args:
-        input_ids: (B, L) long.  image_grid_thw / video_grid_thw: (n, 3) long, in order of appearance over the batch.
-        attention_mask: (B, L) 0/1 or None.  config: Qwen3VLConfig (token ids, merge size).
-        cu_seqlens: (n_docs + 1,) int32 for a packed batch (B == 1): positions restart in every document.
-    Returns:
-        position_ids (3, B, L) long, rope_deltas (B, 1) long such that a token decoded at cache length c sits at
-        position c + rope_delta on all three axes (c counts padding, so the first new token is at max + 1).
-    """
-    B, L = input_ids.shape
-    merge = config.vision.spatial_merge_size
-    device = input_ids.device
-    grids = {
-        1: iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(()),
-        # every temporal group of a video is its own run of pads
-        2: iter([[1, h, w] for t, h, w in video_grid_thw.tolist() for _ in range(t)])
-        if video_grid_thw is not None else iter(()),
-    }
-    position_ids = torch.zeros(3, B, L, dtype=torch.long, device=device)
-    deltas = []
-    if cu_seqlens is not None:
-        if B != 1 or attention_mask is not None:
-            raise ValueError("cu_seqlens (packed batch) needs B == 1 and no attention_mask")
-        bounds = cu_seqlens.tolist()
-        segments = [(0, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
-    else:
-        segments = [(b, 0, L) for b in range(B)]
-    for b, seg_start, seg_end in segments:
-        keep = torch.zeros(L, dtype=torch.bool, device=device)
-        keep[seg_start:seg_end] = True
-        if attention_mask is not None:
-            keep &= attention_mask[b].bool()
-        ids = input_ids[b][keep]
-        types = torch.zeros_like(ids)
-        types[ids == config.image_token_id] = 1
-        types[ids == config.video_token_id] = 2
-        # run boundaries of equal token type
-        change = torch.nonzero(types[1:] != types[:-1]).flatten() + 1
-        starts = [0] + change.tolist()
-        ends = change.tolist() + [len(ids)]
-        tt = types.tolist()
-        pieces, pos = [], 0
-        for s, e in zip(starts, ends):
-            kind, n = tt[s] if len(tt) else 0, e - s
-            if kind == 0:
-                pieces.append(torch.arange(pos, pos + n, device=device).expand(3, n))
-                pos += n
-                continue
-            try:
-                t, h, w = next(grids[kind])
-            except StopIteration:
-                what = "image_grid_thw" if kind == 1 else "video_grid_thw"
-                raise ValueError(f"sample {b}: more runs of {'image' if kind == 1 else 'video'} pad tokens than {what} rows") from None
-            hh, ww = h // merge, w // merge
-            if t * hh * ww != n:
-                raise ValueError(f"sample {b}: a run of {n} {'image' if kind == 1 else 'video'} pad tokens does not match "
-                                 f"its grid (t={t}, h={h}, w={w}) -> {t * hh * ww} tokens")
-            tpos = torch.arange(t, device=device).view(t, 1, 1).expand(t, hh, ww)
-            hpos = torch.arange(hh, device=device).view(1, hh, 1).expand(t, hh, ww)
-            wpos = torch.arange(ww, device=device).view(1, 1, ww).expand(t, hh, ww)
-            pieces.append(torch.stack([tpos, hpos, wpos]).reshape(3, -1) + pos)
-            pos += max(hh, ww)
-        if len(ids):
-            llm = torch.cat(pieces, dim=1)
-            position_ids[:, b, keep] = llm
-            deltas.append(int(llm.max()) + 1 - L)
-        else:
-            deltas.append(-L)
-    if cu_seqlens is not None:
-        deltas = deltas[-1:]  # decoding continues the last document
-    for kind, name in ((1, "image_grid_thw"), (2, "video_grid_thw")):
-        if next(grids[kind], None) is not None:
-            raise ValueError(f"{name} has more rows than there are runs of pad tokens in input_ids")
-    return position_ids, torch.tensor(deltas, dtype=torch.long, device=device).view(B, 1)
-
-
-def text_position_ids(attention_mask: torch.Tensor | None, B: int, L: int, offset: int | torch.Tensor = 0,
-                      device=None) -> torch.Tensor:
-    """Plain positions replicated on 3 axes: (3, B, L). With a mask, padding is skipped (left padding)."""
-    if attention_mask is None:
-        pos = torch.arange(L, device=device).view(1, L).expand(B, L)
-    else:
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    pos = pos + (offset if not torch.is_tensor(offset) else offset.view(-1, 1))
-    return pos.unsqueeze(0).expand(3, B, L)

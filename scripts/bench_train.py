@@ -28,7 +28,7 @@ from timing import median_ms  # noqa: E402  (scripts/timing.py)
 
 def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
     """One packed row: text, <|vision_start|> 256 image pads <|vision_end|>, text; labels on text positions."""
-    from model.rope import get_rope_index
+    from model.positions import get_rope_index
 
     g = torch.Generator().manual_seed(seed)
     n_img = 1024 // 4

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from model import load_processor, preset
-from model.rope import get_rope_index
+from model.positions import get_rope_index
 from train.config import DataConfig, OCRGenConfig
 from train.data import (BatchStream, ChatEncoder, DataError, PackedBatchSampler, SFTDataset, pack_samples,
                         to_messages)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import load_pretrained, save_pretrained
-from model.rope import get_rope_index
+from model.positions import get_rope_index
 from tests.hf_reference import PAD, Sample, batch, hf_inputs, hf_model, hf_tiny_config
 
 FP32 = dict(rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ Input formats (one JSON object per line; media paths relative to the dataset roo
     {"from": "gpt", "value": "..."}]}, converted to messages (tags become media items, in order).
 Each sample goes through the model's processor (chat template, media preprocessing, assistant-only labels as in
 qwen-vl-finetune); the exact length of every sample is known up front from image headers / video metadata.
-Position ids are computed per sample (get_rope_index, B=1) before packing; `pack_samples` concatenates samples into one row with `cu_seqlens`, so attention never crosses samples
+Position ids are computed per sample (model/positions.py, B=1) before packing; `pack_samples` concatenates samples into one row with `cu_seqlens`, so attention never crosses samples
 and next-token targets are shifted inside each sample. `PackedBatchSampler` groups by length and packs to a token
 budget, seeded by (seed, epoch) and resumable at any batch. Broken lines are reported with their line number and
 skipped (counted) or fatal, by `DataConfig.on_error`.
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from model.positions import get_rope_index, pack_position_ids
 
 from .config import DataConfig
 from .loss import IGNORE_INDEX
@@ -207,8 +209,6 @@ class ChatEncoder:
             messages: output of `to_messages`.
             root: directory media paths are relative to.
         """
-        from model.rope import get_rope_index
-
         out = self.proc.process_conversation(self._prepare(messages, root, prompt_only),
                                              add_generation_prompt=prompt_only, return_labels=not prompt_only)
         ids = out["input_ids"]
@@ -319,7 +319,7 @@ def pack_samples(samples: list[Encoded | None]) -> dict:
     out["input_ids"] = torch.cat([s.input_ids for s in kept])[None]
     # next-token targets inside each sample; the last token of a sample predicts nothing
     out["labels"] = torch.cat([torch.cat([s.labels[1:], s.labels.new_full((1,), IGNORE_INDEX)]) for s in kept])[None]
-    out["position_ids"] = torch.cat([s.position_ids for s in kept], dim=1)[:, None]
+    out["position_ids"] = pack_position_ids([s.position_ids for s in kept])
     out["cu_seqlens"] = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])
     out["doc_index"] = torch.repeat_interleave(torch.arange(len(kept)), lens)
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
