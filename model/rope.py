@@ -107,10 +107,14 @@ ROTARY_LAYOUTS: dict[str, RotaryLayout] = {}
 
 
 def rotary_layout(name: str, *, uses_section: bool = True, hf_spellings: tuple[dict[str, Any], ...] = ()):
-    """Decorator registering `fn(mrope_section, n_freq) -> axis ids` as layout `name` in ROTARY_LAYOUTS.
+    """Decorator registering `fn(mrope_section, n_freq) -> (n_freq,) long axis ids` as layout `name`.
 
-    Without hf_spellings the layout is written to config.json as {"mrope_layout": name} (plus "mrope_section"
-    when uses_section), which transformers does not read but our `from_hf` does.
+    Args:
+        name: the value of `RopeConfig.layout` (and of Hydra's `model.text.rope.layout`).
+        uses_section: False for layouts that ignore mrope_section (it is then neither checked nor written).
+        hf_spellings: see RotaryLayout; only for layouts transformers knows. By default the layout is written to
+            config.json as {"mrope_layout": name} (plus "mrope_section" when uses_section), which transformers
+            does not read but our `from_hf` does.
     """
     def register(fn):
         if name in ROTARY_LAYOUTS:
