@@ -63,14 +63,14 @@ def _sequence_position_ids(ids: torch.Tensor, grids: dict, merge: int, config, b
             pieces.append(torch.arange(pos, pos + n, device=device).expand(3, n))
             pos += n
             continue
+        what = "image" if kind == 1 else "video"
         try:
             t, h, w = next(grids[kind])
         except StopIteration:
-            what = "image_grid_thw" if kind == 1 else "video_grid_thw"
-            raise ValueError(f"sample {b}: more runs of {'image' if kind == 1 else 'video'} pad tokens than {what} rows") from None
+            raise ValueError(f"sample {b}: more runs of {what} pad tokens than {what}_grid_thw rows") from None
         hh, ww = h // merge, w // merge
         if t * hh * ww != n:
-            raise ValueError(f"sample {b}: a run of {n} {'image' if kind == 1 else 'video'} pad tokens does not match "
+            raise ValueError(f"sample {b}: a run of {n} {what} pad tokens does not match "
                              f"its grid (t={t}, h={h}, w={w}) -> {t * hh * ww} tokens")
         tpos = torch.arange(t, device=device).view(t, 1, 1).expand(t, hh, ww)
         hpos = torch.arange(hh, device=device).view(1, hh, 1).expand(t, hh, ww)
