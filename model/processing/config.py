@@ -77,6 +77,6 @@ class VisionPreprocessConfig:
                 **_FIXED_KEYS}
 
 
-# Official Qwen3-VL preprocessor_config.json / video_preprocessor_config.json values (SPEC.md section 5).
+# The official Qwen3-VL checkpoints' preprocessor_config.json / video_preprocessor_config.json values.
 OFFICIAL_IMAGE_CONFIG = VisionPreprocessConfig(min_pixels=65536, max_pixels=16777216)
 OFFICIAL_VIDEO_CONFIG = VisionPreprocessConfig(min_pixels=4096, max_pixels=25165824)

