@@ -138,7 +138,7 @@ def training_processor(processor, data: DataConfig):
 class ChatEncoder:
     """Conversations -> Encoded samples through the model's processor (chat template, media, assistant labels).
 
-    The processor (model/processing/processor.py) is the one home of the chat template and the label rule; this class adds
+    The processor (model/processing/) is the one home of the chat template and the label rule; this class adds
     the training-side pieces: media paths relative to a dataset root, the data config's pixel budgets, an optional
     system prompt, per-sample position ids, and `length()`, the exact token count computed from image headers and
     video metadata without decoding pixels (what packing needs up front).
