@@ -2,7 +2,7 @@
 
 Public API:
     load_pretrained, save_pretrained   -- official Hugging Face safetensors checkpoints (model/checkpoint.py)
-    load_processor                     -- tokenizer, chat template, image/video preprocessing (model/processing.py)
+    load_processor                     -- tokenizer, chat template, image/video preprocessing (model/processing/)
     Qwen3VL, Qwen3VLConfig, preset     -- the model and its configuration
 """
 from .config import Qwen3VLConfig, TextConfig, VisionConfig, RopeConfig, MoEConfig, preset

@@ -4,10 +4,10 @@ Generates (once, cached in /tmp) a synthetic 1280x720, 24 fps, 600 s H.264 file 
 (low complexity, so generation is fast), libx264 defaults apart from the `veryfast` preset (keyframe interval 250).
 Then, on the same file and in the same process:
 
-  ours-qvu   model.video.preprocess_video(rule="qwen-vl-utils")  -- same frames and sizes as qwen-vl-utils
+  ours-qvu   model.processing.preprocess_video(rule="qwen-vl-utils")  -- same frames and sizes as qwen-vl-utils
   ref-qvu    qwen_vl_utils.fetch_video (decord reader) + transformers Qwen3VLVideoProcessor(do_resize=False,
              do_sample_frames=False), the Qwen3-VL README recipe
-  ours-hf    model.video.preprocess_video(rule="transformers") with the official video budget
+  ours-hf    model.processing.preprocess_video(rule="transformers") with the official video budget
   ref-hf     transformers load_video(backend="pyav") + Qwen3VLVideoProcessor, the official budget
 
 Each path produces pixel_values_videos (N, 1536) fp32 + grid. We check that the sampled frame indices and grids agree
@@ -61,8 +61,7 @@ def make_video(path: str = VIDEO):
 
 
 def ours(path, rule):
-    from model.image import OFFICIAL_VIDEO_CONFIG
-    from model.video import preprocess_video
+    from model.processing import OFFICIAL_VIDEO_CONFIG, preprocess_video
 
     f = preprocess_video(path, OFFICIAL_VIDEO_CONFIG, rule=rule, options={"fps": 2.0})
     return f.pixel_values, list(f.grid_thw), f.frame_indices

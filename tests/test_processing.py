@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model import load_processor
-from model.image import OFFICIAL_IMAGE_CONFIG, VisionPreprocessConfig
+from model.processing import OFFICIAL_IMAGE_CONFIG, VisionPreprocessConfig
 from tests.test_tokenizer import hf_reference_tokenizer
 from tests.test_video import write_video
 
@@ -86,7 +86,7 @@ def test_single_image_matches_transformers(proc, hf_proc, tmp_path, kind, hw):
     assert ours["input_ids"].tolist() == ref["input_ids"].tolist()
     torch.testing.assert_close(ours["pixel_values"], ref["pixel_values"], rtol=0, atol=0)
     if kind == "jpeg-exif-rot90":
-        from model.image import image_size
+        from model.processing import image_size
 
         assert image_size(img) == (hw[1], hw[0])  # header-only size, after the 90-degree EXIF rotation
 
@@ -118,7 +118,7 @@ def test_batch_of_conversations_matches_transformers(proc, hf_proc, padding_side
 def test_checkpoint_preprocessor_budgets_are_used(tmp_path):
     """load_processor(dir) reads preprocessor_config.json: a small budget forces the downscale branch."""
     from transformers import Qwen2VLImageProcessor
-    from model.tokenizer import default_tokenizer_json_path
+    from model.processing.tokenizer import default_tokenizer_json_path
 
     (tmp_path / "tokenizer.json").write_text(default_tokenizer_json_path().read_text())
     cfg = {"size": {"shortest_edge": 3136, "longest_edge": 40000}, "patch_size": 16, "temporal_patch_size": 2,
@@ -291,7 +291,7 @@ def test_media_references_checked(proc):
         proc(text=["no tags"], images=[img])
     # A chat template that drops media: placeholders and media no longer agree.
     from model.processing import Qwen3VLProcessor
-    from model.tokenizer import Tokenizer
+    from model.processing import Tokenizer
 
     tok = Tokenizer(proc.tokenizer._tok, chat_template="{% for m in messages %}{{ m.role }}{% endfor %}")
     with pytest.raises(ValueError, match="0 image and 0 video placeholders but 1 images"):

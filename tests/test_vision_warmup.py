@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.image import preprocess_image
+from model.processing import preprocess_image
 from train.config import ConfigError
 from train.data import ChatEncoder, SFTDataset
 from train.trainer import build_model, train

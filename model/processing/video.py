@@ -1,0 +1,99 @@
+"""Video preprocessing for Qwen3-VL: plan, decode the sampled frames, resize, patchify.
+
+A video file is probed (`video_decode.probe_video`), planned from its metadata (`geometry.plan_video`: sampled
+frame indices by the "transformers" or "qwen-vl-utils" rule, frame size, grid, per-group timestamps), decoded
+(`video_decode.read_frames`, resizing each frame as it arrives with bicubic + antialias as each reference does it:
+transformers with torch's uint8 kernel like torchvision v2, qwen-vl-utils with fp32 then clamp + round like
+torchvision v1), then normalised and cut into rows (`patchify.patchify`; an odd frame count repeats the last frame).
+A video given as a list of frames uses every frame, timed by the item's `timestamps` or `sample_fps`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES, OFFICIAL_VIDEO_CONFIG, VisionPreprocessConfig
+from .geometry import check_video_options, plan_frame_list, plan_video
+from .image import load_image, resize
+from .media import local_path
+from .patchify import patchify
+from .video_decode import probe_video, read_frames
+from .video_sampling import VideoMetadata
+
+
+@dataclass
+class VideoFeatures:
+    """One preprocessed video.
+
+    Args:
+        pixel_values: (grid_t * grid_h * grid_w, 1536) fp32 rows; grid_thw: (grid_t, grid_h, grid_w);
+        timestamps: seconds per temporal group (len grid_t); frame_indices: sampled source frames;
+        metadata: the source stream's VideoMetadata (None for frame lists); frame_size: (h, w) after resizing.
+    """
+
+    pixel_values: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    timestamps: list[float]
+    frame_indices: list[int]
+    metadata: VideoMetadata | None = None
+    frame_size: tuple[int, int] = field(default=(0, 0))
+
+
+def preprocess_video(
+    video,
+    config: VisionPreprocessConfig = OFFICIAL_VIDEO_CONFIG,
+    *,
+    rule: str = "transformers",
+    fps: float = DEFAULT_FPS,
+    min_frames: int = DEFAULT_MIN_FRAMES,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    options: dict | None = None,
+) -> VideoFeatures:
+    """One video (file or frame list) -> rows, grid, per-group timestamps and the sampled frame indices.
+
+    Args:
+        video: path to a video file (optional `file://` prefix), or a list / (T, H, W, C) / (T, C, H, W) array of
+            frames (used as given).
+        config: video pixel budget and normalisation (video_preprocessor_config.json).
+        rule: "transformers" or "qwen-vl-utils" frame sampling and sizing.
+        fps, min_frames, max_frames: sampling defaults, overridden by `options`.
+        options: per-video keys from the message: fps, nframes, min_frames, max_frames, video_start, video_end,
+            min_pixels, max_pixels, total_pixels, resized_height, resized_width; for frame lists `timestamps`
+            (seconds per frame) or `sample_fps` (default 2: frame i at i / sample_fps).
+    """
+    o = dict(options or {})
+    if isinstance(video, (str, os.PathLike)):
+        path = local_path(video)
+        try:
+            check_video_options(o)
+            meta = probe_video(path)
+            if meta.total_num_frames <= 0:
+                raise ValueError("no frames")
+            plan = plan_video(meta, config, rule=rule, fps=fps, min_frames=min_frames, max_frames=max_frames,
+                              options=o)
+        except ValueError as e:
+            raise ValueError(f"video {path}: {e}") from e
+        # qwen-vl-utils resizes with torchvision's v1 (fp32) kernel, transformers 5 with v2's uint8 kernel.
+        frames = read_frames(path, plan.frame_indices, size=plan.size, uint8_kernel=rule == "transformers")
+    else:
+        meta = None
+        frames = _frames_from_list(video)
+        plan = plan_frame_list(frames.shape[0], frames.shape[-2], frames.shape[-1], config, rule=rule, options=o)
+        frames = resize(frames, *plan.size, uint8_kernel=rule == "transformers")
+    pixel_values, grid = patchify(frames, config)
+    return VideoFeatures(pixel_values, grid, plan.timestamps, plan.frame_indices, meta, plan.size)
+
+
+def _frames_from_list(video) -> torch.Tensor:
+    """A list of frames (paths / PIL / arrays) or a 4-D array -> (T, 3, H, W) uint8 or float (0..255 scale)."""
+    if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 4:
+        video = list(video)
+    if not isinstance(video, (list, tuple)) or len(video) == 0:
+        raise ValueError("a video must be a file path or a non-empty list of frames")
+    frames = [load_image(f, name=f"video frame {i}") for i, f in enumerate(video)]
+    h, w = frames[0].shape[-2:]
+    frames = [f if f.shape[-2:] == (h, w) else resize(f, h, w) for f in frames]
+    return torch.stack(frames)
