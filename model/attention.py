@@ -6,7 +6,7 @@ The mask is an `AttentionMask` (model/masks.py); the backend renders it:
 - `triton`: our kernels (`kernels.attention`, imported on first use so `model/` does not import Triton at import
   time): causal, window, global keys/queries, documents; no key padding;
 - `flex`: FlexAttention (torch.nn.attention.flex_attention) with the mask's `mask_mod`: every mask, for ablations of
-  masks our kernels lack (eager on CPU at small sizes; compile it for speed).
+  masks our kernels lack (on CPU: eager, forward only, small sizes; compile it for speed).
 A mask a backend cannot run raises NotImplementedError naming the backend and the mask feature.
 Tensors are in flash-attn's layout: (B, L, H, D), or packed (T, H, D) with the mask's `cu_seqlens`.
 """
