@@ -15,6 +15,11 @@ row (`cu_seqlens`, Lq == Lk == T) positions count from the start of each documen
     and (key j is real or j == p)      # key padding: a padded query sees itself, so no row is empty (NaN in SDPA)
 `num_global` and `global_queries` refine the window and change nothing without one (Longformer, Beltagy et al.
 2020: global tokens attend to and are attended by every token).
+
+A new mask feature: a field here, its clause in `visible` (then `dense` and `mask_mod` follow: the torch and flex
+backends run it) and its name in `features`; the Triton kernels either learn it (kernels/attention/masks.py, the
+flags of kernels/attention/common.py's `Problem`, `kernel_args` here) or list it in model/attention.py's
+UNSUPPORTED, and tests/test_masks.py's loop reference gets the clause too.
 """
 from __future__ import annotations
 
