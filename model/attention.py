@@ -1,8 +1,14 @@
 """The attention backend interface: every attention call in the model goes through `attend`.
 
-`torch` uses scaled_dot_product_attention (the default, works everywhere); `triton` uses our kernels
-(`kernels.attention`, imported on first use so `model/` does not import Triton at import time).
-Tensors are in flash-attn's layout: (B, L, H, D), or packed (T, H, D) with `cu_seqlens`.
+The mask is an `AttentionMask` (model/masks.py); the backend renders it:
+- `torch`: scaled_dot_product_attention (the default, works everywhere): plain causal calls use SDPA's own mask
+  (GQA natively), packed documents take the fast paths below, anything else a dense boolean mask;
+- `triton`: our kernels (`kernels.attention`, imported on first use so `model/` does not import Triton at import
+  time): causal, window, global keys/queries, documents; no key padding;
+- `flex`: FlexAttention (torch.nn.attention.flex_attention) with the mask's `mask_mod`: every mask, for ablations of
+  masks our kernels lack (on CPU: eager, forward only, small sizes; compile it for speed).
+A mask a backend cannot run raises NotImplementedError naming the backend and the mask feature.
+Tensors are in flash-attn's layout: (B, L, H, D), or packed (T, H, D) with the mask's `cu_seqlens`.
 """
 from __future__ import annotations
 
@@ -10,82 +16,115 @@ import torch
 import torch.nn.functional as F
 
 from .autocast import to_autocast_dtype
+from .masks import AttentionMask
 
+BACKENDS = ("torch", "triton", "flex")
+# mask features (AttentionMask.features) each backend lacks
+UNSUPPORTED = {"torch": (), "triton": ("key padding",), "flex": ()}
 
-def _sdpa(q, k, v, *, causal: bool, mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D) -> (B, Lq, Hq, D) through SDPA (GQA natively, else by repeating K/V)."""
-    hq, hkv = q.shape[2], k.shape[2]
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if hq != hkv and mask is None and (causal is False or q.shape[2] == k.shape[2]) and _SDPA_GQA:
-        # flash / math backends take GQA directly: no repeated K/V copies saved for backward
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
-        return out.transpose(1, 2)
-    if hq != hkv:
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
-    if causal and mask is None and q.shape[2] != k.shape[2]:
-        # bottom-right aligned causal mask (queries are the last Lq positions of the keys)
-        lq, lk = q.shape[2], k.shape[2]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
-        causal = False
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
-    return out.transpose(1, 2)
-
-
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # the argument exists (torch >= 2.5)
 _MAX_DOC_CALLS = 16          # more documents than this: use one block-diagonal masked call ...
 _MAX_MASKED_TOKENS = 16384   # ... if the (T, T) boolean mask stays small (<= 256 MB)
 
 
-def _doc_mask(lengths: list[int], causal: bool, device) -> torch.Tensor:
-    """(T, T) boolean keep-mask of a packed sequence: block-diagonal over documents, optionally causal."""
-    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
-    mask = doc[:, None] == doc[None, :]
-    if causal:
-        mask = mask.tril()
-    return mask
+def supports(backend: str, mask: AttentionMask) -> bool:
+    """True when `backend` can run `mask`."""
+    return not set(mask.features()) & set(UNSUPPORTED[backend])
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "torch", causal: bool = False,
-           cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-           mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+def _sdpa_dense(q, k, v, keep: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), keep broadcastable to (B, Hq, Lq, Lk) bool -> (B, Lq, Hq, D)."""
+    hq, hkv = q.shape[2], k.shape[2]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if hq != hkv:  # with an explicit mask SDPA would not take GQA on every backend: repeat K/V
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale).transpose(1, 2)
+
+
+def _sdpa(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
+    """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), a mask without documents -> (B, Lq, Hq, D) through SDPA."""
+    lq, lk = q.shape[1], k.shape[1]
+    if mask.window is None and mask.key_padding is None and (not mask.causal or lq == lk):
+        # SDPA's own (top-left aligned) causal mask is ours when Lq == Lk; flash / math backends take GQA directly,
+        # so no repeated K/V copies are saved for backward
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=mask.causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+    return _sdpa_dense(q, k, v, mask.dense(lq, lk, q.device), scale)
+
+
+def _torch(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
+    """The SDPA backend; packed documents as one call, a batch of equal documents, one masked call or a loop."""
+    if mask.cu_seqlens is None:
+        return _sdpa(q, k, v, mask, scale)
+    cu_seqlens, one = mask.cu_seqlens, mask.within_document()
+    if cu_seqlens.numel() == 2:  # one document: a plain call (no host sync, so no graph break under compile)
+        return _sdpa(q[None], k[None], v[None], one, scale)[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if len(set(lengths)) == 1:
+        # equal documents (e.g. the frames of a video): one batched call, (n, len, H, D)
+        n = len(lengths)
+        out = _sdpa(q.view(n, lengths[0], *q.shape[1:]), k.view(n, lengths[0], *k.shape[1:]),
+                    v.view(n, lengths[0], *v.shape[1:]), one, scale)
+        return out.reshape(q.shape)
+    T = q.shape[0]
+    if len(lengths) > _MAX_DOC_CALLS and T <= _MAX_MASKED_TOKENS:
+        # many short documents (packed training batches): one masked call beats hundreds of tiny launches
+        return _sdpa_dense(q[None], k[None], v[None], mask.dense(T, T, q.device), scale)[0]
+    outs = [_sdpa(qi[None], ki[None], vi[None], one, scale)[0]
+            for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
+    return torch.cat(outs, dim=0)
+
+
+def _flex(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
+    """The FlexAttention backend: the mask's mask_mod as a block mask (built once per mask object and shape)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    packed = mask.cu_seqlens is not None
+    if packed:  # (T, H, D) -> one row (1, T, H, D)
+        q, k, v = q[None], k[None], v[None]
+    q, k, v = to_autocast_dtype(q, k, v)  # flex_attention takes one dtype (fp32 RoPE outputs meet bf16 v)
+    lq, lk = q.shape[1], k.shape[1]
+    key = (lq, lk, q.device)
+    block_mask = mask._block_masks.get(key)
+    if block_mask is None:
+        batch = None if mask.key_padding is None else q.shape[0]  # only padding depends on the batch row
+        block_mask = create_block_mask(mask.mask_mod(lq, lk), batch, None, lq, lk, device=q.device)
+        mask._block_masks[key] = block_mask
+    out = flex_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask, scale=scale,
+                         enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    return out[0] if packed else out
+
+
+def _triton(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
+    from kernels.attention import attention  # Triton is imported only when asked for
+
+    q, k, v = to_autocast_dtype(q, k, v)  # as SDPA under autocast (fp32 RoPE outputs meet bf16 v)
+    return attention(q, k, v, **mask.kernel_args(), scale=scale)
+
+
+_RUN = {"torch": _torch, "triton": _triton, "flex": _flex}
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None = None, *,
+           backend: str = "torch", scale: float | None = None) -> torch.Tensor:
     """Attention in flash layout.
 
     Args:
-        q: (B, Lq, Hq, D) or packed (T, Hq, D) when cu_seqlens is given. k, v: (B, Lk, Hkv, D) or (T, Hkv, D).
-        backend: "torch" (SDPA) or "triton" (kernels.attention).
-        causal: causal mask (bottom-right aligned when Lq < Lk, i.e. decoding with a cache).
-        cu_seqlens: (n_docs + 1,) int32 document boundaries of a packed sequence.
-        max_seqlen: its longest document, if known (saves the Triton backend a host sync; needed under compile).
-        mask: optional boolean (B, 1, Lq, Lk) keep-mask (padding); torch backend only.
+        q: (B, Lq, Hq, D), or packed (T, Hq, D) when the mask has cu_seqlens. k, v: (B, Lk, Hkv, D) or (T, Hkv, D).
+        mask: which keys each query sees (model/masks.py); None: every key. Queries are bottom-right aligned when
+            Lq < Lk (decoding with a cache).
+        backend: "torch" (SDPA), "triton" (kernels.attention) or "flex" (FlexAttention).
         scale: softmax scale, default D ** -0.5.
     Returns: same layout as q.
     """
-    if backend == "triton" and mask is None:
-        from kernels.attention import attention  # Triton is imported only when asked for
-
-        q, k, v = to_autocast_dtype(q, k, v)  # as SDPA under autocast (fp32 RoPE outputs meet bf16 v)
-        return attention(q, k, v, causal=causal, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"unknown attention backend {backend!r}")
-    if cu_seqlens is not None:
-        if mask is not None:
-            raise ValueError("cu_seqlens and an explicit mask cannot be combined")
-        if cu_seqlens.numel() == 2:  # one document: a plain call (no host sync, so no graph break under compile)
-            return _sdpa(q[None], k[None], v[None], causal=causal, mask=None, scale=scale)[0]
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        if len(set(lengths)) == 1:
-            # equal documents (e.g. the frames of a video): one batched call, (n, len, H, D)
-            n = len(lengths)
-            out = _sdpa(q.view(n, lengths[0], *q.shape[1:]), k.view(n, lengths[0], *k.shape[1:]),
-                        v.view(n, lengths[0], *v.shape[1:]), causal=causal, mask=None, scale=scale)
-            return out.reshape(q.shape)
-        T = q.shape[0]
-        if len(lengths) > _MAX_DOC_CALLS and T <= _MAX_MASKED_TOKENS:
-            # many short documents (packed training batches): one masked call beats hundreds of tiny launches
-            return _sdpa(q[None], k[None], v[None], causal=False, mask=_doc_mask(lengths, causal, q.device),
-                         scale=scale)[0]
-        outs = [_sdpa(qi[None], ki[None], vi[None], causal=causal, mask=None, scale=scale)[0]
-                for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))]
-        return torch.cat(outs, dim=0)
-    return _sdpa(q, k, v, causal=causal, mask=mask, scale=scale)
+    if backend not in _RUN:
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    mask = AttentionMask() if mask is None else mask
+    if not isinstance(mask, AttentionMask):
+        raise TypeError(f"attend: mask must be a model.masks.AttentionMask or None, got {type(mask).__name__}")
+    missing = [f for f in mask.features() if f in UNSUPPORTED[backend]]
+    if missing:
+        raise NotImplementedError(f"attention backend {backend!r} cannot run a mask with {', '.join(missing)}; "
+                                  f"use backend 'torch' or 'flex' for it")
+    return _RUN[backend](q, k, v, mask, scale)

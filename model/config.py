@@ -17,7 +17,7 @@ from .moe import MoEConfig
 from .rope import ROTARY_LAYOUTS, SECTION
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
-ATTN_BACKENDS = ("torch", "triton")
+ATTN_BACKENDS = ("torch", "triton", "flex")  # model/attention.py
 
 
 class ConfigError(ValueError):

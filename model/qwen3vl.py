@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import supports
 from .config import Qwen3VLConfig
+from .masks import AttentionMask
 from .positions import get_rope_index
 from .rope import TextRotary
 from .text import TextDecoder
@@ -177,25 +179,24 @@ class Qwen3VL(nn.Module):
             raise ValueError(f"position_ids must be (3, B, L) = (3, {B}, {L}), got {tuple(position_ids.shape)}")
         cos, sin = self.rotary(position_ids, embeds.dtype)
 
-        mask = None
         past = past_key_values.length if past_key_values is not None else 0
+        key_padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             if attention_mask.shape != (B, past + L):
                 raise ValueError(f"attention_mask must be (B, cache + L) = ({B}, {past + L}), got {tuple(attention_mask.shape)}")
-            keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
-            causal = torch.ones(L, past + L, dtype=torch.bool, device=input_ids.device).tril(past)
-            mask = keys & causal
-            # padded queries see themselves only, so no row is empty (an empty row would give NaN in SDPA)
-            diag = torch.zeros_like(causal)
-            diag[torch.arange(L), torch.arange(L) + past] = True
-            mask = mask | diag
+            key_padding = attention_mask.bool()  # (B, Lk); padded queries see themselves only (model/masks.py)
 
         # the longest packed document, once per forward (the Triton kernels size their grid with it; SDPA needs none)
         max_seqlen = None
         if cu_seqlens is not None and self.config.attn_backend == "triton":
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        hidden, router_logits = lm(embeds, cos, sin, mask=mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                                   cache=past_key_values,
+        mask = AttentionMask(causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, key_padding=key_padding)
+        backend = None
+        if key_padding is not None and not supports(self.config.attn_backend, mask):
+            # The Triton kernels have no key padding: padded batches (batched generation) run the decoder through
+            # SDPA, chosen here rather than silently inside attend.
+            backend = "torch"
+        hidden, router_logits = lm(embeds, cos, sin, mask=mask, cache=past_key_values, backend=backend,
                                    visual_mask=visual_mask, deepstack=deepstack)
         if past_key_values is not None:
             past_key_values.advance()

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attend
 from .config import TextConfig
+from .masks import AttentionMask
 from .moe import SparseMoeBlock
 from .rope import apply_rotary
 
@@ -48,20 +49,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, *, mask=None, cu_seqlens=None, max_seqlen=None, cache=None):
-        """x (B, L, D); cos/sin (B, L, hd); mask (B, 1, L, Lk) bool or None; cache: KVCache or None."""
+    def forward(self, x, cos, sin, *, mask: AttentionMask, cache=None, backend: str | None = None):
+        """x (B, L, D); cos/sin (B, L, hd); mask: AttentionMask (packed (B == 1) when it has cu_seqlens);
+        cache: KVCache or None; backend: overrides the configured attention backend for this call."""
         B, L, _ = x.shape
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, L, self.hq, self.hd)), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(B, L, self.hkv, self.hd)), cos, sin)
         v = self.v_proj(x).view(B, L, self.hkv, self.hd)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Lk, Hkv, hd): past + new
-        if cu_seqlens is not None:
+        if mask.cu_seqlens is not None:
             # packed batch: (1, T, H, hd) -> (T, H, hd), documents never see each other
-            o = attend(q[0], k[0], v[0], backend=self.backend, causal=True, cu_seqlens=cu_seqlens,
-                       max_seqlen=max_seqlen)[None]
+            o = attend(q[0], k[0], v[0], mask, backend=backend or self.backend)[None]
         else:
-            o = attend(q, k, v, backend=self.backend, causal=True, mask=mask)
+            o = attend(q, k, v, mask, backend=backend or self.backend)
         return self.o_proj(o.reshape(B, L, -1))
 
 
@@ -87,10 +88,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cu_seqlens=None, cache=None, max_seqlen=None):
+    def forward(self, x, cos, sin, mask: AttentionMask, cache=None, backend: str | None = None):
         """Returns (x, router_logits or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cu_seqlens=cu_seqlens,
-                               max_seqlen=max_seqlen, cache=cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache, backend=backend)
         h = self.post_attention_layernorm(x)
         if self.sparse:
             h, router_logits = self.mlp(h)
@@ -110,24 +110,25 @@ class TextDecoder(nn.Module):
         self.activation_checkpointing = False
         self.checkpoint_every = 1  # checkpoint layer i when i % checkpoint_every == 0
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask=None, cu_seqlens=None,
-                max_seqlen: int | None = None, cache=None, visual_mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask: AttentionMask | None = None,
+                cache=None, backend: str | None = None, visual_mask: torch.Tensor | None = None,
                 deepstack: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Args:
             x: (B, L, D) input embeddings (visual features already scattered in).
             cos, sin: (B, L, head_dim) rotary tables.
-            mask: (B, 1, L, Lk) bool keep-mask for padded batches, or None (plain causal).
-            cu_seqlens: (n_docs + 1,) int32 for a packed batch (B == 1); max_seqlen: its longest document.
-            cache: KVCache for decoding.
+            mask: AttentionMask (model/masks.py): causal, plus documents for a packed batch (B == 1) or key
+                padding for a padded one; None: causal.
+            cache: KVCache for decoding. backend: overrides the configured attention backend (None: keep it).
             visual_mask: (B, L) bool, positions of image/video tokens; deepstack: per level (n_visual, D).
         Returns: (hidden (B, L, D) after the final norm, router logits of the MoE layers).
         """
+        mask = AttentionMask(causal=True) if mask is None else mask
         router_logits = []
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and i % self.checkpoint_every == 0:
-                x, rl = checkpoint(layer, x, cos, sin, mask, cu_seqlens, None, max_seqlen, use_reentrant=False)
+                x, rl = checkpoint(layer, x, cos, sin, mask, None, backend, use_reentrant=False)
             else:
-                x, rl = layer(x, cos, sin, mask=mask, cu_seqlens=cu_seqlens, cache=cache, max_seqlen=max_seqlen)
+                x, rl = layer(x, cos, sin, mask=mask, cache=cache, backend=backend)
             if rl is not None:
                 router_logits.append(rl)
             if deepstack is not None and i < len(deepstack) and visual_mask is not None:

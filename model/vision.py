@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import attend
 from .config import VisionConfig
+from .masks import AttentionMask
 from .rope import apply_rotary, vision_rotary
 
 
@@ -45,7 +46,8 @@ class VisionAttention(nn.Module):
         # RoPE in fp32, as the reference does, then back to the activation dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
-        o = attend(q, k, v, backend=self.backend, causal=False, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        # bidirectional within each frame (or image): the frames are the documents of a packed row
+        o = attend(q, k, v, AttentionMask(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), backend=self.backend)
         return self.proj(o.reshape(N, -1))
 
 

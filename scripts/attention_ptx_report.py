@@ -2,7 +2,7 @@
 
 For each kernel and config: registers, stack (spills), shared memory, and counts of the memory instructions in the
 PTX (16-byte `cp.async` / `ld.global.v4` versus 2-byte `ld.global.b16`). This is how the block-size lists in
-`kernels/attention/flash.py` were checked for spills and how the head_dim 72 path was found to use 2-byte loads.
+`kernels/attention/common.py` were checked for spills and how the head_dim 72 path was found to use 2-byte loads.
 Needs only Triton's bundled ptxas/cuobjdump, so it costs no device time; timings still need the GPU.
 
 Usage: python scripts/attention_ptx_report.py [--head-dim 72] [--causal] [--varlen]
@@ -23,7 +23,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels.attention import flash  # noqa: E402
+from kernels.attention import backward, common, forward  # noqa: E402
 
 _PTRS = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
 _PTRS.update(LSE="*fp32", DELTA="*fp32", cu_seqlens="*i32")
@@ -34,7 +34,7 @@ def compile_report(kernel, consts: dict, num_warps: int, num_stages: int, divisi
     """Compile one specialisation for sm_90 and return a one-line report.
 
     Args:
-        kernel: an autotuned or plain @triton.jit kernel of `flash`.
+        kernel: an autotuned or plain @triton.jit kernel of `forward` / `backward`.
         consts: constexpr values (block sizes and flags).
         divisible: argument names the launcher would specialise as divisible by 16 (pointers, strides).
     """
@@ -69,8 +69,8 @@ def main():
     base = dict(HEAD_DIM=args.head_dim, BLOCK_D=block_d, EVEN_D=block_d == args.head_dim, CAUSAL=args.causal,
                 WINDOW=args.window, VARLEN=args.varlen, PRECISION="tf32", ALIGN8=not args.unaligned,
                 GLOBAL_Q=args.global_queries)
-    for kernel, configs in ((flash._fwd_kernel, flash.FWD_CONFIGS), (flash._bwd_dq_kernel, flash.DQ_CONFIGS),
-                            (flash._bwd_dkdv_kernel, flash.DKDV_CONFIGS)):
+    for kernel, configs in ((forward.fwd_kernel, common.FWD_CONFIGS), (backward.bwd_dq_kernel, common.DQ_CONFIGS),
+                            (backward.bwd_dkdv_kernel, common.DKDV_CONFIGS)):
         names = kernel.fn.arg_names
         # what the launcher specialises for a (T, H, D) layout with H * D % 16 == 0: pointers, token and batch
         # strides; head strides only when D itself is a multiple of 16

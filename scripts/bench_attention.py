@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 
 from kernels.attention import attention  # noqa: E402
-from kernels.attention import flash as flash_mod  # noqa: E402
+from kernels.attention import backward, forward  # noqa: E402
 from kernels.attention.flash import flash_attn_fwd  # noqa: E402
 
 
@@ -64,21 +64,12 @@ def _time(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _mask_mod(case: Case, doc_id):
-    """FlexAttention mask_mod equal to our visibility rule (positions within a document)."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        vis = q_idx >= 0
-        if case.causal:
-            vis = vis & (kv_idx <= q_idx)
-        if case.window is not None:
-            if doc_id is not None:
-                raise NotImplementedError
-            near = ((q_idx - kv_idx) < case.window) & ((kv_idx - q_idx) < case.window)
-            vis = vis & (near | (kv_idx < case.num_global))
-        if doc_id is not None:
-            vis = vis & (doc_id[q_idx] == doc_id[kv_idx])
-        return vis
-    return mask_mod
+def _mask(case: Case, device):
+    """The case's mask as model/masks.py describes it (FlexAttention runs its mask_mod, positions within documents)."""
+    from model.masks import AttentionMask
+
+    cu = torch.tensor([0] + case.docs, device=device).cumsum(0).to(torch.int32) if case.docs else None
+    return AttentionMask(causal=case.causal, window=case.window, num_global=case.num_global, cu_seqlens=cu)
 
 
 def _make(case: Case, provider: str, dtype, device):
@@ -121,11 +112,8 @@ def _make(case: Case, provider: str, dtype, device):
         return fwd, (q, k, v)
     if provider == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-        doc_id = None
-        if case.docs:
-            doc_id = torch.repeat_interleave(torch.arange(len(case.docs), device=device),
-                                             torch.tensor(case.docs, device=device))
-        block_mask = create_block_mask(_mask_mod(case, doc_id), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+        block_mask = create_block_mask(_mask(case, device).mask_mod(n, n), B=None, H=None, Q_LEN=n, KV_LEN=n,
+                                       device=device)
         flex = _FLEX.setdefault("fn", torch.compile(flex_attention, dynamic=False))
         return (lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=case.hq != case.hkv)), (q, k, v)
     raise ValueError(provider)
@@ -256,7 +244,7 @@ def main():
     if not args.only or "decode" in args.only:
         bench_decode(device, dtype, rows, **({} if not args.tiny else dict(lk=1100, batch=1, hq=4, hkv=2, d=64)))
     # autotuner choices (what to keep when trimming the config lists)
-    for kern in (flash_mod._fwd_kernel, flash_mod._bwd_dq_kernel, flash_mod._bwd_dkdv_kernel):
+    for kern in (forward.fwd_kernel, backward.bwd_dq_kernel, backward.bwd_dkdv_kernel):
         for key, cfg in getattr(kern, "cache", {}).items():
             print(f"  tuned {kern.fn.__name__} {key}: {cfg}")
     dev = torch.cuda.get_device_name() if device == "cuda" else platform.processor()

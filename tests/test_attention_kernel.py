@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from kernels.attention import attention, attention_naive, decode_attention, visibility_mask
+from kernels.attention import common as kernel_common
 from kernels.attention import flash as flash_mod
 
 CUDA = torch.cuda.is_available()
@@ -33,7 +34,7 @@ def _poison_outputs(monkeypatch):
     """Every buffer the kernels write starts as NaN: an unwritten element shows up as a mismatch."""
     def nan_empty(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(flash_mod, "_empty_output", nan_empty)
+    monkeypatch.setattr(kernel_common, "empty_output", nan_empty)
 
 
 def _assert_close(name, got, ref, dtype):

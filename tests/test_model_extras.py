@@ -174,13 +174,14 @@ def test_mismatched_vision_inputs_raise_clear_errors():
 def test_attend_many_documents_masked_path_equals_per_document(causal):
     """> 16 packed documents take the single block-diagonal masked SDPA call; it must equal per-document calls."""
     from model.attention import attend
+    from model.masks import AttentionMask
 
     lengths = torch.randint(1, 12, (23,)).tolist()
     T = sum(lengths)
     q, k, v = torch.randn(T, 4, 16), torch.randn(T, 2, 16), torch.randn(T, 2, 16)
     cu = torch.nn.functional.pad(torch.tensor(lengths).cumsum(0), (1, 0)).int()
-    out = attend(q, k, v, causal=causal, cu_seqlens=cu)
-    ref = torch.cat([attend(qi[None], ki[None], vi[None], causal=causal)[0]
+    out = attend(q, k, v, AttentionMask(causal=causal, cu_seqlens=cu))
+    ref = torch.cat([attend(qi[None], ki[None], vi[None], AttentionMask(causal=causal))[0]
                      for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths))])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -190,6 +191,7 @@ def test_triton_backend_inside_torch_compile():
     (fullgraph=True fails on any graph break) through AOTAutograd (fake shapes, registered backward); packed with
     max_seqlen as the model passes it, outputs and gradients equal the eager torch backend's."""
     from model.attention import attend
+    from model.masks import AttentionMask
 
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton interpreter (tests/conftest.py)
@@ -202,9 +204,9 @@ def test_triton_backend_inside_torch_compile():
         out.square().sum().backward()
         return [out.detach()] + [x.grad for x in leaves]
 
-    compiled = torch.compile(lambda q, k, v: attend(q, k, v, backend="triton", causal=True, cu_seqlens=cu,
-                                                    max_seqlen=9) * 2, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(lambda q, k, v: attend(q, k, v, AttentionMask(causal=True, cu_seqlens=cu, max_seqlen=9),
+                                                    backend="triton") * 2, backend="aot_eager", fullgraph=True)
     got = run(compiled)
-    ref = run(lambda q, k, v: attend(q, k, v, backend="torch", causal=True, cu_seqlens=cu) * 2)
+    ref = run(lambda q, k, v: attend(q, k, v, AttentionMask(causal=True, cu_seqlens=cu), backend="torch") * 2)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)

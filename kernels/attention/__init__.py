@@ -1,8 +1,10 @@
 """Triton flash attention: `attention(q, k, v, ...)` with causal / sliding-window / global-token / packed masks.
 
-Layout as flash-attn: q (B, L, Hq, D), k and v (B, L, Hkv, D), or packed (T, H, D) with `cu_seqlens`. Forward and
-backward kernels are in `flash.py` (FlashAttention-2 structure), the long-cache decoding path in `decode.py`
-(flash-decoding), and the fp32 reference the tests use in `naive.py`.
+Layout as flash-attn: q (B, L, Hq, D), k and v (B, L, Hkv, D), or packed (T, H, D) with `cu_seqlens`. The forward
+and backward kernels are in `forward.py` and `backward.py` (FlashAttention-2 structure), their mask helpers in
+`masks.py`, shared launch pieces in `common.py`, the custom ops and autograd in `flash.py`, the long-cache decoding
+path in `decode.py` (flash-decoding), and the fp32 reference the tests use in `naive.py` (visibility from
+model/masks.py, the model's mask description).
 """
 from __future__ import annotations
 

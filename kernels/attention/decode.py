@@ -4,7 +4,8 @@ inference").
 For generation with a long KV cache: few queries, very long keys. The keys are split into chunks, one program per
 (chunk, KV head, sequence) computes a partial softmax over its chunk for all the query heads of its GQA group at
 once (rows = group x queries, so K/V are read once per KV head), and a second kernel combines the partial outputs
-through their log-sum-exps. Forward only (no autograd); same masks and bottom-right alignment as `flash.py`.
+through their log-sum-exps. Forward only (no autograd); the masks of kernels/attention/masks.py and the bottom-right
+alignment of `flash.py`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import flash as _flash
-from .flash import INTERPRET, _visible
+from . import common
+from .common import INTERPRET, LN2, LOG2E
+from .masks import visible
 
 
 @triton.jit
@@ -41,7 +43,7 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
     q = tl.load(Q + b * stride_qb + i[:, None] * stride_qt + hq[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     qpos = i + (seqlen_k - seqlen_q)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     start = s * keys_per_split
@@ -70,7 +72,7 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            vis = _visible(qpos[:, None], kn[None, :], row_ok[:, None], k_ok[None, :], window, num_global, CAUSAL,
+            vis = visible(qpos[:, None], kn[None, :], row_ok[:, None], k_ok[None, :], window, num_global, CAUSAL,
                            WINDOW, GLOBAL_Q)
             qk = tl.where(vis, qk, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
@@ -84,7 +86,7 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
             m_i = m_ij
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     o = acc / l_safe[:, None]
     n_heads = tl.num_programs(1) * GROUP
     row_idx = ((s * n_batch + b) * n_heads + hq) * seqlen_q + i  # flat index into (S, B, Hq, Lq)
@@ -152,16 +154,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     num_splits = triton.cdiv(lk, keys_per_split)
     block_d = max(16, triton.next_power_of_2(d))
     block_r = max(16, triton.next_power_of_2(rows))
-    op = _flash._empty_output((num_splits, bsz, hq, lq, d), torch.float32, q.device)
-    lp = _flash._empty_output((num_splits, bsz, hq, lq), torch.float32, q.device)
+    op = common.empty_output((num_splits, bsz, hq, lq, d), torch.float32, q.device)
+    lp = common.empty_output((num_splits, bsz, hq, lq), torch.float32, q.device)
     _decode_partial_kernel[(num_splits, hkv, bsz)](
         q, k, v, op, lp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], lq, lk, keys_per_split, scale,
         window or 0, num_global, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
         CAUSAL=causal, WINDOW=window is not None, GLOBAL_Q=bool(global_queries) and window is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4, num_stages=1 if INTERPRET else (2 if q.dtype == torch.float32 else 3))
-    o = _flash._empty_output(q.shape, q.dtype, q.device)
-    lse = _flash._empty_output((bsz, hq, lq), torch.float32, q.device)
+    o = common.empty_output(q.shape, q.dtype, q.device)
+    lse = common.empty_output((bsz, hq, lq), torch.float32, q.device)
     n_rows = bsz * hq * lq
     _decode_combine_kernel[(n_rows,)](op, lp, o, lse, *o.stride()[:3], num_splits, n_rows, lq, hq, HEAD_DIM=d,
                                       BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)),

@@ -1,36 +1,29 @@
 """Plain-PyTorch fp32 reference for `kernels.attention.attention` (the oracle the kernel tests compare against).
 
-Materialises the full (Lq, Lk) score matrix per sequence, so it is only for small shapes. The visibility rule is
-the one the kernels implement (flash-attn conventions, bottom-right aligned when Lq != Lk):
-query i sits at key position p = Lk - Lq + i, and key j is visible when
+Materialises the full (Lq, Lk) score matrix per sequence, so it is only for small shapes. Visibility is model/masks.py's
+`AttentionMask` (the one definition the model's backends use too; flash-attn conventions, bottom-right aligned when
+Lq != Lk): query i sits at key position p = Lk - Lq + i, and key j is visible when
 (not causal or j <= p) and (window is None or |p - j| < window or j < num_global
-                            or (global_queries and p < num_global)).
-A query that sees no key returns output 0 and LSE -inf.
+                            or (global_queries and p < num_global)),
+positions counted inside each document of a packed row. A query that sees no key returns output 0 and LSE -inf.
 """
 from __future__ import annotations
 
 import torch
 
+from model.masks import AttentionMask  # plain torch: no Triton, no model weights
+
 
 def visibility_mask(lq: int, lk: int, *, causal: bool = False, window: int | None = None, num_global: int = 0,
                     global_queries: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
-    """Boolean (lq, lk) mask, True where query i may attend to key j.
+    """Boolean (lq, lk) mask, True where query i may attend to key j (`AttentionMask.dense`).
 
     Args:
         lq, lk: query and key lengths of one sequence (queries bottom-right aligned to keys).
         causal, window, num_global, global_queries: the mask options of `attention`.
     """
-    qpos = torch.arange(lq, device=device)[:, None] + (lk - lq)  # (lq, 1) positions in key coordinates
-    kpos = torch.arange(lk, device=device)[None, :]  # (1, lk)
-    vis = torch.ones(lq, lk, dtype=torch.bool, device=device)
-    if causal:
-        vis &= kpos <= qpos
-    if window is not None:
-        near = ((qpos - kpos).abs() < window) | (kpos < num_global)
-        if global_queries:
-            near = near | (qpos < num_global)  # the first G query positions attend everywhere
-        vis &= near
-    return vis
+    return AttentionMask(causal=causal, window=window, num_global=num_global,
+                         global_queries=global_queries).dense(lq, lk, device)
 
 
 def _attend_one(q, k, v, vis, scale):
@@ -63,19 +56,17 @@ def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     qf, kf, vf = q.float(), k.float(), v.float()
+    mask = AttentionMask(causal=causal, window=window, num_global=num_global, global_queries=global_queries)
     if cu_seqlens is None:
-        vis = visibility_mask(q.shape[1], k.shape[1], causal=causal, window=window, num_global=num_global,
-                              global_queries=global_queries, device=q.device)
+        vis = mask.dense(q.shape[1], k.shape[1], q.device)
         outs = [_attend_one(qf[b], kf[b], vf[b], vis, scale) for b in range(q.shape[0])]
         o = torch.stack([x[0] for x in outs])  # (B, Lq, Hq, D)
         lse = torch.stack([x[1] for x in outs])  # (B, Hq, Lq)
     else:
         bounds = cu_seqlens.tolist()
         os_, lses = [], []
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            vis = visibility_mask(e - s, e - s, causal=causal, window=window, num_global=num_global,
-                                  global_queries=global_queries, device=q.device)
-            o_d, lse_d = _attend_one(qf[s:e], kf[s:e], vf[s:e], vis, scale)
+        for s, e in zip(bounds[:-1], bounds[1:]):  # one document at a time: the same mask inside each
+            o_d, lse_d = _attend_one(qf[s:e], kf[s:e], vf[s:e], mask.dense(e - s, e - s, q.device), scale)
             os_.append(o_d)
             lses.append(lse_d)
         o = torch.cat(os_, dim=0)  # (T, Hq, D)
