@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from eval.niah import NeedleConfig, passkey_case, run_needle, video_case
+from eval.niah import NeedleConfig, run_needle
+from eval.tasks.passkey import passkey_case
+from eval.tasks.vniah import video_case
 from eval.scoring import teacher_forced_correct
 from model import load_processor
 
@@ -95,9 +97,9 @@ def test_sweep_scores_and_writes_results(proc, tmp_path):
 
 
 def test_eval_entry_point_rejects_unknown_keys():
-    from train.config import ConfigError, config_from_dict
-
     from eval.run import EvalConfig
+    from model.build import config_from_dict
+    from model.config import ConfigError
 
     with pytest.raises(ConfigError, match="lenghts"):
         config_from_dict({"needle": {"lenghts": [1]}}, EvalConfig)

@@ -7,7 +7,8 @@ import torch
 from model.image import preprocess_image
 from train.config import ConfigError
 from train.data import ChatEncoder, SFTDataset
-from train.trainer import build_model, train
+from model.build import build_model
+from train.trainer import train
 from train.vision_warmup import CTCHead, column_features, vision_warmup
 
 from .test_train_common import params_snapshot, small_config
