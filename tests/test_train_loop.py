@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from model import load_pretrained
+from model.build import build_model
 from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, verify_checkpoint
 from train.data import ChatEncoder, SFTDataset, pack_samples
 from train.loss import IGNORE_INDEX
-from model.build import build_model
 from train.optim import build_optimizer, lr_at
 from train.step import forward_losses
 from train.trainer import train

@@ -59,20 +59,44 @@ def _resume_from(cfg: Config, ckpt_root: Path) -> Path | None:
     return None if cfg.train.resume == "none" else Path(cfg.train.resume)
 
 
-def _warm_up_vision(model, train_ds, cfg: Config, counts: dict, distributed: bool, device) -> dict:
-    """The first stage (train/vision_warmup.py) on a fresh run; returns its CTC losses and wall time."""
-    if distributed:
-        raise ConfigError("train.vision_warmup runs single-process; warm up once, then launch torchrun with "
-                          "model.path=<that export>")
-    if counts.get("vision", 0) == 0:
-        raise ConfigError("train.vision_warmup.steps > 0 but the vision tower is frozen (train.freeze.vision or "
-                          "mode=lora): nothing to warm up")
-    from .vision_warmup import vision_warmup
+def _prepare_model(model, cfg: Config, train_ds, fresh: bool, device) -> tuple[dict, dict | None]:
+    """LoRA, freezing, the vision warm-up (fresh runs: a checkpoint already holds the warmed-up tower), then from
+    outside the model: activation checkpointing, compile, FSDP. Returns (trainable counts per group, warm-up result).
+    """
+    distributed = cfg.parallel.strategy == "fsdp"
+    if cfg.train.mode == "lora":
+        from .lora import apply_lora
 
-    t_warm = time.perf_counter()
-    result = vision_warmup(model, train_ds, cfg.train.vision_warmup, device, log=print)
-    result["wall_s"] = time.perf_counter() - t_warm
-    return result
+        lc = cfg.train.lora
+        apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules, lc.exclude_vision)
+    counts = apply_freezing(model, cfg.train.freeze)
+    warmup_result = None
+    if cfg.train.vision_warmup.steps > 0 and fresh:
+        if distributed:
+            raise ConfigError("train.vision_warmup runs single-process; warm up once, then launch torchrun with "
+                              "model.path=<that export>")
+        if counts.get("vision", 0) == 0:
+            raise ConfigError("train.vision_warmup.steps > 0 but the vision tower is frozen (train.freeze.vision "
+                              "or mode=lora): nothing to warm up")
+        from .vision_warmup import vision_warmup
+
+        t_warm = time.perf_counter()
+        warmup_result = vision_warmup(model, train_ds, cfg.train.vision_warmup, device, log=print)
+        warmup_result["wall_s"] = time.perf_counter() - t_warm
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model, vision=cfg.train.checkpoint_vision)
+    if cfg.train.compile:
+        apply_compile(model, dynamic=None)  # packed batches change length: dynamic shapes after the first recompile
+    if distributed:
+        apply_fsdp(model, cfg.parallel, device.type)
+    return counts, warmup_result
+
+
+def _should_stop(cfg: Config, step: int, start_step: int, t_start: float, world: int, device) -> bool:
+    """train.max_time_s passed (on any rank) or train.stop_after_steps taken in this invocation."""
+    stop = cfg.train.max_time_s > 0 and time.perf_counter() - t_start > cfg.train.max_time_s
+    stop = bool(all_reduce_sum(1.0 if stop else 0.0, device) > 0) if world > 1 else stop
+    return stop or (cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps)
 
 
 def train(cfg: Config) -> dict:
@@ -99,28 +123,10 @@ def train(cfg: Config) -> dict:
 
     processor = load_processor(cfg.model.path)
     encoder = ChatEncoder(processor, model.config, cfg.data)
-    train_ds = SFTDataset(train_path, encoder, dataset_root(cfg.data, train_path), cfg.data.max_seq_len,
-                          cfg.data.on_error)
-    val_ds = SFTDataset(val_path, encoder, dataset_root(cfg.data, val_path), cfg.data.max_seq_len,
-                        cfg.data.on_error) if val_path else None
-
-    # -- model surgery, warm-up, then (from outside the model) checkpointing, compile, FSDP; the optimizer
-    if cfg.train.mode == "lora":
-        from .lora import apply_lora
-
-        lc = cfg.train.lora
-        apply_lora(model, lc.r, lc.alpha, lc.dropout, lc.target_modules, lc.exclude_vision)
-    counts = apply_freezing(model, cfg.train.freeze)
+    train_ds, val_ds = (SFTDataset(p, encoder, dataset_root(cfg.data, p), cfg.data.max_seq_len, cfg.data.on_error)
+                        if p else None for p in (train_path, val_path))
     resume_from = _resume_from(cfg, ckpt_root)
-    warmup_result = None  # a checkpoint already holds the warmed-up tower
-    if cfg.train.vision_warmup.steps > 0 and resume_from is None:
-        warmup_result = _warm_up_vision(model, train_ds, cfg, counts, distributed, device)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model, vision=cfg.train.checkpoint_vision)
-    if cfg.train.compile:
-        apply_compile(model, dynamic=None)  # packed batches change length: dynamic shapes after the first recompile
-    if distributed:
-        apply_fsdp(model, cfg.parallel, device.type)
+    counts, warmup_result = _prepare_model(model, cfg, train_ds, fresh=resume_from is None, device=device)
     optimizer = build_optimizer(model, cfg.optim)
     start_step, position = 0, {"epoch": 0, "offset": 0}
     if resume_from is not None:
@@ -170,10 +176,7 @@ def train(cfg: Config) -> dict:
         logger.step(step, metrics, optimizer.param_groups[0]["lr"], tokens_since / max(dt, 1e-9))
         if step % 10 == 0:
             tokens_since, t_since = 0, time.perf_counter()
-        timed_out = cfg.train.max_time_s > 0 and time.perf_counter() - t_start > cfg.train.max_time_s
-        timed_out = bool(all_reduce_sum(1.0 if timed_out else 0.0, device) > 0) if world > 1 else timed_out
-        if cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps:
-            timed_out = True
+        timed_out = _should_stop(cfg, step, start_step, t_start, world, device)
         if cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0 and step < cfg.train.steps and not timed_out:
             do_eval()
         if (cfg.train.save_every > 0 and step % cfg.train.save_every == 0) or step == cfg.train.steps or timed_out:
