@@ -1,10 +1,8 @@
-"""Long-context needle tests: needle-in-a-video-haystack (V-NIAH) and text passkey retrieval.
+"""The needle sweep shared by every long-context task: lengths x depths cells, teacher-forced scoring, JSON + heatmap.
 
-V-NIAH (Zhang et al. 2024, LongVA; the protocol Qwen3-VL reports as a length x depth heatmap): a haystack of
-frames sampled at 1 fps, one needle frame inserted at a relative depth, a question whose answer only the needle
-holds, scored by teacher forcing (`eval.scoring`). Here the haystack is synthetic (smooth random colour fields, no
-downloads) and the needle is a rendered frame "THE SECRET NUMBER IS 4821"; bring your own haystack frames with
-`frames_dir`. Passkey (Mohtashami & Jaggi 2023): a 5-digit key hidden at a depth in repeated filler text.
+A task (eval/tasks/: V-NIAH video needles, text passkeys, ...) builds one cell's prompt and gold answer; this
+module runs the grid, scores each trial by teacher forcing (`eval.scoring`, the V-NIAH protocol of Zhang et al.
+2024, LongVA) and reports accuracy per length x depth, the way Qwen3-VL reports V-NIAH.
 """
 from __future__ import annotations
 
@@ -14,20 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from .scoring import teacher_forced_correct
-
-FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
+from .tasks import get_task
 
 
 @dataclass
 class NeedleConfig:
-    """One sweep of a needle test over lengths x depths."""
+    """One sweep of a needle test over lengths x depths; task options (frame_size ... question, extra) are read
+    by the tasks that use them."""
 
-    task: str = "video"                      # "video" (V-NIAH) or "passkey"
-    lengths: tuple[int, ...] = (16, 32)      # video: haystack frames; passkey: approximate prompt tokens
+    task: str = "vniah"                      # a name in eval.tasks.TASKS (vniah, passkey, ...)
+    lengths: tuple[int, ...] = (16, 32)      # in the task's unit: vniah haystack frames, passkey prompt tokens
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)
     trials: int = 1                          # needles per cell (different answers / haystacks)
     frame_size: int = 224                    # haystack frame side (pixels) before the processor's resize
@@ -36,73 +33,12 @@ class NeedleConfig:
     seed: int = 0
     out_dir: str = "eval_out"
     question: str = "What is the secret number shown in one of the frames? Answer with the number only."
-    extra: dict = field(default_factory=dict)
-
-
-def haystack_frames(n: int, size: int, rng: np.random.Generator, frames_dir: str | None = None) -> list[np.ndarray]:
-    """n frames (H, W, 3) uint8: from frames_dir (cycled) or smooth random colour fields."""
-    if frames_dir:
-        files = sorted(p for p in Path(frames_dir).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not files:
-            raise FileNotFoundError(f"frames_dir {frames_dir} holds no .png/.jpg frames")
-        return [np.array(Image.open(files[i % len(files)]).convert("RGB").resize((size, size))) for i in range(n)]
-    coarse = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
-    return [np.array(Image.fromarray(c).resize((size, size), Image.BICUBIC)) for c in coarse]
-
-
-def needle_frame(text: str, size: int) -> np.ndarray:
-    """A white frame with `text` in large black letters."""
-    img = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(img)
-    try:
-        import matplotlib
-
-        font = ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts/ttf/DejaVuSans-Bold.ttf"), size // 9)
-    except (ImportError, OSError):
-        font = ImageFont.load_default()
-    words, lines = text.split(), []
-    for w in words:  # greedy line wrap
-        if lines and draw.textlength(lines[-1] + " " + w, font=font) < size * 0.9:
-            lines[-1] += " " + w
-        else:
-            lines.append(w)
-    y = size // 2 - len(lines) * size // 18
-    for line in lines:
-        draw.text((size * 0.05, y), line, fill="black", font=font)
-        y += size // 8
-    return np.array(img)
-
-
-def video_case(proc, n_frames: int, depth: float, rng: np.random.Generator, cfg: NeedleConfig):
-    """Processor inputs and gold answer for one V-NIAH cell."""
-    frames = haystack_frames(n_frames, cfg.frame_size, rng, cfg.frames_dir)
-    answer = str(rng.integers(1000, 10000))
-    pos = min(n_frames - 1, int(round(depth * (n_frames - 1))))
-    frames[pos] = needle_frame(f"THE SECRET NUMBER IS {answer}", cfg.frame_size)
-    item = {"type": "video", "video": frames, "timestamps": [i / cfg.fps for i in range(n_frames)],
-            "resized_height": cfg.frame_size, "resized_width": cfg.frame_size}
-    conv = [{"role": "user", "content": [item, {"type": "text", "text": cfg.question}]}]
-    return proc(messages=[conv], add_generation_prompt=True), answer
-
-
-def passkey_case(proc, n_tokens: int, depth: float, rng: np.random.Generator, cfg: NeedleConfig):
-    """Processor inputs and gold answer for one passkey cell (prompt of about n_tokens tokens)."""
-    answer = str(rng.integers(10000, 100000))
-    per = max(1, len(proc.tokenizer.encode(FILLER)))
-    reps = max(1, n_tokens // per)
-    cut = int(round(depth * reps))
-    needle = f"The pass key is {answer}. Remember it. {answer} is the pass key. "
-    text = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-            + FILLER * cut + needle + FILLER * (reps - cut) + "What is the pass key? Answer with the number only.")
-    conv = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-    return proc(messages=[conv], add_generation_prompt=True), answer
+    extra: dict = field(default_factory=dict)  # options of tasks added later (conf/task/<name>.yaml)
 
 
 def run_needle(model, proc, cfg: NeedleConfig) -> dict:
     """Sweep lengths x depths; returns {"accuracy": [[...]], "tokens": [[...]], ...} and writes JSON + heatmap."""
-    if cfg.task not in ("video", "passkey"):
-        raise ValueError(f"unknown needle task {cfg.task!r} (video | passkey)")
-    make = video_case if cfg.task == "video" else passkey_case
+    task = get_task(cfg.task)
     rng = np.random.default_rng(cfg.seed)
     random.seed(cfg.seed)
     acc = np.zeros((len(cfg.lengths), len(cfg.depths)))
@@ -111,12 +47,12 @@ def run_needle(model, proc, cfg: NeedleConfig) -> dict:
     for i, j in tqdm(cells, desc=f"needle-{cfg.task}", unit="cell"):
         hits = 0
         for _ in range(cfg.trials):
-            inputs, answer = make(proc, cfg.lengths[i], cfg.depths[j], rng, cfg)
+            inputs, answer = task.make_case(proc, cfg.lengths[i], cfg.depths[j], rng, cfg)
             ok, _ = teacher_forced_correct(model, inputs, proc.tokenizer.encode(answer))
             hits += ok
             tokens[i, j] = inputs["input_ids"].shape[1]
         acc[i, j] = hits / cfg.trials
-    result = {"task": cfg.task, "lengths": list(cfg.lengths), "depths": list(cfg.depths),
+    result = {"task": cfg.task, "unit": task.unit, "lengths": list(cfg.lengths), "depths": list(cfg.depths),
               "accuracy": acc.tolist(), "tokens": tokens.tolist(), "mean_accuracy": float(acc.mean())}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,11 +71,10 @@ def plot_heatmap(result: dict, path: Path):
     acc = np.array(result["accuracy"])
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * acc.shape[0], 1.5 + 0.5 * acc.shape[1]))
     im = ax.imshow(acc.T, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
-    unit = "frames" if result["task"] == "video" else "tokens"
     ax.set_xticks(range(len(result["lengths"])), [f"{n}\n({t} tok)" for n, t in
                                                    zip(result["lengths"], np.array(result["tokens"])[:, 0])])
     ax.set_yticks(range(len(result["depths"])), [f"{d:.0%}" for d in result["depths"]])
-    ax.set_xlabel(f"haystack length ({unit})")
+    ax.set_xlabel(f"haystack length ({result['unit']})")
     ax.set_ylabel("needle depth")
     for (x, y), v in np.ndenumerate(acc):
         ax.text(x, y, f"{v:.0%}", ha="center", va="center", fontsize=8)

@@ -1,22 +1,22 @@
-"""Evaluation run: build the model and processor once, then sweep the needle test (see eval/niah.py)."""
+"""Evaluation run: build the model and processor once, then sweep the needle task (eval/niah.py, eval/tasks/)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
 
-from train.config import ModelConfig
+from model.build import ModelSpec, build_model
 
 from .niah import NeedleConfig, run_needle
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """model: which model (train.config.ModelConfig: preset or checkpoint path); needle: the sweep;
+    """model: which model (model.build.ModelSpec: preset or checkpoint path); needle: the sweep;
     processor: checkpoint dir with tokenizer/preprocessor files (None: the model path if it has them, else the
     embedded default); device: "auto" = cuda when available."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
     processor: str | None = None
     device: str = "auto"
@@ -27,7 +27,6 @@ def run(cfg: EvalConfig) -> dict:
     from pathlib import Path
 
     from model import load_processor
-    from train.trainer import build_model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model = build_model(cfg.model, device).eval()

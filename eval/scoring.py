@@ -1,5 +1,5 @@
 """Scoring for the long-context evaluations: teacher-forced answer matching (V-NIAH / LongVA protocol).
-(Character error rate for OCR lives with the OCR data: `train.ocr_data.character_error_rate`.)
+(Character error rate for generated text is in eval/metrics.py.)
 
 Teacher forcing: the gold answer is appended to the prompt and the sample counts as correct only if the argmax of
 the logits at every answer position equals the gold token (Zhang et al. 2024, "Long Context Transfer from Language

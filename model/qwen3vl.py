@@ -1,4 +1,5 @@
-"""The full Qwen3-VL model: vision tower + text decoder + LM head, with DeepStack fusion and MRoPE positions.
+"""The full Qwen3-VL model: vision tower + text decoder + LM head, with DeepStack fusion (model/deepstack.py) and
+MRoPE positions.
 
 Module tree (and so state_dict keys) matches the official checkpoints: `model.visual.*`,
 `model.language_model.*`, `lm_head.weight` (tied to the embeddings for 2B/4B).
@@ -12,6 +13,7 @@ from torch import nn
 
 from .attention import supports
 from .config import Qwen3VLConfig
+from .deepstack import join_levels
 from .masks import AttentionMask
 from .positions import get_rope_index
 from .rope import TextRotary
@@ -76,30 +78,6 @@ class Qwen3VL(nn.Module):
         if self.config.text.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 
-    def set_activation_checkpointing(self, enabled: bool = True, every: int = 1, vision: bool = True):
-        """Recompute vision and decoder blocks in backward instead of storing their activations.
-
-        every: checkpoint decoder layer i when i % every == 0 (1: all; 2: half, trading memory for less recompute).
-        vision: also the vision blocks (False: they are cheap to store and slow to recompute for their work).
-        """
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        self.model.visual.activation_checkpointing = enabled and vision
-        self.model.language_model.activation_checkpointing = enabled
-        self.model.language_model.checkpoint_every = every
-
-    def compile_blocks(self, **compile_kwargs) -> "Qwen3VL":
-        """torch.compile each vision block and decoder layer in place (fuses norms, rotary and activations).
-
-        Opt-in: compilation costs time at the first call of each new shape; the numerics are unchanged up to
-        floating-point reassociation. kwargs go to `nn.Module.compile` (e.g. dynamic=True, mode=...).
-        """
-        for blk in self.model.visual.blocks:
-            blk.compile(**compile_kwargs)
-        for layer in self.model.language_model.layers:
-            layer.compile(**compile_kwargs)
-        return self
-
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
@@ -155,19 +133,7 @@ class Qwen3VL(nn.Module):
             elif past_key_values is None and bool((input_ids == token_id).any()):
                 raise ValueError(f"input_ids contain <|{what}_pad|> tokens but no {px_name} were given")
 
-        visual_mask, deepstack = None, None
-        if masks:
-            visual_mask = masks[0] if len(masks) == 1 else masks[0] | masks[1]
-            if len(masks) == 1:
-                deepstack = levels[0]
-            else:
-                # images and videos share one joint visual mask in sequence order
-                img_sel, vid_sel = masks[0][visual_mask], masks[1][visual_mask]
-                deepstack = []
-                for d_img, d_vid in zip(*levels):
-                    joint = d_img.new_zeros(int(visual_mask.sum()), d_img.shape[-1])
-                    joint[img_sel], joint[vid_sel] = d_img, d_vid
-                    deepstack.append(joint)
+        visual_mask, deepstack = join_levels(masks, levels)
 
         rope_deltas = None
         if position_ids is None:

@@ -3,17 +3,16 @@
 Qwen3 (Yang et al. 2025): pre-norm RMSNorm, GQA attention with per-head RMSNorm on q and k before RoPE, SwiGLU MLP
 (or the sparse MoE block of model/moe.py on the layers the MoEConfig selects). DeepStack (Qwen3-VL): after
 decoder layer l < n_levels, the l-th DeepStack visual feature is added to the hidden states at the visual token
-positions. SPEC.md sections 2-3. Module names follow the official checkpoint.
+positions (model/deepstack.py). SPEC.md sections 2-3. Module names follow the official checkpoint.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
 from .attention import attend
 from .config import TextConfig
+from .deepstack import inject
 from .masks import AttentionMask
 from .moe import SparseMoeBlock
 from .rope import apply_rotary
@@ -107,8 +106,6 @@ class TextDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.activation_checkpointing = False
-        self.checkpoint_every = 1  # checkpoint layer i when i % checkpoint_every == 0
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, mask: AttentionMask | None = None,
                 cache=None, backend: str | None = None, visual_mask: torch.Tensor | None = None,
@@ -125,13 +122,8 @@ class TextDecoder(nn.Module):
         mask = AttentionMask(causal=True) if mask is None else mask
         router_logits = []
         for i, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and i % self.checkpoint_every == 0:
-                x, rl = checkpoint(layer, x, cos, sin, mask, None, backend, use_reentrant=False)
-            else:
-                x, rl = layer(x, cos, sin, mask=mask, cache=cache, backend=backend)
+            x, rl = layer(x, cos, sin, mask=mask, cache=cache, backend=backend)
             if rl is not None:
                 router_logits.append(rl)
-            if deepstack is not None and i < len(deepstack) and visual_mask is not None:
-                # DeepStack: add the level-i visual feature at the visual positions, after the whole layer
-                x = x.index_put((visual_mask,), x[visual_mask] + deepstack[i].to(x.dtype))
+            x = inject(x, i, visual_mask, deepstack)  # DeepStack level i, after the whole layer
         return self.norm(x), tuple(router_logits)

@@ -1,19 +1,20 @@
 """Qwen3-VL vision tower (`model.visual`): SigLIP-2-style ViT with 2-D RoPE, per-frame attention, a PatchMerger
 and the DeepStack mergers that tap intermediate blocks.
 
-Reference: Qwen3-VL technical report (DeepStack multi-level fusion; DeepStack, Meng et al. 2024); SPEC.md section 1.
-Module names follow the official checkpoint (`patch_embed.proj`, `pos_embed`, `blocks.N.attn.qkv`, `merger`,
-`deepstack_merger_list.i`) so loading is key-for-key.
+Reference: Qwen3-VL technical report (DeepStack multi-level fusion; DeepStack, Meng et al. 2024).
+The mergers and the DeepStack taps are in model/deepstack.py. Module names follow the official checkpoint
+(`patch_embed.proj`, `pos_embed`, `blocks.N.attn.qkv`, `merger`, `deepstack_merger_list.i`) so loading is
+key-for-key.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .attention import attend
 from .config import VisionConfig
+from .deepstack import DeepStackMergers, PatchMerger
 from .masks import AttentionMask
 from .rope import apply_rotary, vision_rotary
 
@@ -76,27 +77,6 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchMerger(nn.Module):
-    """Merge each 2x2 block of patches into one LLM token: LayerNorm, (4D -> 4D), exact GELU, (4D -> out).
-
-    postshuffle_norm=False (main merger): LayerNorm(D) per patch, then concatenate the 4 patches.
-    postshuffle_norm=True (DeepStack mergers): concatenate first, then LayerNorm(4D).
-    """
-
-    def __init__(self, cfg: VisionConfig, postshuffle_norm: bool):
-        super().__init__()
-        self.merged = cfg.hidden_size * cfg.spatial_merge_size**2
-        self.postshuffle_norm = postshuffle_norm
-        self.norm = nn.LayerNorm(self.merged if postshuffle_norm else cfg.hidden_size, eps=1e-6)
-        self.linear_fc1 = nn.Linear(self.merged, self.merged)
-        self.linear_fc2 = nn.Linear(self.merged, cfg.out_hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, D) in merge-block order -> (N / merge^2, out_hidden)."""
-        x = self.norm(x.view(-1, self.merged)) if self.postshuffle_norm else self.norm(x).view(-1, self.merged)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x)))  # exact (erf) GELU here, unlike the blocks
-
-
 def _interpolate_one(table: torch.Tensor, side: int, h: int, w: int, merge: int) -> torch.Tensor:
     """Bilinear (align_corners=True) resampling of the (side*side, D) table to an h x w grid, merge-block order."""
     def taps(n):
@@ -141,7 +121,7 @@ def interpolate_pos_embed(table: torch.Tensor, grid_thw: torch.Tensor, merge: in
 
 
 class VisionTower(nn.Module):
-    """pixel rows (N, 1536) + grid_thw -> merged tokens (N/4, out_hidden) and one DeepStack feature per tap."""
+    """pixel rows (N, 1536) + grid_thw -> merged tokens (N/4, out_hidden) and one DeepStack level per tap."""
 
     def __init__(self, cfg: VisionConfig, backend: str = "torch"):
         super().__init__()
@@ -150,16 +130,13 @@ class VisionTower(nn.Module):
         self.pos_embed = nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(cfg, backend) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg, postshuffle_norm=False)
-        self.deepstack_merger_list = nn.ModuleList(
-            PatchMerger(cfg, postshuffle_norm=True) for _ in cfg.deepstack_visual_indexes)
-        self.activation_checkpointing = False
+        self.deepstack_merger_list = DeepStackMergers(cfg)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                merge: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]] | torch.Tensor:
-        """Args: pixel_values (N, 1536); grid_thw (n, 3) long (t, h, w) in patches.
+    def _block_outputs(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+        """Embed the patches, then yield (i, patch features after block i) for every block, in order.
 
-        Returns: (merged (N/4, out_hidden), [deepstack_i (N/4, out_hidden)]); with merge=False only the last
-            block's patch features (N, hidden), merge-block order (the vision warm-up reads them).
+        A generator, so that a caller keeps only the outputs it needs (a video's patches times 27 blocks would
+        not fit). Args as in `forward`.
         """
         cfg = self.cfg
         if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
@@ -176,14 +153,26 @@ class VisionTower(nn.Module):
         frame_len = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
         cu_seqlens = F.pad(frame_len.cumsum(0), (1, 0)).to(device=x.device, dtype=torch.int32)
         max_seqlen = int(frame_len.max())
-        deepstack = []
         for i, blk in enumerate(self.blocks):
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, cu_seqlens, cos, sin, max_seqlen, use_reentrant=False)
-            else:
-                x = blk(x, cu_seqlens, cos, sin, max_seqlen)
-            if merge and i in cfg.deepstack_visual_indexes:
-                deepstack.append(self.deepstack_merger_list[cfg.deepstack_visual_indexes.index(i)](x))
-        if not merge:
-            return x
-        return self.merger(x), deepstack
+            x = blk(x, cu_seqlens, cos, sin, max_seqlen)
+            yield i, x
+
+    def forward_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The last block's patch features, before any merger (the vision warm-up reads them).
+
+        Args: pixel_values (N, 1536); grid_thw (n, 3) long (t, h, w) in patches.
+        Returns: (N, hidden), in the processor's merge-block order.
+        """
+        for _, x in self._block_outputs(pixel_values, grid_thw):
+            pass
+        return x
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Args: pixel_values (N, 1536); grid_thw (n, 3) long (t, h, w) in patches.
+
+        Returns: (merged (N/4, out_hidden), DeepStack levels [(N/4, out_hidden)] in deepstack_visual_indexes order).
+        """
+        levels = []
+        for i, x in self._block_outputs(pixel_values, grid_thw):
+            levels += self.deepstack_merger_list.tap(i, x)
+        return self.merger(x), levels

@@ -54,7 +54,7 @@ def main():
     ap.add_argument("--preset", default="2b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--side", type=int, default=448)
-    ap.add_argument("--compile", action="store_true", help="also time ours with compile_blocks()")
+    ap.add_argument("--compile", action="store_true", help="also time ours with train.parallel.apply_compile()")
     args = ap.parse_args()
     import transformers
 
@@ -114,7 +114,9 @@ def main():
     if args.compile:
         compiled = Qwen3VL(cfg, init_weights=False).to(dev, torch.bfloat16).eval()
         compiled.load_state_dict(ours.state_dict())
-        compiled.compile_blocks(dynamic=True)
+        from train.parallel import apply_compile
+
+        apply_compile(compiled, dynamic=True)
         with torch.no_grad():
             t0 = time.perf_counter()
             c_out = compiled(**inp).logits

@@ -94,15 +94,17 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
                ac_every: int = 1, in_backward: bool = False, profile: bool = False, vision_ac: bool = True):
     """Our model + chunked loss + fused AdamW; returns (ms, peak GiB, last loss)."""
     from model import Qwen3VL
-    from train.trainer import forward_losses
+    from train.parallel import apply_activation_checkpointing, apply_compile
+    from train.step import forward_losses
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(torch.bfloat16)
     m.train()
-    m.set_activation_checkpointing(ac, every=ac_every, vision=vision_ac)
+    if ac:
+        apply_activation_checkpointing(m, every=ac_every, vision=vision_ac)
     if compile_blocks:
-        m.compile_blocks()
+        apply_compile(m)
     n = int((batch["labels"] != -100).sum())
 
     def loss_fn():

@@ -14,7 +14,8 @@ from train.config import DataConfig, OCRGenConfig
 from train.data import (BatchStream, ChatEncoder, DataError, PackedBatchSampler, SFTDataset, pack_samples,
                         to_messages)
 from train.loss import IGNORE_INDEX
-from train.ocr_data import character_error_rate, generate_ocr_dataset
+from eval.metrics import character_error_rate
+from train.ocr_data import generate_ocr_dataset
 
 CFG = preset("tiny")
 DATA = DataConfig(image_min_pixels=32 * 32, image_max_pixels=64 * 32 * 32, video_min_pixels=4 * 32 * 32,

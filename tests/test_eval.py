@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from eval.niah import NeedleConfig, passkey_case, run_needle, video_case
+from eval.niah import NeedleConfig, run_needle
+from eval.tasks.passkey import passkey_case
+from eval.tasks.vniah import video_case
 from eval.scoring import teacher_forced_correct
 from model import load_processor
 
@@ -95,9 +97,70 @@ def test_sweep_scores_and_writes_results(proc, tmp_path):
 
 
 def test_eval_entry_point_rejects_unknown_keys():
-    from train.config import ConfigError, config_from_dict
-
     from eval.run import EvalConfig
+    from model.build import config_from_dict
+    from model.config import ConfigError
 
     with pytest.raises(ConfigError, match="lenghts"):
         config_from_dict({"needle": {"lenghts": [1]}}, EvalConfig)
+
+
+def test_a_registered_task_runs_through_the_sweep(proc, tmp_path, monkeypatch):
+    """A new task is one registered function: the sweep finds it by name, calls it per cell with the cell's length
+    and depth, and scores the gold answer it returns (the oracle fake gets every cell right)."""
+    from eval import tasks
+
+    monkeypatch.setattr(tasks, "TASKS", dict(tasks.TASKS))  # keep the registry as it was after this test
+    seen = []
+
+    @tasks.register("toy", unit="words")
+    def toy_case(proc_, length, depth, rng, cfg):
+        seen.append((length, depth, cfg.extra["word"]))
+        answer = str(rng.integers(100, 1000))
+        text = f"{cfg.extra['word']} " * length + f"The code is {answer}. What is the code?"
+        return proc_(messages=[[{"role": "user", "content": [{"type": "text", "text": text}]}]],
+                     add_generation_prompt=True), answer
+
+    with pytest.raises(ValueError, match="registered twice"):
+        tasks.register("toy", unit="words")(toy_case)
+    cfg = NeedleConfig(task="toy", lengths=(3, 9), depths=(0.0, 1.0), out_dir=str(tmp_path), extra={"word": "tree"})
+    res = run_needle(NextTokenFake(), proc, cfg)
+    assert seen == [(3, 0.0, "tree"), (3, 1.0, "tree"), (9, 0.0, "tree"), (9, 1.0, "tree")]
+    assert res["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and res["unit"] == "words"
+    assert res["tokens"][1][0] - res["tokens"][0][0] == 6  # " tree" is one token
+    assert json.loads((tmp_path / "needle_toy.json").read_text())["task"] == "toy"
+    with pytest.raises(ValueError, match="unknown needle task 'nope'"):
+        run_needle(NextTokenFake(), proc, NeedleConfig(task="nope", out_dir=str(tmp_path)))
+
+
+def test_eval_imports_nothing_from_train():
+    import subprocess
+    import sys
+
+    code = ("import sys, eval.run, eval.niah, eval.generate, eval.metrics, eval.tasks; "
+            "print(sorted(m for m in sys.modules if m == 'train' or m.startswith('train.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("task, lengths", [("vniah", (8, 16)), ("passkey", (200, 400))])
+def test_task_group_selects_the_task(task, lengths, tmp_path):
+    """`python -m eval task=<name> model.preset=tiny needle.lengths=[...] needle.out_dir=DIR` composes to a typed
+    EvalConfig whose needle.task is the registered task (conf/task/<name>.yaml)."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from eval.run import EvalConfig
+    from eval.tasks import TASKS
+    from model.build import config_from_dict
+
+    conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        plain = compose("eval", overrides=[f"task={task}", "model.preset=tiny"])
+        swept = compose("eval", overrides=[f"task={task}", "needle.lengths=[5,7]", f"needle.out_dir={tmp_path}"])
+    cfg = config_from_dict(OmegaConf.to_container(plain, resolve=True), EvalConfig)
+    assert cfg.needle.task == task and task in TASKS and cfg.needle.lengths == lengths
+    cfg = config_from_dict(OmegaConf.to_container(swept, resolve=True), EvalConfig)
+    assert cfg.needle.lengths == (5, 7) and cfg.needle.out_dir == str(tmp_path)

@@ -1,5 +1,6 @@
-"""Model features beyond the transformers parity suite: the Triton attention backend inside the model, activation
-checkpointing, sampling filters (vs transformers' logits warpers), and the chunked (Qwen2.5-VL) MRoPE layout."""
+"""Model features beyond the transformers parity suite: the Triton attention backend inside the model, sampling
+filters (vs transformers' logits warpers), and the chunked (Qwen2.5-VL) MRoPE layout. (Activation checkpointing,
+applied from outside the model, is tested in tests/test_train_parallel.py.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -59,32 +60,6 @@ def test_triton_backend_under_autocast_matches_torch():
     assert torch.isfinite(o2).all()
     rel = (o2 - o1).norm() / o1.norm()
     assert rel < 1e-2, rel
-
-
-def test_activation_checkpointing_gives_identical_gradients(monkeypatch):
-    import model.text as text_mod
-
-    calls = []
-    real = text_mod.checkpoint
-    monkeypatch.setattr(text_mod, "checkpoint", lambda fn, *a, **k: calls.append(1) or real(fn, *a, **k))
-    torch.manual_seed(0)
-    m = Qwen3VL(preset("tiny"))
-    b = batch([Sample(torch.Generator().manual_seed(2)).text(4).image(4, 6).text(4)])
-    o1, g1 = _loss_and_grads(m, b)
-    # every layer, every 2nd decoder layer, decoder only (the vision blocks not checkpointed)
-    for every, vision in ((1, True), (2, True), (1, False)):
-        m.set_activation_checkpointing(True, every=every, vision=vision)
-        assert m.model.visual.activation_checkpointing == vision
-        m.train()
-        calls.clear()
-        o2, g2 = _loss_and_grads(m, b)
-        n_layers = m.config.text.num_hidden_layers
-        assert len(calls) == (n_layers + every - 1) // every  # decoder layers 0, every, 2 * every, ...
-        torch.testing.assert_close(o2, o1, rtol=0, atol=0)
-        for n in g1:
-            torch.testing.assert_close(g2[n], g1[n], rtol=1e-6, atol=1e-7, msg=n)
-    with pytest.raises(ValueError, match="every"):
-        m.set_activation_checkpointing(True, every=0)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0), (1.0, 0, 0.8), (0.6, 20, 0.9)])

@@ -45,7 +45,9 @@ def test_fsdp2_two_processes_match_single_process(tmp_path):
 
     fsdp = {"parallel": {"strategy": "fsdp"}}
     first = small_config(data, tmp_path / "fsdp", train={**common, "grad_accum": 1, "stop_after_steps": 2}, **fsdp)
-    second = small_config(data, tmp_path / "fsdp", train={**common, "grad_accum": 1}, **fsdp)  # resumes at 2
+    # resumes at 2, with activation checkpointing (composable hooks under fully_shard): the same losses
+    second = small_config(data, tmp_path / "fsdp", train={**common, "grad_accum": 1, "activation_checkpointing": True},
+                          **fsdp)
     out = str(tmp_path / "losses.json")
     mp.start_processes(_worker, args=(2, _free_port(), [config_to_dict(first), config_to_dict(second)], out),
                        nprocs=2, join=True, start_method="spawn")

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from model import load_pretrained
+from model.build import build_model
 from train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, verify_checkpoint
 from train.data import ChatEncoder, SFTDataset, pack_samples
 from train.loss import IGNORE_INDEX
-from train.trainer import build_model, build_optimizer, forward_losses, lr_at, train
+from train.optim import build_optimizer, lr_at
+from train.step import forward_losses
+from train.trainer import train
 
 from .test_train_common import params_snapshot, small_config
 
@@ -185,7 +188,7 @@ def test_batched_generation_matches_one_by_one(data, tmp_path):
     import json
 
     from model import load_processor
-    from train.trainer import _generate_batch
+    from eval.generate import generate_batch
 
     recs = [json.loads(line) for line in open(data["val"])][:3]
     recs[1]["messages"][0]["content"][1]["text"] = "Read every digit in this picture, please, slowly."
@@ -203,8 +206,9 @@ def test_batched_generation_matches_one_by_one(data, tmp_path):
                     root=os.path.dirname(data["val"]))
     prompts = [ds.prompt(i) for i in range(3)]
     assert len({p.input_ids.numel() for p in prompts}) == 2  # really padded
-    batched = _generate_batch(model, prompts, cfg, "cpu", tok, return_ids=True)
-    single = [_generate_batch(model, [p], cfg, "cpu", tok, return_ids=True)[0] for p in prompts]
+    n_new = cfg.train.eval_max_new_tokens
+    batched = generate_batch(model, prompts, tok, n_new, "cpu", return_ids=True)
+    single = [generate_batch(model, [p], tok, n_new, "cpu", return_ids=True)[0] for p in prompts]
     assert batched == single and len({tuple(b) for b in batched}) > 1
 
 

@@ -8,7 +8,7 @@ import torch
 from model import Qwen3VL
 from train.lora import (LoRALinear, apply_lora, load_lora_adapter, lora_modules, merge_lora, remove_lora,
                         save_lora_adapter, unmerge_lora)
-from train.trainer import model_config
+from model.build import model_config
 
 from .test_train_common import SMALL_MODEL
 
@@ -16,10 +16,10 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 
 
 def _model(seed=0):
-    from train.config import ModelConfig
+    from model.build import ModelSpec
 
     torch.manual_seed(seed)
-    return Qwen3VL(model_config(ModelConfig(**{k: v for k, v in SMALL_MODEL.items()}))).eval()
+    return Qwen3VL(model_config(ModelSpec(**{k: v for k, v in SMALL_MODEL.items()}))).eval()
 
 
 def _randomize_adapters(model, seed=1):

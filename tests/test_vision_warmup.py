@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from model.build import build_model
 from model.processing import preprocess_image
 from train.config import ConfigError
 from train.data import ChatEncoder, SFTDataset
-from train.trainer import build_model, train
+from train.trainer import train
 from train.vision_warmup import CTCHead, column_features, vision_warmup
 
 from .test_train_common import params_snapshot, small_config
@@ -104,3 +105,19 @@ def test_warmup_on_text_only_samples_names_the_problem(tmp_path):
                        train={"vision_warmup": {"steps": 2, "batch_size": 2}})
     with pytest.raises(ValueError, match="exactly one image.*text.jsonl"):
         train(cfg)
+
+
+def test_forward_features_are_what_the_merger_reads():
+    """VisionTower.forward_features (the warm-up's input) is the last block's output that forward merges."""
+    from model import Qwen3VL, preset
+    from tests.hf_reference import Sample, batch
+
+    torch.manual_seed(0)
+    tower = Qwen3VL(preset("tiny")).model.visual
+    b = batch([Sample(torch.Generator().manual_seed(3)).text(2).image(4, 6).image(6, 4).text(2)])
+    with torch.no_grad():
+        feats = tower.forward_features(b["pixel_values"], b["image_grid_thw"])
+        merged, levels = tower(b["pixel_values"], b["image_grid_thw"])
+    assert feats.shape == (b["pixel_values"].shape[0], tower.cfg.hidden_size)
+    torch.testing.assert_close(tower.merger(feats), merged, rtol=0, atol=0)
+    assert len(levels) == len(tower.cfg.deepstack_visual_indexes)

@@ -3,40 +3,20 @@
 `python -m train` composes `conf/` with Hydra, then calls `config_from_dict(OmegaConf.to_container(cfg))` once;
 everything below the entry point sees these frozen dataclasses, never a DictConfig. The conversion is strict:
 an unknown key, a missing required key or a value of the wrong type raises a `ConfigError` naming the key path
-(torchtitan's JobConfig and litgpt's dataclass configs follow the same rule).
+(torchtitan's JobConfig and litgpt's dataclass configs follow the same rule; the converter is
+model/build.py's, shared with `python -m eval`). `model.*` is model/build.py's `ModelSpec`.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
+
+from model.build import ModelSpec
+from model.build import config_from_dict as _config_from_dict
+from model.config import ConfigError
 
 FREEZE_GROUPS = ("vision", "merger", "deepstack", "embed", "llm", "lm_head")
-
-
-class ConfigError(ValueError):
-    """A training config that does not match the dataclass schema (unknown key, bad type, bad value)."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Which model to train.
-
-    Args:
-        preset: name for `model.preset(...)` (random init) when `path` is None.
-        path: checkpoint directory in the official safetensors layout (`load_pretrained`); wins over `preset`.
-        text / vision / top: field overrides applied with `dataclasses.replace` on the preset's `.text`,
-            `.vision` and top-level `Qwen3VLConfig` (ignored when loading from `path`, except `top`).
-        dtype: dtype of the master weights (float32 or bfloat16); autocast is set in `train.precision`.
-    """
-    preset: str = "tiny"
-    path: Optional[str] = None
-    text: dict = field(default_factory=dict)
-    vision: dict = field(default_factory=dict)
-    top: dict = field(default_factory=dict)
-    dtype: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -166,7 +146,7 @@ class TrainConfig:
     precision: str = "auto"          # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     activation_checkpointing: bool = False
     checkpoint_vision: bool = True   # with activation_checkpointing: also the vision blocks (False: faster, more memory)
-    compile: bool = False            # torch.compile each vision block and decoder layer (Qwen3VL.compile_blocks)
+    compile: bool = False            # torch.compile each vision block and decoder layer (train.parallel.apply_compile)
     loss_chunk_size: int = 1024      # tokens per lm_head chunk in the chunked cross-entropy
     aux_loss_coef: float = 0.001     # MoE load-balancing loss weight (models with experts)
     log_every: int = 10
@@ -207,7 +187,7 @@ class Config:
     """The whole training run, as composed from conf/ (the `experiment` group only overrides the others)."""
     name: str = "default"
     description: str = ""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -224,7 +204,6 @@ class Config:
                "none | fsdp")
         _check(self.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
                self.logging.wandb_mode, "online | offline | disabled")
-        _check(self.model.dtype in ("float32", "bfloat16"), "model.dtype", self.model.dtype, "float32|bfloat16")
         _check(self.data.ocr.charset in ("digits", "words", "mixed"), "data.ocr.charset", self.data.ocr.charset,
                "digits | words | mixed")
         _check(self.data.ocr.align in ("random", "left"), "data.ocr.align", self.data.ocr.align, "random | left")
@@ -244,68 +223,8 @@ def _check(ok: bool, key: str, value, expected: str):
 
 
 def config_from_dict(d: dict, cls: type = Config, path: str = "") -> Any:
-    """Convert a plain nested dict (e.g. `OmegaConf.to_container(cfg, resolve=True)`) into dataclass `cls`.
-
-    Args:
-        d: nested dict of plain Python values; every key must be a field of `cls` (recursively).
-        cls: the dataclass to build (default `Config`).
-        path: key prefix for error messages.
-    Raises:
-        ConfigError naming the offending key path for unknown keys or wrong types.
-    """
-    if not isinstance(d, dict):
-        raise ConfigError(f"config: {path or '<root>'} must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        where = path or "<root>"
-        raise ConfigError(f"config: unknown key(s) {unknown} in {where}; valid keys: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in d.items():
-        kwargs[name] = _convert(value, hints[name], f"{path}.{name}" if path else name)
-    return cls(**kwargs)
-
-
-def _convert(value, tp, path):
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return config_from_dict(value, tp, path)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], path)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config: {path} must be a bool, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config: {path} must be an int, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config: {path} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config: {path} must be a string, got {value!r}")
-        return value
-    if tp is tuple or origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config: {path} must be a list, got {value!r}")
-        return tuple(value)
-    if tp is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"config: {path} must be a mapping, got {value!r}")
-        return dict(value)
-    return value
+    """`model.build.config_from_dict` with the training `Config` as the default class (strict; ConfigError)."""
+    return _config_from_dict(d, cls, path)
 
 
 def config_to_dict(cfg) -> dict:

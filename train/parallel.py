@@ -1,5 +1,6 @@
-"""Parallelism, applied to a single-device model from outside (torchtitan's order): activation checkpointing,
-then FSDP2 `fully_shard` on every vision block and decoder layer, then on the root.
+"""Everything that changes how a single-device model runs, applied from outside it in torchtitan's order
+(torchtitan/models/llama3/infra/parallelize.py): activation checkpointing, then torch.compile of each block, then
+FSDP2 `fully_shard` on every vision block and decoder layer, then on the root. model/ knows none of this.
 
 Works under `torchrun` on CUDA (nccl) and on CPU (gloo). The root keeps its parameters unsharded after forward
 (`reshard_after_forward=False`) because the chunked loss reads `lm_head.weight` after the model's forward returns.
@@ -35,6 +36,52 @@ def init_distributed(cfg: ParallelConfig, device_type: str) -> tuple[int, int, i
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def apply_activation_checkpointing(model: torch.nn.Module, every: int = 1, vision: bool = True) -> torch.nn.Module:
+    """Recompute blocks in backward instead of storing their activations (non-reentrant checkpointing).
+
+    Uses the composable `torch.distributed._composable.checkpoint`: forward hooks on each block, no wrapper
+    module, so parameter names and state_dict keys (LoRA, freezing groups, checkpoints, export) stay as they are.
+
+    Args:
+        model: Qwen3VL with `model.visual.blocks` and `model.language_model.layers`.
+        every: checkpoint decoder layer i when i % every == 0 (1: all; 2: half, trading memory for less recompute).
+        vision: also every vision block (False: they are cheap to store and slow to recompute for their work).
+    Returns:
+        the same module.
+    """
+    from torch.distributed._composable import checkpoint
+
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ValueError(f"every must be an int >= 1, got {every!r}")
+    if vision:
+        for block in model.model.visual.blocks:
+            checkpoint(block)
+    for i, layer in enumerate(model.model.language_model.layers):
+        if i % every == 0:
+            checkpoint(layer)
+    return model
+
+
+def apply_compile(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
+    """torch.compile each vision block and decoder layer in place (fuses norms, rotary and activations).
+
+    `nn.Module.compile` keeps the module tree, so names are unchanged; apply activation checkpointing first (as
+    torchtitan does): its hooks then run inside the compiled call and the block is still recomputed in backward.
+    Compilation costs time at the first call of each new shape; the numerics
+    are unchanged up to floating-point reassociation.
+
+    Args:
+        model: Qwen3VL.  compile_kwargs: for `nn.Module.compile` (e.g. dynamic=True, mode=...).
+    Returns:
+        the same module.
+    """
+    for block in model.model.visual.blocks:
+        block.compile(**compile_kwargs)
+    for layer in model.model.language_model.layers:
+        layer.compile(**compile_kwargs)
+    return model
+
+
 def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, device_type: str) -> torch.nn.Module:
     """Shard `model` (a Qwen3VL, already on its device) with FSDP2: each vision block, each decoder layer, the root.
 
@@ -46,10 +93,7 @@ def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, device_type: str) ->
         the same module, now an FSDPModule.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     for block in model.model.visual.blocks:

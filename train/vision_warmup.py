@@ -69,7 +69,7 @@ class CTCHead(torch.nn.Module):
 def ctc_loss(model, head: CTCHead, batch: dict, texts: list[str]) -> tuple[torch.Tensor, list[str]]:
     """Mean CTC loss of one packed batch's images against `texts`; also the greedy readings."""
     visual = model.model.visual
-    patches = visual(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"], merge=False)
+    patches = visual.forward_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
     cols = column_features(patches, batch["image_grid_thw"].cpu(), visual.cfg.spatial_merge_size)
     if len(cols) != len(texts):
         raise ValueError(f"vision warm-up: {len(cols)} images but {len(texts)} answers (one image per sample)")

@@ -1,0 +1,144 @@
+"""One training step and one validation pass: forward, chunked loss, backward, clip, optimizer step.
+
+Loss: mean next-token cross-entropy over all supervised tokens of the optimizer step (all micro-batches and
+ranks), computed chunk-wise from hidden states (train/loss.py), plus the MoE load-balancing loss when the model
+has experts. Mixed precision is bf16 autocast on CUDA (fp32 master weights), fp32 on CPU by default. Validation
+adds the character error rate of greedy generations (eval/generate.py, eval/metrics.py).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from eval.generate import generate_batch
+from eval.metrics import character_error_rate
+
+from .config import Config
+from .data import PackedBatchSampler, SFTDataset, count_label_tokens, pack_samples
+from .loss import chunked_cross_entropy
+from .parallel import all_reduce_sum
+
+
+def autocast(device, precision: str):
+    """bf16 autocast for precision bf16 (or auto on CUDA); otherwise no autocast (fp32)."""
+    device = torch.device(device)
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def forward_losses(model, batch: dict, chunk_size: int, precision: str = "fp32"):
+    """Per-token losses of one packed batch (and the model output for aux losses).
+
+    Args:
+        model: Qwen3VL (possibly FSDP-sharded).  batch: output of `pack_samples`, on the model's device.
+    Returns:
+        (losses (N,) fp32 for the N supervised positions in order, output).
+    """
+    dev = batch["input_ids"].device
+    with autocast(dev, precision):
+        out = model(batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"],
+                    pixel_values_videos=batch["pixel_values_videos"], video_grid_thw=batch["video_grid_thw"],
+                    position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"], compute_logits=False)
+        losses = chunked_cross_entropy(out.last_hidden_state, _lm_head_weight(model), batch["labels"], chunk_size)
+    return losses, out
+
+
+def _lm_head_weight(model):
+    w = model.lm_head.weight
+    # FSDP2 keeps the root unsharded after forward (reshard_after_forward=False), so this is the full tensor
+    if type(w).__name__ == "DTensor":
+        raise RuntimeError("lm_head.weight is sharded after forward; the root must use reshard_after_forward=False")
+    return w
+
+
+def train_step(model, micro_batches: list[dict], optimizer, cfg: Config, device, world: int = 1) -> dict:
+    """One optimizer step over `micro_batches` (this rank's share): forward, chunked loss, backward, clip, step.
+
+    The loss is the mean over every supervised token of the step on all ranks (so packing, accumulation and
+    data parallelism do not change it); gradients are scaled by `world` because FSDP averages over ranks.
+    Returns: {"loss", "aux_loss", "grad_norm", "tokens", "label_tokens", "samples"} (global sums / means).
+    """
+    n_labels = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches), device)
+    if n_labels == 0:
+        raise RuntimeError("an optimizer step without supervised tokens (all labels are -100)")
+    loss_sum, aux_sum, tokens, samples = 0.0, 0.0, 0, 0
+    moe = model.config.is_moe
+    for i, b in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        if b["input_ids"] is None:  # every sample failed to load: keep collectives in step with a dummy token
+            b = _dummy_batch(model)
+        b = _to(b, device)
+        losses, out = forward_losses(model, b, cfg.train.loss_chunk_size, cfg.train.precision)
+        loss = losses.sum() / n_labels * world
+        if moe and cfg.train.aux_loss_coef > 0:
+            from model.moe import load_balancing_loss
+
+            aux = load_balancing_loss(out.router_logits, model.config.text.moe.num_experts_per_tok)
+            loss = loss + cfg.train.aux_loss_coef * aux / len(micro_batches)
+            aux_sum += float(aux.detach()) / len(micro_batches)
+        loss.backward()
+        loss_sum += float(losses.detach().sum())
+        tokens += int(b["input_ids"].numel())
+        samples += int(b["cu_seqlens"].numel() - 1)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if cfg.optim.grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": all_reduce_sum(loss_sum, device) / n_labels, "aux_loss": all_reduce_sum(aux_sum, device) / world,
+            "grad_norm": float(grad_norm), "tokens": all_reduce_sum(tokens, device), "label_tokens": n_labels,
+            "samples": all_reduce_sum(samples, device)}
+
+
+def _dummy_batch(model) -> dict:
+    ids = torch.tensor([[0, 0]])
+    return {"input_ids": ids, "labels": torch.tensor([[-100, 0]]), "position_ids": torch.zeros(3, 1, 2, dtype=torch.long),
+            "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "pixel_values": None, "image_grid_thw": None,
+            "pixel_values_videos": None, "video_grid_thw": None}
+
+
+@torch.no_grad()
+def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) -> dict:
+    """Validation loss over the whole set and, if `eval_samples` > 0, CER of greedy generations.
+
+    Args:
+        model: the model.  dataset: validation SFTDataset.  tokenizer: for decoding (CER).
+    Returns:
+        {"val_loss", "cer" (or None), "examples": [(prediction, reference), ...]}.
+    """
+    was_training = model.training
+    model.eval()
+    sampler = PackedBatchSampler(dataset.lengths, cfg.data.token_budget, shuffle=False, length_grouping=False)
+    total, count = 0.0, 0
+    for idx in sampler.batches(0):
+        b = pack_samples([dataset[i] for i in idx])
+        if b["input_ids"] is None:
+            continue
+        losses, _ = forward_losses(model, _to(b, device), cfg.train.loss_chunk_size, cfg.train.precision)
+        total += float(losses.sum())
+        count += losses.numel()
+    res = {"val_loss": total / max(1, count), "cer": None, "examples": []}
+    n = min(cfg.train.eval_samples, len(dataset))
+    if n > 0 and tokenizer is not None:
+        preds, refs = [], []
+        for s in range(0, n, 32):
+            with autocast(device, cfg.train.precision):
+                preds += generate_batch(model, [dataset.prompt(i) for i in range(s, min(n, s + 32))], tokenizer,
+                                        cfg.train.eval_max_new_tokens, device)
+            refs += [dataset.answer(i) for i in range(s, min(n, s + 32))]
+        res["cer"] = character_error_rate(preds, refs)
+        res["examples"] = list(zip(preds[:4], refs[:4]))
+    if was_training:
+        model.train()
+    return res
