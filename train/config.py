@@ -13,11 +13,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from model.config import ConfigError  # one error class for model and training configs
+
 FREEZE_GROUPS = ("vision", "merger", "deepstack", "embed", "llm", "lm_head")
 
 
-class ConfigError(ValueError):
-    """A training config that does not match the dataclass schema (unknown key, bad type, bad value)."""
 
 
 @dataclass(frozen=True)
