@@ -2,8 +2,10 @@
 `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json` (`metadata.total_size`, `weight_map`).
 
 Loading is strict (missing / unexpected / mis-shaped keys are named), builds the model on the meta device and
-streams tensors shard by shard, converting each to the target dtype and device as it is read, so peak host memory
-stays near one copy of the weights in the target dtype. Only safetensors are read (with plain reads, no memory map): nothing is unpickled.
+streams tensors one at a time through `safetensors.safe_open`, converting each to the target dtype and device as it
+is read, so peak host memory stays near one copy of the weights in the target dtype (`scripts/measure_load_memory.py`
+measures it). Only safetensors are read: nothing is unpickled. Shard names in the index must stay inside the
+checkpoint directory.
 
 MoE expert tensors exist in two on-disk layouts: the official release (`gate_up_proj` [E, H, 2I], `down_proj`
 [E, I, H], which is also our in-memory layout) and what transformers 5 `save_pretrained` writes ([E, 2I, H],
@@ -20,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -33,7 +36,8 @@ _EXPERT_RE = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint directory that does not match the model it describes."""
+    """A checkpoint that is missing, incomplete, truncated, corrupted or does not match the model it describes
+    (model checkpoints here, training checkpoints in `train/checkpoint.py`)."""
 
 
 def _shard_files(path: Path) -> dict[str, list[str]]:
@@ -47,7 +51,12 @@ def _shard_files(path: Path) -> dict[str, list[str]]:
         files: dict[str, list[str]] = defaultdict(list)
         for name, fname in weight_map.items():
             files[fname].append(name)
+        root = path.resolve()
         for fname in files:
+            # a shard name is a file name relative to the checkpoint: refuse '../x', absolute paths and symlinks
+            # that resolve elsewhere, so an index cannot make us read files outside the directory it describes
+            if not isinstance(fname, str) or not (path / fname).resolve().is_relative_to(root):
+                raise CheckpointError(f"{path / INDEX} names shard {fname!r}, which resolves outside {path}")
             if not (path / fname).is_file():
                 raise CheckpointError(f"{path / INDEX} names shard {fname}, which is missing from {path}")
         return dict(files)
@@ -76,112 +85,50 @@ def _expert_transform(name: str, shape: tuple[int, ...], want: tuple[int, ...], 
     raise CheckpointError(f"{name}: shape {shape} fits neither {official} nor {transposed}")
 
 
-_CHUNK = 64 * 2**20  # bytes per streamed block
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
+def _open_shard(path: Path):
+    """safe_open one shard (tensors come out as CPU copies, one at a time); a malformed file is a CheckpointError."""
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError (truncated, bad header) is not a public class in every version
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
-class SafetensorsReader:
-    """Reads tensors from a .safetensors file with plain buffered reads straight into their destination.
-
-    The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-    then raw little-endian bytes. Reading (instead of memory-mapping) keeps the page cache out of the process's
-    resident set, and reading in blocks means a tensor is never held twice. Truncated or inconsistent files are
-    detected from the header before any tensor is read.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: file too short to be safetensors ({size} bytes)")
-            n = int.from_bytes(head, "little")
-            if n > size - 8 or n > 100 * 2**20:
-                raise CheckpointError(f"{path}: header length {n} exceeds the file size {size} (truncated or corrupt)")
-            try:
-                header = json.loads(fh.read(n))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{path}: header is not valid JSON ({e})") from e
-        header.pop("__metadata__", None)
-        self.base = 8 + n
-        self.entries = header
-        for name, e in header.items():
-            begin, end = e["data_offsets"]
-            if e["dtype"] not in _ST_DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")
-            numel = 1
-            for d in e["shape"]:
-                numel *= d
-            if end - begin != numel * _ST_DTYPES[e["dtype"]].itemsize:
-                raise CheckpointError(f"{path}: tensor {name} byte range does not match its shape {e['shape']}")
-            if self.base + end > size:
-                raise CheckpointError(f"{path}: tensor {name} ends at byte {self.base + end} but the file has only "
-                                      f"{size} bytes (truncated)")
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.entries[name]["shape"])
-
-    def read(self, name: str, dtype: torch.dtype, device) -> torch.Tensor:
-        """The tensor converted to dtype on device, read in blocks of at most _CHUNK bytes."""
-        e = self.entries[name]
-        src = _ST_DTYPES[e["dtype"]]
-        out = torch.empty(e["shape"], dtype=dtype, device=device)
-        flat = out.view(-1)
-        begin, end = e["data_offsets"]
-        direct = src == dtype and out.device.type == "cpu"
-        per = max(1, _CHUNK // src.itemsize)
-        buf = None if direct else torch.empty(min(per, max(flat.numel(), 1)), dtype=src)
-        with open(self.path, "rb") as fh:
-            fh.seek(self.base + begin)
-            for i in range(0, flat.numel(), per):
-                n = min(per, flat.numel() - i)
-                target = flat[i:i + n] if direct else buf[:n]
-                view = target.view(torch.uint8).numpy()
-                if fh.readinto(view) != view.nbytes:
-                    raise CheckpointError(f"{self.path}: unexpected end of file inside tensor {name}")
-                if not direct:
-                    flat[i:i + n].copy_(target)
-        return out
+def _read(f, path: Path, name: str) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read tensor {name} ({type(e).__name__}: {e})") from e
 
 
-def _load_shard(reader: SafetensorsReader, names, model, params, expected, optional, moe_layout, dtype, device,
+def _load_shard(path: Path, names, model, params, expected, optional, moe_layout, dtype, device,
                 seen, unexpected, misshaped):
     """Stream one safetensors file into the meta-built model, tensor by tensor."""
-    keys = reader.keys()
-    if names and set(names) - set(keys):
-        missing_in_file = sorted(set(names) - set(keys))[:5]
-        raise CheckpointError(f"{reader.path}: index lists {missing_in_file} but the file does not hold them")
-    for name in keys:
-        if name not in expected:
-            unexpected.append(name)
-            continue
-        if name in optional:
-            seen.add(name)
-            continue
-        shape, want = reader.shape(name), expected[name]
-        if _EXPERT_RE.search(name):
-            if len(shape) != 3 or sorted(shape) != sorted(want):
+    with _open_shard(path) as f:
+        keys = list(f.keys())
+        if names and set(names) - set(keys):
+            missing_in_file = sorted(set(names) - set(keys))[:5]
+            raise CheckpointError(f"{path}: index lists {missing_in_file} but the file does not hold them")
+        for name in keys:
+            if name not in expected:
+                unexpected.append(name)
+                continue
+            if name in optional:
+                seen.add(name)
+                continue
+            shape, want = tuple(f.get_slice(name).get_shape()), expected[name]
+            is_expert = bool(_EXPERT_RE.search(name))
+            if (sorted(shape) != sorted(want) or len(shape) != 3) if is_expert else shape != want:
                 misshaped.append(f"{name}: file {shape}, model {want}")
                 continue
-            t = reader.read(name, dtype, "cpu")
-            if _expert_transform(name, shape, want, moe_layout):
-                t = t.transpose(1, 2).contiguous()
-            t = t.to(device)
-        elif shape != want:
-            misshaped.append(f"{name}: file {shape}, model {want}")
-            continue
-        else:
-            t = reader.read(name, dtype, device)
-        p = params[name]
-        mod_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(mod_name), attr, torch.nn.Parameter(t, requires_grad=p.requires_grad))
-        seen.add(name)
+            # One tensor at a time: the source-dtype CPU tensor is dropped as soon as it is converted.
+            t = _read(f, path, name)
+            if is_expert and _expert_transform(name, shape, want, moe_layout):
+                t = t.to(dtype).transpose(1, 2).contiguous()
+            t = t.to(device=device, dtype=dtype)
+            p = params[name]
+            mod_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(mod_name), attr, torch.nn.Parameter(t, requires_grad=p.requires_grad))
+            seen.add(name)
 
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
@@ -218,8 +165,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     unexpected, misshaped = [], []
     bar = tqdm(total=len(files), desc=f"loading {path.name}", unit="shard", disable=not progress or len(files) < 2)
     for fname, names in files.items():
-        reader = SafetensorsReader(path / fname)
-        _load_shard(reader, names, model, params, expected, optional, moe_layout, dtype, device,
+        _load_shard(path / fname, names, model, params, expected, optional, moe_layout, dtype, device,
                     seen, unexpected, misshaped)
         bar.update(1)
     bar.close()

@@ -21,7 +21,13 @@ ATTN_BACKENDS = ("torch", "triton", "flex")  # model/attention.py
 
 
 class ConfigError(ValueError):
-    """A config.json (or a preset override) that we cannot represent faithfully."""
+    """A config we cannot represent faithfully: a config.json, a preset override, or a training config
+    (`train/config.py`: unknown key, wrong type or bad value, named by its key path)."""
+
+
+# The label of positions the loss skips (PyTorch's cross_entropy default): written by the processor's labels and
+# padding, read by train/loss.py and train/data.py. Here because every side imports the config cheaply.
+IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ PTX (16-byte `cp.async` / `ld.global.v4` versus 2-byte `ld.global.b16`). This is
 Needs only Triton's bundled ptxas/cuobjdump, so it costs no device time; timings still need the GPU.
 
 Usage: python scripts/attention_ptx_report.py [--head-dim 72] [--causal] [--varlen]
+       python scripts/attention_ptx_report.py --smoke      # one config of each kernel: checks the script runs
 """
 from __future__ import annotations
 
@@ -13,15 +14,14 @@ import argparse
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+os.environ.pop("TRITON_INTERPRET", None)  # compiling for sm_90 needs Triton's compiler, not the interpreter
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 from kernels.attention import backward, common, forward  # noqa: E402
 
@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--varlen", action="store_true")
     ap.add_argument("--unaligned", action="store_true", help="strides not multiples of 8 (ALIGN8 off)")
     ap.add_argument("--global-queries", action="store_true", help="compile with GLOBAL_Q=True")
+    ap.add_argument("--smoke", action="store_true", help="only the first config of each kernel")
     args = ap.parse_args()
     block_d = max(16, triton.next_power_of_2(args.head_dim))
     base = dict(HEAD_DIM=args.head_dim, BLOCK_D=block_d, EVEN_D=block_d == args.head_dim, CAUSAL=args.causal,
@@ -77,7 +78,7 @@ def main():
         divisible = set(_PTRS) | {n for n in names if n.startswith("stride_") and n[-1] in "bt"}
         if args.head_dim % 16 == 0:
             divisible |= {n for n in names if n.startswith("stride_")}
-        for cfg in configs:
+        for cfg in configs[:1] if args.smoke else configs:
             print(compile_report(kernel, dict(base, **cfg.kwargs), cfg.num_warps, cfg.num_stages, divisible),
                   flush=True)
 

@@ -1,32 +1,33 @@
 """Benchmark the Triton attention kernels against SDPA (cuDNN, flash) and FlexAttention, forward and backward.
 
-All providers run in one process on the same GPU (BENCHMARKS.md rules): median of triton.testing.do_bench after
-warm-up, random inputs (every case's q/k/v exceed the 50 MB L2 except where noted), FLOPs counted the standard
+All providers run in one process on the same GPU: median of 50 timed calls after 10 warm-up calls, L2 flushed
+before each (scripts/_bench.py), random inputs (every case's q/k/v exceed the 50 MB L2 except where noted), FLOPs counted the standard
 way (forward 4*B*H*N^2*D, halved for causal, 4*B*H*D*(N*W - W^2/2) for a causal window W, per document or frame
 for packed inputs; backward 2.5x forward). Prints a markdown table and writes it to --out.
 
 Usage (GPU): python scripts/bench_attention.py --out docs/bench_attention_table.md
-Smoke test on CPU: TRITON_INTERPRET=1 python scripts/bench_attention.py --tiny
+Smoke test on CPU (Triton interpreter, tiny shapes): python scripts/bench_attention.py --smoke
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 
+SMOKE = "--smoke" in sys.argv or "--tiny" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit
+
 import torch
+import triton
+from _bench import device_name, median_ms
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import triton  # noqa: E402
-
-from kernels.attention import attention  # noqa: E402
-from kernels.attention import backward, forward  # noqa: E402
-from kernels.attention.flash import flash_attn_fwd  # noqa: E402
+from kernels.attention import attention
+from kernels.attention import backward, forward
+from kernels.attention.flash import flash_attn_fwd
 
 
 @dataclass
@@ -56,12 +57,9 @@ class Case:
 
 
 def _time(fn) -> float:
-    """Median ms (CUDA events via do_bench); on the CPU (interpreter smoke test) one wall-clock run."""
-    if not torch.cuda.is_available():
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median ms of 50 calls after 10 warm-up calls, L2 flushed; on the CPU (interpreter smoke test) one call."""
+    cuda = torch.cuda.is_available()
+    return median_ms(fn, reps=50 if cuda else 1, warmup=10 if cuda else 0, flush_l2=True)
 
 
 def _mask(case: Case, device):
@@ -202,7 +200,8 @@ def bench_decode(device, dtype, rows, lk=32768, batch=4, hq=16, hkv=8, d=128):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny shapes for an interpreter smoke test")
+    ap.add_argument("--smoke", "--tiny", dest="tiny", action="store_true",
+                    help="CPU smoke test: Triton interpreter, tiny shapes, our kernels only")
     ap.add_argument("--only", default="", help="run only cases whose name contains this")
     ap.add_argument("--out", default="", help="write the markdown table here")
     args = ap.parse_args()
@@ -225,12 +224,13 @@ def main():
              providers=("ours", "sdpa", "sdpa_cudnn", "sdpa_flash")),
         Case(f"vision {nf}x{frame} d72 h16", nf * frame, hq=16, hkv=16, d=72, causal=False, frames=nf,
              providers=("ours", "sdpa", "sdpa_flash")),
-        Case(f"vision 1x{16 * frame} d72 h16", 16 * frame, hq=16, hkv=16, d=72, causal=False, frames=1,
+        Case(f"vision 1x{nf * frame} d72 h16", nf * frame, hq=16, hkv=16, d=72, causal=False, frames=1,
              providers=("ours", "sdpa", "sdpa_flash")),
     ]
-    if args.tiny:
+    if args.tiny:  # every case's code path, at a size the interpreter runs in seconds
         for c in cases:
             c.providers = ("ours",)
+            c.hq, c.hkv, c.d = 2, (2 if c.hq == c.hkv else 1), (24 if c.d % 16 else 16)
     rows: list = []
     t0 = time.time()
     if device == "cuda" and not args.only:
@@ -242,12 +242,12 @@ def main():
         print(f"[{time.time() - t0:6.0f}s] {c.name}", flush=True)
         run_case(c, dtype, device, rows)
     if not args.only or "decode" in args.only:
-        bench_decode(device, dtype, rows, **({} if not args.tiny else dict(lk=1100, batch=1, hq=4, hkv=2, d=64)))
+        bench_decode(device, dtype, rows, **({} if not args.tiny else dict(lk=1100, batch=1, hq=2, hkv=1, d=16)))
     # autotuner choices (what to keep when trimming the config lists)
     for kern in (forward.fwd_kernel, backward.bwd_dq_kernel, backward.bwd_dkdv_kernel):
         for key, cfg in getattr(kern, "cache", {}).items():
             print(f"  tuned {kern.fn.__name__} {key}: {cfg}")
-    dev = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+    dev = device_name(device)
     head = (f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}, CUDA "
             f"{torch.version.cuda}; dtype {str(dtype).split('.')[-1]}; B=1, Hq=16, Hkv=8, D=128 unless named; "
             f"{datetime.date.today()}; command: python scripts/bench_attention.py")

@@ -15,14 +15,15 @@ Rows:
   block    hf-grouped  the same with experts_implementation "grouped_mm" (transformers' default inside a model)
 
 `--sweep [KERNEL ...]` first times each (or each named) Triton kernel over a few tile configs at the largest token
-count and uses the fastest (printed, to be copied into kernels/moe/grouped_gemm.py CONFIGS). Timing:
-triton.testing.do_bench, median, L2 flushed between runs; the 800 MB of expert weights do not fit in L2 anyway.
+count and uses the fastest (printed, to be copied into kernels/moe/grouped_gemm.py CONFIGS). Timing: median of
+100 calls after 20 warm-up calls (30 after 10 in the sweep), L2 flushed before each (scripts/_bench.py); the 800 MB
+of expert weights do not fit in L2 anyway.
 
     python scripts/bench_moe.py --tokens 4096 8192 16384 [--sweep [KERNEL ...]] [--out results.md]
+    python scripts/bench_moe.py --smoke          # CPU, Triton interpreter, tiny fp32 shapes: checks the script runs
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -34,39 +35,23 @@ if "--smoke" in sys.argv:
 
 import torch
 import torch.nn.functional as F
+import triton
+from _bench import device_name, median_ms
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import triton  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
-
-import kernels.moe.grouped_gemm as gg  # noqa: E402
-from kernels.moe import build_schedule, moe_experts, moe_experts_ref  # noqa: E402
-
-
-def _load_model_moe():
-    """Import model/moe.py by path: the benchmark needs only this file, not the whole model package."""
-    spec = importlib.util.spec_from_file_location("model_moe", ROOT / "model" / "moe.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["model_moe"] = mod  # dataclasses look their module up here
-    spec.loader.exec_module(mod)
-    return mod
-
+import kernels.moe.grouped_gemm as gg
+from kernels.moe import build_schedule, moe_experts, moe_experts_ref
+from model.moe import MoEConfig, SparseMoeBlock
 
 H, I, E, K = 2048, 768, 128, 8
 DT = torch.bfloat16
 DEV = "cuda"
 
 
-def bench(fn, grad_to_none=None, warmup=50, rep=300):
-    """Median ms (do_bench on CUDA; on the --smoke CPU path one timed call)."""
-    if DEV == "cuda":
-        return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
-    import time
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
+def bench(fn, grad_to_none=None, warmup=20, reps=100):
+    """Median ms with the L2 flushed before each call; on the --smoke CPU path one timed call."""
+    if DEV != "cuda":
+        warmup, reps = 0, 1
+    return median_ms(fn, reps=reps, warmup=warmup, grad_to_none=grad_to_none, flush_l2=True)
 
 
 def routing(T, skewed, gen):
@@ -167,7 +152,7 @@ def sweep(T, gen, log, kinds):
         for c in cands:
             cfg[kind] = c
             try:
-                ms = bench(lambda: calls[kind](scheds[c[0]]), warmup=25, rep=100)
+                ms = bench(lambda: calls[kind](scheds[c[0]]), warmup=10, reps=30)
             except Exception as exc:  # e.g. out of shared memory for a config
                 log(f"  sweep {kind} {c}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
                 ms = float("inf")
@@ -206,7 +191,7 @@ def main():
     global H, I, E, K, DT, DEV
     if args.smoke:
         H, I, E, K, DT, DEV = 64, 32, 8, 2, torch.float32, "cpu"
-        args.tokens = [24, 40]
+        args.tokens = [24]
         for kind in CANDIDATES:
             CANDIDATES[kind] = [(64, 32, 32, 4, 1), (128, 32, 32, 4, 1)]
         gg.CONFIGS["interpret"] = {k: (64, 32, 32, 4, 1) for k in CANDIDATES}
@@ -217,12 +202,11 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
-    moe = _load_model_moe()
     import transformers
     from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextSparseMoeBlock
 
     gen = torch.Generator(device=DEV).manual_seed(0)
-    name = (f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)"
+    name = (f"{device_name(DEV)} ({torch.cuda.get_device_properties(0).multi_processor_count} SMs)"
             if DEV == "cuda" else "cpu (smoke test, TRITON_INTERPRET=1)")
     log(f"device: {name}, torch {torch.__version__}, triton "
         f"{triton.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
@@ -234,7 +218,7 @@ def main():
     log(f"configs: {json.dumps({k: list(v) for k, v in gg.CONFIGS['cuda' if DEV == 'cuda' else 'interpret'].items()})}")
 
     # Modules: ours (triton backend) and transformers' block with the same weights (its layout is transposed).
-    ours = moe.SparseMoeBlock(H, moe.MoEConfig(E, K, I, backend="triton")).to(DEV, DT)
+    ours = SparseMoeBlock(H, MoEConfig(E, K, I, backend="triton")).to(DEV, DT)
     hf_cfg = transformers.Qwen3VLMoeTextConfig(hidden_size=H, num_experts=E, num_experts_per_tok=K,
                                                moe_intermediate_size=I)
     hf = None
@@ -319,7 +303,8 @@ def main():
                        f"{3 * flops / t_train / 1e9:.0f} | {ratio} |")
                 table.append(row)
                 log(row)
-            torch.cuda.empty_cache()
+            if DEV == "cuda":
+                torch.cuda.empty_cache()
     log()
     log("'vs ours' = that implementation's time / ours (> 1: ours is faster).")
     for line in table:

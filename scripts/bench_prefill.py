@@ -8,37 +8,41 @@ Builds a Qwen3-VL-2B-shaped model with random weights (bf16), copies the same we
      peak memory, for each implementation (BENCHMARKS.md: transformers 33.2K tokens/s at 64 frames on H100).
 
     python scripts/bench_prefill.py --frames 64 256
+    python scripts/bench_prefill.py --smoke           # CPU, tiny preset and shapes: checks the script runs
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton.jit (the CPU smoke run)
+
 import torch
+from _bench import device_name, hf_twin, median_ms, peak_memory_gib, reset_peak_memory
 
-sys.path.insert(0, ".")
-from model import Qwen3VL, preset  # noqa: E402
-from timing import median_ms  # noqa: E402  (scripts/timing.py)
+from model import Qwen3VL, preset
 
-IMAGE, VIDEO, VSTART, VEND = 151655, 151656, 151652, 151653
+USER_TURN = [151644, 872, 198]  # "<|im_start|>user\n": fixed text before the video, as a chat prompt starts
 
 
-def video_inputs(frames: int, side: int = 448, device="cuda", seed=0):
+def video_inputs(cfg, frames: int, side: int = 448, device="cuda", seed=0, dtype=torch.bfloat16):
     """A release-layout video prompt: per temporal group '<t seconds>' text + vision_start + pads + vision_end."""
     g = torch.Generator().manual_seed(seed)
     t, h = frames // 2, side // 16
-    ids = [151644, 872, 198]
+    ids = list(USER_TURN)
     for k in range(t):
         ids += torch.randint(1000, 30000, (6,), generator=g).tolist()  # stands for "<12.3 seconds>"
-        ids += [VSTART] + [VIDEO] * (h * h // 4) + [VEND]
+        ids += [cfg.vision_start_token_id] + [cfg.video_token_id] * (h * h // 4) + [cfg.vision_end_token_id]
     ids += torch.randint(1000, 30000, (20,), generator=g).tolist()
     input_ids = torch.tensor([ids], device=device)
-    px = torch.randn(t * h * h, 1536, generator=g).to(device, torch.bfloat16)
+    px = torch.randn(t * h * h, 1536, generator=g).to(device, dtype)
     grid = torch.tensor([[t, h, h]], device=device)
-    tt = (input_ids == VIDEO).long() * 2
+    tt = (input_ids == cfg.video_token_id).long() * 2
     return dict(input_ids=input_ids, pixel_values_videos=px, video_grid_thw=grid), tt
 
 
@@ -55,23 +59,23 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--side", type=int, default=448)
     ap.add_argument("--compile", action="store_true", help="also time ours with train.parallel.apply_compile()")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32, 2 frames of 32x32: checks it runs")
     args = ap.parse_args()
     import transformers
 
+    dtype = torch.bfloat16
+    reps = dict(reps=5, warmup=2)
+    if args.smoke:  # fp32: the Triton interpreter's bf16 dots are wrong
+        args.preset, args.device, args.side, args.frames, args.check_frames = "tiny", "cpu", 32, [2], 2
+        dtype, reps = torch.float32, dict(reps=1, warmup=0)
     dev = args.device
     torch.manual_seed(0)
     cfg = preset(args.preset)
-    ours = Qwen3VL(cfg).to(dev, torch.bfloat16).eval()
-    ours_tri = Qwen3VL(cfg.replace(attn_backend="triton"), init_weights=False).to(dev, torch.bfloat16).eval()
+    ours = Qwen3VL(cfg).to(dev, dtype).eval()
+    ours_tri = Qwen3VL(cfg.replace(attn_backend="triton"), init_weights=False).to(dev, dtype).eval()
     ours_tri.load_state_dict(ours.state_dict())
-    hf_cfg = transformers.Qwen3VLConfig(**cfg.to_hf())
-    hf_cfg._attn_implementation = "sdpa"
-    with torch.device(dev):
-        hf = transformers.Qwen3VLForConditionalGeneration(hf_cfg).to(torch.bfloat16).eval()
-    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    results = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-               "transformers": transformers.__version__}
+    hf = hf_twin(cfg, dev, dtype, state_dict=ours.state_dict())
+    results = {"device": device_name(dev), "torch": torch.__version__, "transformers": transformers.__version__}
 
     def hf_forward(inp, tt):
         try:
@@ -80,7 +84,7 @@ def main():
             return hf(**inp, logits_to_keep=1).logits
 
     # ---------------------------------------------------------------- correctness at full size
-    inp, tt = video_inputs(args.check_frames, args.side, dev)
+    inp, tt = video_inputs(cfg, args.check_frames, args.side, dev, dtype=dtype)
     with torch.no_grad():
         full_ref = hf(**inp, mm_token_type_ids=tt).logits
         a = ours(**inp).logits
@@ -92,7 +96,7 @@ def main():
         results["rel_err_ours_triton_vs_hf"] = rel(b, full_ref)
         results["rel_err_triton_vs_torch"] = rel(b, a)
         # gradients (triton vs torch backends) on a shorter prompt
-        inp8, _ = video_inputs(8, args.side, dev, seed=1)
+        inp8, _ = video_inputs(cfg, 8, args.side, dev, seed=1, dtype=dtype)
         grads = []
         for m in (ours, ours_tri):
             m.zero_grad(set_to_none=True)
@@ -112,7 +116,7 @@ def main():
     # ---------------------------------------------------------------- prefill speed
     compiled = None
     if args.compile:
-        compiled = Qwen3VL(cfg, init_weights=False).to(dev, torch.bfloat16).eval()
+        compiled = Qwen3VL(cfg, init_weights=False).to(dev, dtype).eval()
         compiled.load_state_dict(ours.state_dict())
         from train.parallel import apply_compile
 
@@ -125,21 +129,19 @@ def main():
         print({k: results[k] for k in ("compile_first_call_s", "rel_err_compiled_vs_eager")}, flush=True)
     rows = []
     for frames in args.frames:
-        inp, tt = video_inputs(frames, args.side, dev)
+        inp, tt = video_inputs(cfg, frames, args.side, dev, dtype=dtype)
         n = inp["input_ids"].shape[1]
         impls = [("transformers (sdpa)", lambda: hf_forward(inp, tt)),
                  ("ours (torch sdpa)", lambda: ours(**inp, logits_to_keep=1).logits),
-                 ("ours (triton)", lambda: ours_tri(**inp, logits_to_keep=1).logits)]
+                 ("ours (triton)", lambda: ours_tri(**inp, logits_to_keep=1).logits)][:2 if args.smoke else 3]
         if compiled is not None:
             impls.append(("ours (torch sdpa, compiled blocks)", lambda: compiled(**inp, logits_to_keep=1).logits))
         for name, fn in impls:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+            reset_peak_memory()
             try:
                 with torch.no_grad():
-                    ms = median_ms(fn)
-                peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+                    ms = median_ms(fn, **reps)
+                peak = peak_memory_gib()
                 rows.append(dict(impl=name, frames=frames, tokens=n, ms=round(ms, 1),
                                  tok_per_s=round(n / ms * 1000), peak_gib=round(peak, 2)))
             except torch.cuda.OutOfMemoryError:

@@ -8,6 +8,7 @@ every text position), AdamW, activation / gradient checkpointing, SDPA attention
 `--steps`); peak memory = torch.cuda.max_memory_allocated over the timed steps (weights + optimizer state included).
 
     python scripts/bench_train.py --tokens 8192 --steps 6            # prints a markdown table
+    python scripts/bench_train.py --smoke                            # CPU, tiny preset: checks the script runs
 """
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ import argparse
 import gc
 import inspect
 import json
-import os
 import platform
-import sys
 import time
 
 import torch
+from _bench import device_name, hf_twin, median_ms, peak_memory_gib, reset_peak_memory
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timing import median_ms  # noqa: E402  (scripts/timing.py)
+from model.config import IGNORE_INDEX
+
+DEVICE, DTYPE, PRECISION = "cuda", torch.bfloat16, "bf16"  # cpu, fp32 under --smoke (CPU bf16 is slow)
+IMAGE_SIDE = 32  # patches per side of the one image (1024 patches = 256 merged tokens); 4 under --smoke
 
 
 def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
@@ -31,20 +33,20 @@ def make_batch(cfg, n_tokens: int, device, seed: int = 0) -> dict:
     from model.positions import get_rope_index
 
     g = torch.Generator().manual_seed(seed)
-    n_img = 1024 // 4
+    n_img = IMAGE_SIDE * IMAGE_SIDE // 4
     n_text = n_tokens - n_img - 2
     pre = n_text // 8
     ids = torch.cat([torch.randint(0, 151000, (pre,), generator=g), torch.tensor([cfg.vision_start_token_id]),
                      torch.full((n_img,), cfg.image_token_id), torch.tensor([cfg.vision_end_token_id]),
                      torch.randint(0, 151000, (n_text - pre,), generator=g)])[None]
     labels = ids.clone()
-    labels[ids == cfg.image_token_id] = -100
-    grid = torch.tensor([[1, 32, 32]])
+    labels[ids == cfg.image_token_id] = IGNORE_INDEX
+    grid = torch.tensor([[1, IMAGE_SIDE, IMAGE_SIDE]])
     pos, _ = get_rope_index(ids, grid, None, config=cfg)
-    shifted = torch.cat([labels[:, 1:], torch.full((1, 1), -100)], 1)
+    shifted = torch.cat([labels[:, 1:], torch.full((1, 1), IGNORE_INDEX)], 1)
     return {"input_ids": ids.to(device), "labels_unshifted": labels.to(device), "labels": shifted.to(device),
             "position_ids": pos.to(device), "cu_seqlens": torch.tensor([0, n_tokens], dtype=torch.int32, device=device),
-            "pixel_values": torch.randn(1024, 1536, generator=g).to(device, torch.bfloat16),
+            "pixel_values": torch.randn(IMAGE_SIDE ** 2, 1536, generator=g).to(device, DTYPE),
             "image_grid_thw": grid.to(device), "pixel_values_videos": None, "video_grid_thw": None}
 
 
@@ -56,10 +58,9 @@ def _train_steps(m, loss_fn, steps: int, warmup: int, in_backward: bool = False,
     as torchtune's optimizer_in_bwd), so gradients never all exist at once (same update; no global grad clipping).
     """
     gc.collect()  # release what the previous run left behind before this one allocates
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     if in_backward:
-        opts = {p: torch.optim.AdamW([p], lr=1e-5, fused=True) for p in m.parameters()}
+        opts = {p: torch.optim.AdamW([p], lr=1e-5, fused=DEVICE == "cuda") for p in m.parameters()}
 
         def hook(p):
             opts[p].step()
@@ -68,7 +69,7 @@ def _train_steps(m, loss_fn, steps: int, warmup: int, in_backward: bool = False,
         for p in m.parameters():
             p.register_post_accumulate_grad_hook(hook)
     else:
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=True)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-5, fused=DEVICE == "cuda")
     last = {}
 
     def step():
@@ -87,7 +88,7 @@ def _train_steps(m, loss_fn, steps: int, warmup: int, in_backward: bool = False,
             step()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
-    return ms, torch.cuda.max_memory_allocated() / 2**30, float(last["loss"])
+    return ms, peak_memory_gib(), float(last["loss"])
 
 
 def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: bool, chunk: int, ac: bool = True,
@@ -98,17 +99,17 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
     from train.step import forward_losses
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(torch.bfloat16)
+    with torch.device(DEVICE):
+        m = Qwen3VL(cfg.replace(attn_backend=attn_backend)).to(DTYPE)
     m.train()
     if ac:
         apply_activation_checkpointing(m, every=ac_every, vision=vision_ac)
     if compile_blocks:
         apply_compile(m)
-    n = int((batch["labels"] != -100).sum())
+    n = int((batch["labels"] != IGNORE_INDEX).sum())
 
     def loss_fn():
-        losses, _ = forward_losses(m, batch, chunk, precision="bf16")
+        losses, _ = forward_losses(m, batch, chunk, precision=PRECISION)
         return losses.sum() / n
 
     return _train_steps(m, loss_fn, steps, warmup, in_backward, profile)
@@ -116,14 +117,8 @@ def bench_ours(cfg, batch, steps, warmup, attn_backend: str, compile_blocks: boo
 
 def bench_hf(cfg, batch, steps, warmup):
     """transformers' Qwen3VLForConditionalGeneration (sdpa, gradient checkpointing) + fused AdamW."""
-    import transformers
-
-    hf_cfg = transformers.Qwen3VLConfig.from_dict(cfg.to_hf())
-    hf_cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        m = transformers.Qwen3VLForConditionalGeneration._from_config(hf_cfg, attn_implementation="sdpa",
-                                                                      torch_dtype=torch.bfloat16)
+    m = hf_twin(cfg, DEVICE, DTYPE)  # its own random init: the two models never share the GPU
     m.train()
     m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     m.config.use_cache = False
@@ -148,12 +143,17 @@ def main():
     p.add_argument("--profile", action="store_true", help="print the CUDA kernel table of one step of each variant")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--json", default=None, help="also write results here")
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny preset, 300 tokens, one step: checks it runs")
     a = p.parse_args()
+    global DEVICE, DTYPE, PRECISION, IMAGE_SIDE
+    if a.smoke:
+        DEVICE, DTYPE, PRECISION, IMAGE_SIDE = "cpu", torch.float32, "fp32", 4
+        a.preset, a.tokens, a.steps, a.warmup, a.chunk = "tiny", 64, 1, 0, 32
 
     from model import preset
 
     cfg = preset(a.preset)
-    batch = make_batch(cfg, a.tokens, "cuda")
+    batch = make_batch(cfg, a.tokens, DEVICE)
     rows = []
     if not a.skip_hf:
         ms, gib, loss = bench_hf(cfg, batch, a.steps, a.warmup)
@@ -172,7 +172,7 @@ def main():
         except Exception as e:  # report and go on with the other variants
             print(f"variant {v} failed: {type(e).__name__}: {e}", flush=True)
             gc.collect()
-            torch.cuda.empty_cache()
+            reset_peak_memory()
             continue
         ckpt = "no act ckpt" if "noac" in flags else ("act ckpt" if every == 1 else f"act ckpt every {every}")
         ckpt += " (not the vision tower)" if "vnoac" in flags and "noac" not in flags else ""
@@ -180,16 +180,16 @@ def main():
                      f"{', AdamW in backward' if 'oib' in flags else ''}, chunked CE)", ms, gib, loss))
     import transformers
 
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  transformers {transformers.__version__}"
+    print(f"device: {device_name(DEVICE)}  torch {torch.__version__}  transformers {transformers.__version__}"
           f"  python {platform.python_version()}  date {time.strftime('%Y-%m-%d')}")
-    print(f"Qwen3-VL-{a.preset} shape, random bf16 weights, 1 packed row of {a.tokens} tokens "
-          f"(1 image, 1024 patches), AdamW(fused), median of {a.steps} steps after {a.warmup} warm-up")
+    print(f"Qwen3-VL-{a.preset} shape, random {str(DTYPE).split('.')[-1]} weights, 1 packed row of {a.tokens} tokens "
+          f"(1 image, {IMAGE_SIDE ** 2} patches), AdamW, median of {a.steps} steps after {a.warmup} warm-up")
     print("| run | ms/step | tokens/s | peak GiB | loss |\n|---|---|---|---|---|")
     base = rows[0] if not a.skip_hf else None
     for name, ms, gib, loss in rows:
         extra = ""
         if base is not None and name != base[0]:
-            extra = f" ({base[1] / ms:.2f}x tokens/s, {gib / base[2]:.2f}x memory)"
+            extra = f" ({base[1] / ms:.2f}x tokens/s, {gib / max(base[2], 1e-9):.2f}x memory)"
         print(f"| {name} | {ms:.0f} | {a.tokens / ms * 1e3:,.0f} | {gib:.1f} | {loss:.3f} |{extra}")
     if a.json:
         json.dump([{"run": r[0], "ms": r[1], "tokens_per_s": a.tokens / r[1] * 1e3, "peak_gib": r[2], "loss": r[3]}

@@ -15,6 +15,7 @@ Each path produces pixel_values_videos (N, 1536) fp32 + grid. We check that the 
 swscale settings, so the qwen-vl-utils pair is compared by max |diff| only), and print a Markdown table.
 
     python scripts/bench_video.py [--repeats 1] [--skip-ref-hf] [--threads N]
+    python scripts/bench_video.py --smoke        # a 3-second 128x96 video: checks the script runs
 """
 from __future__ import annotations
 
@@ -22,21 +23,23 @@ import argparse
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
+from _bench import median_ms
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+FPS = 24
+FULL = (1280, 720, 600)  # width, height, seconds
+SMOKE = (128, 96, 3)
 
-VIDEO = "/tmp/qwen3vl_bench_720p_24fps_600s.mp4"
-W, H, FPS, SECONDS = 1280, 720, 24, 600
 
-
-def make_video(path: str = VIDEO):
-    """Write the synthetic video once (about a minute on 2 cores): a scrolling gradient with a moving box."""
+def make_video(W: int, H: int, seconds: int) -> str:
+    """Write the synthetic video once (720p: about a minute on 2 cores): a scrolling gradient with a moving box."""
     import av
 
+    path = os.path.join(tempfile.gettempdir(), f"qwen3vl_bench_{W}x{H}_{FPS}fps_{seconds}s.mp4")
     if os.path.exists(path):
         return path
     tmp = path + ".part.mp4"
@@ -46,10 +49,11 @@ def make_video(path: str = VIDEO):
     with av.open(tmp, "w") as c:
         s = c.add_stream("libx264", rate=FPS, options={"preset": "veryfast"})
         s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        for i in range(FPS * SECONDS):
+        for i in range(FPS * seconds):
             yy = np.roll(y, 4 * i, axis=1)
-            r, col = (i * 7) % (H - 100), (i * 11) % (W - 100)
-            yy[r : r + 100, col : col + 100] = 255 - (i % 200)
+            box = min(100, H // 4)
+            r, col = (i * 7) % (H - box), (i * 11) % (W - box)
+            yy[r : r + box, col : col + box] = 255 - (i % 200)
             frame = av.VideoFrame.from_ndarray(np.concatenate([yy, u.reshape(-1, W), v.reshape(-1, W)]),
                                                format="yuv420p")
             for p in s.encode(frame):
@@ -95,13 +99,10 @@ def ref_hf(path):
 
 
 def timed(fn, *args, repeats=1):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        out = None
-        t0 = time.perf_counter()
-        out = fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+    """(median seconds over `repeats` calls, the last call's result)."""
+    out = {}
+    ms = median_ms(lambda: out.__setitem__("r", fn(*args)), reps=repeats, warmup=0)
+    return ms / 1e3, out["r"]
 
 
 def main():
@@ -109,11 +110,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-ref-hf", action="store_true", help="skip the slow transformers-only baseline")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    ap.add_argument("--smoke", action="store_true", help=f"a {SMOKE[2]}-second {SMOKE[0]}x{SMOKE[1]} video")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    path = make_video()
+    path = make_video(*(SMOKE if args.smoke else FULL))
     print(f"video: {path} ({os.path.getsize(path) / 1e6:.1f} MB, ready in {time.perf_counter() - t0:.1f} s)")
     # Warm the page cache and imports so the first timed path is not penalised.
     with open(path, "rb") as f:

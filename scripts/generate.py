@@ -3,6 +3,7 @@
     python scripts/generate.py --checkpoint /path/to/Qwen3-VL-2B-Instruct --image cat.jpg --prompt "Describe it."
     python scripts/generate.py --checkpoint /path/to/ckpt --video clip.mp4 --fps 2 --prompt "What happens?"
     python scripts/generate.py --preset tiny --prompt "Hello"          # random weights: checks the pipeline runs
+    python scripts/generate.py --smoke     # the same with a generated image and 4 new tokens (CPU, seconds)
 
 The processor comes from the checkpoint directory (tokenizer.json, chat template, preprocessor_config.json) when
 present, else the embedded default (real Qwen3-VL vocabulary, official preprocessing budgets).
@@ -10,6 +11,7 @@ present, else the embedded default (real Qwen3-VL vocabulary, official preproces
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,10 +24,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Generate with Qwen3-VL.")
-    src = ap.add_mutually_exclusive_group(required=True)
+    src = ap.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", type=Path, help="checkpoint directory (official safetensors layout)")
     src.add_argument("--preset", help="random model from a preset (e.g. tiny): a pipeline check, not a chat")
-    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--prompt")
     ap.add_argument("--image", action="append", default=[], help="image path (repeatable)")
     ap.add_argument("--video", action="append", default=[], help="video path (repeatable)")
     ap.add_argument("--fps", type=float, default=2.0, help="video sampling rate")
@@ -38,7 +40,13 @@ def main(argv=None):
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--attn-backend", choices=["torch", "triton"], default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny random model, a generated 64x48 image, 4 new tokens")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.preset, args.prompt, args.max_new_tokens, args.device = "tiny", "Describe it.", 4, "cpu"
+        args.image = [_smoke_image()]
+    if not (args.checkpoint or args.preset) or not args.prompt:
+        ap.error("give --checkpoint or --preset, and --prompt (or --smoke)")
 
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
@@ -71,6 +79,17 @@ def main(argv=None):
     new = out[0, inputs["input_ids"].shape[1]:]
     print(proc.decode(new, skip_special_tokens=True))
     print(f"[{inputs['input_ids'].shape[1]} prompt tokens, {len(new)} new tokens in {dt:.2f}s]")
+
+
+def _smoke_image() -> str:
+    """A small random RGB image written to the temp directory (for --smoke)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (48, 64, 3), generator=g, dtype=torch.uint8).numpy()
+    path = Path(tempfile.gettempdir()) / "qwen3vl_generate_smoke.png"
+    Image.fromarray(pixels).save(path)
+    return str(path)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,12 @@
 
 Example:
     python scripts/make_ocr_data.py --out data/ocr_synth --n-train 2000 --n-val 64 --charset mixed --seed 0
+    python scripts/make_ocr_data.py --smoke --out /tmp/ocr_smoke      # 4 + 2 samples: checks the script runs
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from train.config import OCRGenConfig  # noqa: E402
-from train.ocr_data import generate_ocr_dataset  # noqa: E402
+from train.config import OCRGenConfig
+from train.ocr_data import generate_ocr_dataset
 
 
 def main():
@@ -31,7 +28,10 @@ def main():
     p.add_argument("--noise", type=float, default=d.noise)
     p.add_argument("--prompt", default=d.prompt)
     p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
+    p.add_argument("--smoke", action="store_true", help="4 training and 2 validation samples")
     a = p.parse_args()
+    if a.smoke:
+        a.n_train, a.n_val, a.force = 4, 2, True
     cfg = OCRGenConfig(enabled=True, out_dir=a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed,
                        charset=a.charset, min_len=a.min_len, max_len=a.max_len, height=a.height, width=a.width,
                        font_size=tuple(a.font_size), rotation=a.rotation, noise=a.noise, prompt=a.prompt)

@@ -151,6 +151,31 @@ def test_bad_inputs_raise():
         moe_experts(x.half(), gate_up, down, ids, w)
 
 
+@pytest.mark.parametrize("needs_grad", [True, False], ids=["train", "inference"])
+def test_custom_ops_pass_opcheck(needs_grad):
+    """torch.library.opcheck: schema, fake (meta) shapes, autograd registration and AOT dispatch of both ops agree
+    with the real kernels; this is what lets torch.compile trace the experts without a graph break."""
+    from kernels.moe import moe_experts_bwd, moe_experts_fwd
+    from kernels.moe.grouped_gemm import block_m_for
+
+    torch.manual_seed(11)
+    T, H, I, E, k = 11, 32, 24, 5, 2
+    x, gate_up, down, ids, w = _inputs(T, H, I, E, k, torch.float32)
+    s = build_schedule(ids, E, block_m_for(x))
+    w_sorted = w.reshape(-1)[s.sorted_pair.long()].float()
+    if needs_grad:
+        for t in (x, gate_up, down, w_sorted):
+            t.requires_grad_(True)
+    sched = (s.sorted_token, s.inv, s.expert_offsets, s.tile_expert, s.tile_row_start, s.tile_row_end)
+    torch.library.opcheck(moe_experts_fwd, (x, gate_up, down, w_sorted, *sched, s.block_m, k, needs_grad))
+    _, gu, h = moe_experts_fwd(x.detach(), gate_up.detach(), down.detach(), w_sorted.detach(), *sched, s.block_m, k,
+                               True)
+    dy = torch.randn(T, H)
+    for needs in [(True, True, True, True), (True, False, False, True), (False, False, True, False)]:
+        torch.library.opcheck(moe_experts_bwd, (dy, x.detach(), gate_up.detach(), down.detach(), w_sorted.detach(),
+                                                gu, h, *sched, s.block_m, k, *needs))
+
+
 # ---------------------------------------------------------------------------------------------- GPU, full size
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")

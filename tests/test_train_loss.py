@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from train.loss import IGNORE_INDEX, chunked_cross_entropy, reference_cross_entropy, shift_labels
+from train.loss import IGNORE_INDEX, chunked_cross_entropy, reference_cross_entropy
 
 
 # fp32 on CPU: the chunked path does the same matmuls in a different grouping; 1e-5 relative covers reordering.
@@ -33,13 +33,6 @@ def test_chunked_ce_rejects_out_of_range_labels():
     h, w = torch.randn(3, 4), torch.randn(10, 4)
     with pytest.raises(ValueError, match="labels outside"):
         chunked_cross_entropy(h, w, torch.tensor([1, 10, 2]))
-
-
-def test_shift_labels_never_crosses_documents():
-    labels = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
-    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-    assert shift_labels(labels, cu).tolist() == [[2, 3, IGNORE_INDEX, 5, 6, 7, IGNORE_INDEX]]
-    assert shift_labels(labels).tolist() == [[2, 3, 4, 5, 6, 7, IGNORE_INDEX]]
 
 
 def test_fused_elementwise_stages_equal_the_eager_ones():

@@ -27,12 +27,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from model.checkpoint import CheckpointError  # one error class for model and training checkpoints
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete, truncated or corrupted."""
 
 
 # ----------------------------------------------------------------------------------------------- integrity

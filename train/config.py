@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from model.build import ModelSpec
 from model.build import config_from_dict as _config_from_dict
-from model.config import ConfigError
+from model.config import ConfigError  # one error class for model and training configs
 
 FREEZE_GROUPS = ("vision", "merger", "deepstack", "embed", "llm", "lm_head")
 

@@ -13,7 +13,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from model.config import IGNORE_INDEX
 
 
 def _lse_and_loss(logits: torch.Tensor, labels: torch.Tensor):
@@ -120,21 +120,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     else:
         w = weight if weight.dtype == h.dtype else weight.to(h.dtype)
     return ChunkedLinearCrossEntropy.apply(h, w, y, int(chunk_size))
-
-
-def shift_labels(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Targets for next-token prediction: out[t] = labels[t+1], -100 at each sequence's (or packed doc's) end.
-
-    Args:
-        labels: (B, L) long.
-        cu_seqlens: (n_docs + 1,) int32 boundaries of a packed row (B = 1), or None.
-    """
-    out = torch.full_like(labels, IGNORE_INDEX)
-    out[:, :-1] = labels[:, 1:]
-    if cu_seqlens is not None:
-        ends = cu_seqlens[1:].long() - 1                                    # last token of each doc
-        out[:, ends] = IGNORE_INDEX                                         # never predict across docs
-    return out
 
 
 def reference_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

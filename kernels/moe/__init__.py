@@ -19,47 +19,85 @@ from .schedule import Schedule, build_schedule
 __all__ = ["moe_experts", "moe_experts_ref", "build_schedule", "Schedule"]
 
 
-class MoEExpertsFunction(torch.autograd.Function):
-    """autograd.Function over the Triton kernels; saves gu (N, 2I) and h (N, I) for backward."""
-
-    @staticmethod
-    def forward(ctx, x, gate_up, down, topk_weights, topk_ids):
-        T, k = topk_ids.shape
-        E = gate_up.shape[0]
-        sched = build_schedule(topk_ids, E, gg.block_m_for(x))
-        w_sorted = topk_weights.reshape(-1)[sched.sorted_pair.long()].float()  # (N,) weight of each sorted row
-        needs_grad = any(ctx.needs_input_grad[:4])
-        gu, h = gg.gate_up_fwd(x, gate_up, sched, save_gu=needs_grad)
-        ys = gg.token_gemm(h, down, sched, transpose_b=False, scale=w_sorted, kind="down")  # (N, H) weighted
-        y = gg.gather_sum(ys, sched.inv, T, k)
-        if needs_grad:
-            ctx.sched, ctx.k = sched, k
-            ctx.save_for_backward(x, gate_up, down, w_sorted, gu, h)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, gate_up, down, w_sorted, gu, h = ctx.saved_tensors
-        sched, k = ctx.sched, ctx.k
-        need_x, need_w1, need_w2, need_rw = ctx.needs_input_grad[:4]
-        dy = dy.contiguous()
-        T = dy.shape[0]
-        dx = d_gate_up = d_down = d_weights = None
-        if need_x or need_w1 or need_rw:
-            dgu, dw_sorted = gg.down_bwd(dy, down, gu, w_sorted, sched)
-            if need_rw:
-                d_weights = dw_sorted[sched.inv.long()].view(T, k).to(x.dtype)
-            if need_x:
-                dxs = gg.token_gemm(dgu, gate_up, sched, transpose_b=True, scale=None, kind="dx")  # (N, H)
-                dx = gg.gather_sum(dxs, sched.inv, T, k)
-            if need_w1:
-                d_gate_up = gg.weight_grad(x, sched.sorted_token, dgu, None, None, sched, torch.empty_like(gate_up))
-        if need_w2:
-            d_down = gg.weight_grad(h, None, dy, sched.sorted_token, w_sorted, sched, torch.empty_like(down))
-        return dx, d_gate_up, d_down, d_weights, None
+# The kernels as torch.library custom ops, as kernels/attention/flash.py does: eager calls dispatch straight to
+# them, and torch.compile keeps each as one opaque node of its graph (shapes from the fake implementations) instead
+# of breaking the graph around Triton's launcher. The routing bookkeeping (`build_schedule`, plain torch ops) stays
+# outside the ops, so the compiler traces it, and its tensors reach backward as saved inputs (no recomputation).
+# The schedule crosses the op boundary as its tensors: sorted_token, inv, expert_offsets, tile_expert,
+# tile_row_start, tile_row_end (Schedule's fields; sorted_pair is not needed inside).
+def _schedule(block_m, sorted_token, inv, expert_offsets, tile_expert, tile_row_start, tile_row_end) -> Schedule:
+    return Schedule(block_m, None, sorted_token, inv, expert_offsets, tile_expert, tile_row_start, tile_row_end)
 
 
-@torch.compiler.disable  # opaque to torch.compile: dynamo cannot trace Triton's launcher/autotuner
+@torch.library.custom_op("qwen3vl_lab::moe_experts_fwd", mutates_args=())
+def moe_experts_fwd(x: Tensor, gate_up: Tensor, down: Tensor, w_sorted: Tensor, sorted_token: Tensor, inv: Tensor,
+                    expert_offsets: Tensor, tile_expert: Tensor, tile_row_start: Tensor, tile_row_end: Tensor,
+                    block_m: int, k: int, save_for_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Forward: (y (T, H) in x's dtype, gu (N, 2I) or (0, 2I) unless saved, h (N, I)); w_sorted (N,) fp32."""
+    sched = _schedule(block_m, sorted_token, inv, expert_offsets, tile_expert, tile_row_start, tile_row_end)
+    gu, h = gg.gate_up_fwd(x, gate_up, sched, save_gu=save_for_backward)
+    ys = gg.token_gemm(h, down, sched, transpose_b=False, scale=w_sorted, kind="down")  # (N, H) weighted
+    y = gg.gather_sum(ys, sched.inv, x.shape[0], k)
+    return y, (gu if gu is not None else x.new_empty(0, gate_up.shape[2])), h
+
+
+@moe_experts_fwd.register_fake
+def _(x, gate_up, down, w_sorted, sorted_token, inv, expert_offsets, tile_expert, tile_row_start, tile_row_end,
+      block_m, k, save_for_backward):
+    N, I2 = sorted_token.shape[0], gate_up.shape[2]
+    return x.new_empty(x.shape), x.new_empty(N if save_for_backward else 0, I2), x.new_empty(N, I2 // 2)
+
+
+@torch.library.custom_op("qwen3vl_lab::moe_experts_bwd", mutates_args=())
+def moe_experts_bwd(dy: Tensor, x: Tensor, gate_up: Tensor, down: Tensor, w_sorted: Tensor, gu: Tensor, h: Tensor,
+                    sorted_token: Tensor, inv: Tensor, expert_offsets: Tensor, tile_expert: Tensor,
+                    tile_row_start: Tensor, tile_row_end: Tensor, block_m: int, k: int, need_x: bool,
+                    need_gate_up: bool, need_down: bool, need_w: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward: (dx, d_gate_up, d_down, d_w_sorted); a gradient that is not needed comes back empty (numel 0)."""
+    sched = _schedule(block_m, sorted_token, inv, expert_offsets, tile_expert, tile_row_start, tile_row_end)
+    T = dy.shape[0]
+    dx, d_gate_up, d_down, d_w = x.new_empty(0), gate_up.new_empty(0), down.new_empty(0), w_sorted.new_empty(0)
+    if need_x or need_gate_up or need_w:
+        dgu, d_w_all = gg.down_bwd(dy, down, gu, w_sorted, sched)
+        if need_w:
+            d_w = d_w_all
+        if need_x:
+            dxs = gg.token_gemm(dgu, gate_up, sched, transpose_b=True, scale=None, kind="dx")  # (N, H)
+            dx = gg.gather_sum(dxs, sched.inv, T, k)
+        if need_gate_up:
+            d_gate_up = gg.weight_grad(x, sched.sorted_token, dgu, None, None, sched, torch.empty_like(gate_up))
+    if need_down:
+        d_down = gg.weight_grad(h, None, dy, sched.sorted_token, w_sorted, sched, torch.empty_like(down))
+    return dx, d_gate_up, d_down, d_w
+
+
+@moe_experts_bwd.register_fake
+def _(dy, x, gate_up, down, w_sorted, gu, h, sorted_token, inv, expert_offsets, tile_expert, tile_row_start,
+      tile_row_end, block_m, k, need_x, need_gate_up, need_down, need_w):
+    def like(t, need):
+        return t.new_empty(t.shape if need else (0,))
+
+    return like(x, need_x), like(gate_up, need_gate_up), like(down, need_down), like(w_sorted, need_w)
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate_up, down, w_sorted, *sched, block_m, k, _ = inputs
+    _, gu, h = output
+    ctx.save_for_backward(x, gate_up, down, w_sorted, gu, h, *sched)
+    ctx.block_m, ctx.k = block_m, k
+    ctx.mark_non_differentiable(gu, h)
+
+
+def _backward(ctx, dy, _dgu, _dh):
+    x, gate_up, down, w_sorted, gu, h, *sched = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    grads = moe_experts_bwd(dy.contiguous(), x, gate_up, down, w_sorted, gu, h, *sched, ctx.block_m, ctx.k, *needs)
+    return (*(g if need else None for g, need in zip(grads, needs)),) + (None,) * 9
+
+
+moe_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
 def moe_experts(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk_weights: Tensor) -> Tensor:
     """Mix each token's top-k SwiGLU experts with Triton grouped GEMMs (differentiable in all float inputs).
 
@@ -94,5 +132,11 @@ def moe_experts(x: Tensor, gate_up: Tensor, down: Tensor, topk_ids: Tensor, topk
         raise ValueError("moe_experts: all inputs must be on one device")
     if T == 0:
         return x.new_zeros(0, H)
-    return MoEExpertsFunction.apply(x.contiguous(), gate_up.contiguous(), down.contiguous(),
-                                    topk_weights.contiguous(), topk_ids)
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    sched = build_schedule(topk_ids, E, gg.block_m_for(x))
+    w_sorted = topk_weights.reshape(-1)[sched.sorted_pair.long()].float()  # (N,) weight of each sorted row
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up, down, topk_weights))
+    y, _, _ = moe_experts_fwd(x, gate_up, down, w_sorted, sched.sorted_token, sched.inv, sched.expert_offsets,
+                              sched.tile_expert, sched.tile_row_start, sched.tile_row_end, sched.block_m,
+                              topk_ids.shape[1], save)
+    return y
