@@ -5,7 +5,7 @@ Builds a Qwen3-VL-2B-shaped model with random weights (bf16), copies the same we
   1. correctness: logits of a video prompt, ours (attn_backend torch and triton) vs transformers (sdpa), relative
      error in bf16; and gradients of ours with triton vs torch attention;
   2. speed: video prefill (N frames at 448x448 with timestamps, logits for the last token only), tokens/s and
-     peak memory, for each implementation (BENCHMARKS.md: transformers 33.2K tokens/s at 64 frames on H100).
+     peak memory, for each implementation (results in docs/benchmarks.md).
 
     python scripts/bench_prefill.py --frames 64 256
     python scripts/bench_prefill.py --smoke           # CPU, tiny preset and shapes: checks the script runs

@@ -77,7 +77,7 @@ def test_bad_config_fields_raise_clear_errors(mutate, message):
 
 def test_presets_build_and_parameter_counts():
     assert {"tiny", "tiny-moe", "2b", "4b", "8b", "32b", "30b-a3b", "235b-a22b"} <= set(PRESETS)
-    # Count parameters on the meta device and compare with the published sizes (SPEC 7).
+    # Count parameters on the meta device and compare with the sizes in the official model names and cards.
     for name, billions in [("2b", 2.13), ("4b", 4.44), ("8b", 8.77), ("32b", 33.4), ("30b-a3b", 31.1)]:
         with torch.device("meta"):
             m = Qwen3VL(preset(name), init_weights=False)
