@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import IGNORE_INDEX
 from .config import (DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES, OFFICIAL_IMAGE_CONFIG,
                      OFFICIAL_VIDEO_CONFIG, RULES, VisionPreprocessConfig)
 from .geometry import plan_frame_list, plan_image, plan_video
@@ -35,7 +36,6 @@ from .tokenizer import Tokenizer
 from .video import VideoFeatures, preprocess_video
 from .video_decode import probe_video
 
-IGNORE_INDEX = -100
 IMAGE_CONFIG_FILE, VIDEO_CONFIG_FILE = "preprocessor_config.json", "video_preprocessor_config.json"
 NESTED_CONFIG_FILE = "processor_config.json"  # transformers 5: {"image_processor": {...}, "video_processor": {...}}
 
