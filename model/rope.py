@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from einops import rearrange
 from torch import nn
 
 if TYPE_CHECKING:
@@ -194,6 +195,14 @@ class TextRotary(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- vision rotary
+def merge_block_order(x: torch.Tensor, merge: int) -> torch.Tensor:
+    """Raster (h, w, ...) -> merge-block order (h*w, ...): block row, block column, then row and column inside
+    the merge x merge block. The vision tower's patch rows, position embeddings and 2-D RoPE all use this order
+    (the processor's patchify writes pixels in it, model/processing/patchify.py).
+    """
+    return rearrange(x, "(bh m1) (bw m2) ... -> (bh bw m1 m2) ...", m1=merge, m2=merge)
+
+
 def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     """(row, col) of every patch in merge-block order, repeated per temporal group.
 
@@ -203,11 +212,8 @@ def vision_position_ids(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
     for t, h, w in grid_thw.tolist():
         rc = seen.get((h, w))
         if rc is None:  # packed batches repeat a few sizes hundreds of times: build each once
-            rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
-            cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
-            # merge-block order: (block_row, block_col, in_row, in_col)
-            rc = seen[(h, w)] = torch.stack([rows.permute(0, 2, 1, 3).reshape(-1),
-                                             cols.permute(0, 2, 1, 3).reshape(-1)], dim=-1)
+            rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w) each
+            rc = seen[(h, w)] = merge_block_order(torch.stack([rows, cols], dim=-1), merge)
         out.append(rc.repeat(t, 1))
     return torch.cat(out, dim=0)
 

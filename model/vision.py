@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .attention import attend
 from .config import VisionConfig
 from .deepstack import DeepStackMergers, PatchMerger
 from .masks import AttentionMask
-from .rope import apply_rotary, vision_rotary
+from .rope import apply_rotary, merge_block_order, vision_rotary
 
 
 class PatchEmbed(nn.Module):
@@ -42,14 +43,13 @@ class VisionAttention(nn.Module):
 
     def forward(self, x, cu_seqlens, cos, sin, max_seqlen=None):
         """x (N, D); cu_seqlens (n_frames + 1,) int32 (longest frame max_seqlen); cos/sin (N, head_dim) fp32."""
-        N = x.shape[0]
-        q, k, v = self.qkv(x).view(N, 3, self.num_heads, -1).unbind(1)  # each (N, H, hd)
+        q, k, v = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.num_heads)  # (N, H, hd)
         # RoPE in fp32, as the reference does, then back to the activation dtype.
         q = apply_rotary(q.float(), cos, sin).to(x.dtype)
         k = apply_rotary(k.float(), cos, sin).to(x.dtype)
         # bidirectional within each frame (or image): the frames are the documents of a packed row
         o = attend(q, k, v, AttentionMask(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen), backend=self.backend)
-        return self.proj(o.reshape(N, -1))
+        return self.proj(o.flatten(1))
 
 
 class VisionMLP(nn.Module):
@@ -95,8 +95,7 @@ def _interpolate_one(table: torch.Tensor, side: int, h: int, w: int, merge: int)
            (fh[:, None] * (1 - fw)[None]), (fh[:, None] * fw[None])]
     # fp32 weights: the weighted sum promotes to fp32 like the reference, cast by the caller
     emb = sum(table[i].float() * wt[..., None] for i, wt in zip(idx, wts))  # (h, w, D)
-    # raster (h, w) -> merge-block order (h/m, w/m, m, m)
-    return emb.view(h // merge, merge, w // merge, merge, -1).permute(0, 2, 1, 3, 4).reshape(h * w, -1)
+    return merge_block_order(emb, merge)  # (h * w, D)
 
 
 def interpolate_pos_embed(table: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
