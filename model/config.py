@@ -34,19 +34,19 @@ IGNORE_INDEX = -100
 class VisionConfig:
     """The SigLIP-2-style vision tower (`model.visual`)."""
 
-    depth: int = 24
-    hidden_size: int = 1024
+    depth: int = 24                      # ViT blocks (2B/4B: 24; 8B and larger: 27)
+    hidden_size: int = 1024              # 1152 from 8B on (head_dim 72)
     intermediate_size: int = 4096
     num_heads: int = 16
-    out_hidden_size: int = 2048
-    deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)
+    out_hidden_size: int = 2048          # = the LLM hidden size: the mergers project into it
+    deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)  # blocks tapped by the DeepStack mergers (0-based)
     patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2         # frames per patch (an image is its one frame twice)
+    spatial_merge_size: int = 2          # 2x2 patches -> one LLM token
     in_channels: int = 3
-    num_position_embeddings: int = 2304
+    num_position_embeddings: int = 2304  # a 48 x 48 learned table, bilinearly resampled to each grid
     hidden_act: str = "gelu_pytorch_tanh"
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0          # 2-D rotary of the tower
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -159,6 +159,8 @@ class Qwen3VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    eos_token_id: int = 151645     # <|im_end|>: ends an assistant turn (generation stops here)
+    pad_token_id: int = 151643     # <|endoftext|>: padding, and the second stop token of generation_config.json
     attn_backend: str = "torch"
 
     def __post_init__(self):
@@ -169,7 +171,8 @@ class Qwen3VLConfig:
                 f"vision_config.out_hidden_size {self.vision.out_hidden_size} != text hidden_size {self.text.hidden_size}")
         if len(self.vision.deepstack_visual_indexes) > self.text.num_hidden_layers:
             raise ConfigError("more DeepStack levels than decoder layers")
-        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                     "eos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.text.vocab_size:
                 raise ConfigError(f"{name} {getattr(self, name)} outside the vocabulary ({self.text.vocab_size})")
 
@@ -344,6 +347,14 @@ def _from_hf(d: dict, where: str) -> Qwen3VLConfig:
     text = TextConfig(**tkw, tie_word_embeddings=bool(tie), rope=_rope_from_hf(t, f"{where}: text_config"), moe=moe)
     kw = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
                             "attn_backend") if k in d}
+    # eos / pad live in text_config (official files) or at the top level (some exports); eos may be a list
+    for name, fallback in (("eos_token_id", None), ("pad_token_id", "bos_token_id")):
+        for src in (t, d):
+            value = src.get(name, src.get(fallback) if fallback else None)
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if value is not None:
+                kw.setdefault(name, value)
     return Qwen3VLConfig(vision=vision, text=text, **kw)
 
 
@@ -366,7 +377,8 @@ def _to_hf(c: Qwen3VLConfig) -> dict[str, Any]:
         "max_position_embeddings": t.max_position_embeddings, "tie_word_embeddings": t.tie_word_embeddings,
         "attention_bias": t.attention_bias, "attention_dropout": 0.0, "hidden_act": t.hidden_act,
         "initializer_range": t.initializer_range, "rope_theta": r.theta, "rope_scaling": rope,
-        "bos_token_id": 151643, "eos_token_id": 151645, "use_cache": True, "dtype": "bfloat16",
+        "bos_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+        "use_cache": True, "dtype": "bfloat16",
     }
     if c.is_moe:
         m = t.moe

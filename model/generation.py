@@ -62,15 +62,22 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, stop_token_ids=(151645, 151643), pad_token_id: int = 151643,
+             top_p: float = 1.0, stop_token_ids=None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, **vision_inputs) -> torch.Tensor:
     """Generate up to max_new_tokens after a (left-padded) prompt.
 
     Args:
         model: Qwen3VL. input_ids: (B, L) long. attention_mask: (B, L) 0/1 (left padding) or None.
+        stop_token_ids: ids that end a sequence; default (config.eos_token_id, config.pad_token_id), as the
+            official generation_config.json. pad_token_id: what a stopped sequence emits; default config.pad_token_id.
         vision_inputs: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw.
     Returns: (B, L + n_new) long token ids (n_new <= max_new_tokens).
     """
+    cfg = model.config
+    if stop_token_ids is None:
+        stop_token_ids = (cfg.eos_token_id, cfg.pad_token_id)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id
     B, L = input_ids.shape
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last prompt position of every row must be a real token")

@@ -28,28 +28,68 @@ from .schedule import Schedule
 
 
 @triton.jit
+def _program_tile(tile_e_ptr, N, BLOCK_N: tl.constexpr):
+    """This program's (tile, n-block) and the tile's expert (-1: a padding tile of the schedule)."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    tile, pid_n = pid // num_n, pid % num_n
+    return tile, pid_n, tl.load(tile_e_ptr + tile)
+
+
+@triton.jit
+def _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M: tl.constexpr):
+    """The tile's first row, its BLOCK_M rows of the expert-sorted order and which of them are real."""
+    row_start = tl.load(tile_start_ptr + tile)
+    row_end = tl.load(tile_end_ptr + tile)
+    rows = row_start + tl.arange(0, BLOCK_M)
+    return row_start, rows, rows < row_end
+
+
+@triton.jit
+def _columns(pid_n, N, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+    """The n-block's output columns, their mask, and the columns to load (ragged ones wrapped onto valid memory;
+    they are never stored). The modulo hides contiguity from the compiler, so it is used only when N is ragged."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    if EVEN_N:
+        offs_nb = offs_n
+    else:
+        offs_nb = offs_n % N
+    return offs_n, n_mask, offs_nb
+
+
+@triton.jit
+def _accumulate(a_ptrs, b_ptrs, K, stride_bk, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) = A tile @ B tile over K: A rows contiguous in K, B rows `stride_bk` apart."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_mask = offs_k < K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, gu_ptr, h_ptr, tok_ptr, tile_e_ptr, tile_start_ptr, tile_end_ptr,
                     H, I, stride_x, stride_we, stride_wk, stride_wn, stride_gu, stride_h,
                     SAVE_GU: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """gu = x[tok] @ W1[e] for one (tile, n-block), both halves; h = silu(gate) * up."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(I, BLOCK_N)
-    tile, pid_n = pid // num_n, pid % num_n
-    e = tl.load(tile_e_ptr + tile)
-    if e < 0:
+    tile, pid_n, e = _program_tile(tile_e_ptr, I, BLOCK_N)
+    if e < 0:  # a padding tile of the schedule
         return
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
+    row_start, rows, row_mask = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
     tok = tl.load(tok_ptr + rows, mask=row_mask, other=0).to(tl.int64)  # masked rows read token 0: in bounds
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < I
-    if EVEN_N:
-        offs_nb = offs_n
-    else:
-        offs_nb = offs_n % I  # wrap out-of-range columns onto valid memory; they are never stored
+    offs_n, n_mask, offs_nb = _columns(pid_n, I, BLOCK_N, EVEN_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = x_ptr + tok[:, None] * stride_x + offs_k[None, :]
     bg_ptrs = w_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_nb[None, :] * stride_wn
@@ -87,38 +127,16 @@ def _token_gemm_kernel(a_ptr, b_ptr, c_ptr, scale_ptr, tile_e_ptr, tile_start_pt
                        HAS_SCALE: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """c[rows] = (a[rows] @ B[e]) * scale[rows] for one (tile, n-block); B[e] read through strides."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    tile, pid_n = pid // num_n, pid % num_n
-    e = tl.load(tile_e_ptr + tile)
-    if e < 0:
+    tile, pid_n, e = _program_tile(tile_e_ptr, N, BLOCK_N)
+    if e < 0:  # a padding tile of the schedule
         return
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
+    row_start, rows, row_mask = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
     rows_a = tl.where(row_mask, rows, row_start).to(tl.int64)  # masked rows re-read the first row: in bounds
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    if EVEN_N:
-        offs_nb = offs_n
-    else:  # the modulo hides contiguity from the compiler: only when N is ragged
-        offs_nb = offs_n % N
+    offs_n, n_mask, offs_nb = _columns(pid_n, N, BLOCK_N, EVEN_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + rows_a[:, None] * stride_a + offs_k[None, :]
     b_ptrs = b_ptr + e.to(tl.int64) * stride_be + offs_k[:, None] * stride_bk + offs_nb[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_mask = offs_k < K - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _accumulate(a_ptrs, b_ptrs, K, stride_bk, EVEN_K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + rows, mask=row_mask, other=0.0)[:, None]
     c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * stride_c + offs_n[None, :]
@@ -132,38 +150,16 @@ def _down_bwd_kernel(dy_ptr, w2_ptr, gu_ptr, scale_ptr, dgu_ptr, dw_part_ptr, to
                      EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """dh' = dy[tok] @ W2[e]^T for one (tile, i-block); epilogue: dw partial = <h, dh'>, dgu = dSwiGLU(w * dh')."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(I, BLOCK_N)
-    tile, pid_n = pid // num_n, pid % num_n
-    e = tl.load(tile_e_ptr + tile)
-    if e < 0:
+    tile, pid_n, e = _program_tile(tile_e_ptr, I, BLOCK_N)
+    if e < 0:  # a padding tile of the schedule
         return
-    row_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.load(tile_end_ptr + tile)
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_mask = rows < row_end
+    row_start, rows, row_mask = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
     tok = tl.load(tok_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # columns of I
-    n_mask = offs_n < I
-    if EVEN_N:
-        offs_nb = offs_n
-    else:
-        offs_nb = offs_n % I
-    offs_k = tl.arange(0, BLOCK_K)                      # reduction over H
+    offs_n, n_mask, offs_nb = _columns(pid_n, I, BLOCK_N, EVEN_N)  # columns of I
+    offs_k = tl.arange(0, BLOCK_K)                                # reduction over H
     a_ptrs = dy_ptr + tok[:, None] * stride_dy + offs_k[None, :]
     b_ptrs = w2_ptr + e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wh + offs_nb[None, :] * stride_wi
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, tl.cdiv(H, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            k_mask = offs_k < H - k * BLOCK_K
-            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_wh
+    acc = _accumulate(a_ptrs, b_ptrs, H, stride_wh, EVEN_K, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     mask = row_mask[:, None] & n_mask[None, :]
     rows64 = rows.to(tl.int64)
     gu_ptrs = gu_ptr + rows64[:, None] * stride_gu + offs_n[None, :]
