@@ -165,7 +165,9 @@ def test_flex_gradients_match_torch():
         attend(*leaves, mask, backend=backend).square().sum().backward()
         grads.append([x.grad for x in leaves])
     for a, b in zip(*grads):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        # fp32 on the GPU, O(1) gradients: the two backends reduce in different orders (flex's unfused path
+        # materialises the scores, SDPA tiles them); 1.3e-5 absolute was measured on an H200
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=5e-5)
 
 
 def test_triton_backend_refuses_key_padding():

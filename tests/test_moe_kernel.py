@@ -170,7 +170,7 @@ def test_custom_ops_pass_opcheck(needs_grad):
     torch.library.opcheck(moe_experts_fwd, (x, gate_up, down, w_sorted, *sched, s.block_m, k, needs_grad))
     _, gu, h = moe_experts_fwd(x.detach(), gate_up.detach(), down.detach(), w_sorted.detach(), *sched, s.block_m, k,
                                True)
-    dy = torch.randn(T, H)
+    dy = torch.randn(T, H, device=x.device)
     for needs in [(True, True, True, True), (True, False, False, True), (False, False, True, False)]:
         torch.library.opcheck(moe_experts_bwd, (dy, x.detach(), gate_up.detach(), down.detach(), w_sorted.detach(),
                                                 gu, h, *sched, s.block_m, k, *needs))
