@@ -241,11 +241,11 @@ def test_nested_processor_config_is_updated(proc, tmp_path):
 
 
 def test_training_export_writes_the_training_budgets(tmp_path):
-    """train/trainer.py's export: load_processor(dst) preprocesses with the data config's budgets and sampling."""
+    """train/export.py: load_processor(dst) preprocesses with the data config's budgets and sampling."""
     from model import preset
     from train.config import DataConfig
     from train.data import ChatEncoder
-    from train.trainer import write_preprocessor_configs
+    from train.export import write_preprocessor_configs
 
     ckpt = _checkpoint_dir(tmp_path)
     data = DataConfig(image_min_pixels=32 * 32, image_max_pixels=64 * 32 * 32, video_min_pixels=4 * 32 * 32,

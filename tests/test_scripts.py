@@ -18,7 +18,7 @@ SCRIPTS = ROOT / "scripts"
 
 # script -> (extra arguments after --smoke, text its output must contain)
 CASES = {
-    "attention_ptx_report.py": ([], "_bwd_dkdv_kernel"),
+    "attention_ptx_report.py": ([], "bwd_dkdv_kernel"),
     # one case: the full --smoke runs every case and the decode path (minutes in the interpreter)
     "bench_attention.py": (["--only", "causal 8K"], "| causal 8K | ours |"),
     "bench_moe.py": ([], "| block | uniform | 24 | hf-eager |"),
