@@ -3,7 +3,7 @@
 One function (`Qwen3VLConfig.from_hf`) reads both the transformers 4.57 form (`rope_scaling` + `rope_theta`) and the
 5.x form (`rope_parameters`), rejects unknown or inconsistent fields, and `to_hf` writes the official 4.57-style
 layout back (which transformers 5 and vLLM both read). Presets mirror the released `config.json` files
-(Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct, Qwen3-VL-{30B-A3B,235B-A22B}-Instruct; SPEC.md section 7).
+(Qwen/Qwen3-VL-{2B,4B,8B,32B}-Instruct, Qwen3-VL-{30B-A3B,235B-A22B}-Instruct; the Qwen3-VL model cards).
 """
 from __future__ import annotations
 
@@ -433,7 +433,7 @@ def _presets() -> dict[str, Qwen3VLConfig]:
         "30b-a3b": _sized(_VISION_LARGE, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
                           num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False,
                           moe=MoEConfig(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768)),
-        # Qwen/Qwen3-VL-235B-A22B-Instruct (tie unverified, SPEC 7)
+        # Qwen/Qwen3-VL-235B-A22B-Instruct (tie_word_embeddings unverified: no config.json seen)
         "235b-a22b": _sized(_VISION_LARGE, hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
                             num_attention_heads=64, num_key_value_heads=4, tie_word_embeddings=False,
                             moe=MoEConfig(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536)),

@@ -1,6 +1,6 @@
 """Sparse mixture-of-experts block of the Qwen3-VL-MoE text decoder (30B-A3B, 235B-A22B).
 
-Follows transformers' `Qwen3VLMoeTextSparseMoeBlock` (SPEC section 6): a bias-free linear router, softmax in
+Follows transformers' `Qwen3VLMoeTextSparseMoeBlock` (transformers/models/qwen3_vl_moe): a bias-free linear router, softmax in
 fp32, top-k, the top-k weights ALWAYS renormalised to sum to one (the config's `norm_topk_prob` is ignored by
 Qwen3-VL-MoE), and SwiGLU experts stored as two fused 3-D tensors in the official checkpoint layout:
 `experts.gate_up_proj` [E, H, 2I] (gate columns first, then up) and `experts.down_proj` [E, I, H].
@@ -80,7 +80,7 @@ def route(router_logits: Tensor, top_k: int, dtype: torch.dtype) -> tuple[Tensor
     """
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)  # fp32 softmax, as the reference
     topk_probs, topk_ids = torch.topk(probs, top_k, dim=-1)
-    topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True)    # always renormalised (SPEC 6)
+    topk_probs = topk_probs / topk_probs.sum(dim=-1, keepdim=True)    # always renormalised (norm_topk_prob is ignored)
     return topk_probs.to(dtype), topk_ids
 
 

@@ -3,7 +3,7 @@
 Qwen3 (Yang et al. 2025): pre-norm RMSNorm, GQA attention with per-head RMSNorm on q and k before RoPE, SwiGLU MLP
 (or the sparse MoE block of model/moe.py on the layers the MoEConfig selects). DeepStack (Qwen3-VL): after
 decoder layer l < n_levels, the l-th DeepStack visual feature is added to the hidden states at the visual token
-positions (model/deepstack.py). SPEC.md sections 2-3. Module names follow the official checkpoint.
+positions (model/deepstack.py). Follows transformers/models/qwen3_vl (Qwen3VLTextModel). Module names follow the official checkpoint.
 """
 from __future__ import annotations
 

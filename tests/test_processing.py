@@ -1,7 +1,7 @@
 """Processor tests: images, batching, chat + labels, video prompts and bad input, against transformers 5.
 
 Reference: transformers' `Qwen3VLProcessor` with `Qwen2VLImageProcessor` and `Qwen3VLVideoProcessor` built with the
-official preprocessor settings (SPEC.md section 5, not the class defaults) and a Qwen2Tokenizer built from the same
+official preprocessor settings (the released preprocessor_config.json, not the class defaults) and a Qwen2Tokenizer built from the same
 ranks (tests/test_tokenizer.py). Prompts are rendered by our template and fed as text to both processors, so these
 tests cover placeholder expansion, tokenization, padding and pixels; the template itself is tested in
 test_tokenizer.py.

@@ -60,7 +60,7 @@ def videos(tmp_path_factory):
 def hf_video_processor():
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    # Official video_preprocessor_config.json values (SPEC.md section 5), not the class defaults.
+    # Official video_preprocessor_config.json values (released with the checkpoints), not the class defaults.
     return Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 25165824}, patch_size=16,
                                  temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
@@ -160,7 +160,7 @@ def test_sampling_rules_match_references_on_random_lengths():
 
 
 def test_timestamp_text_rounding():
-    # SPEC section 5: group time = mean of first and last frame time; Python formatting (0.25 -> "0.2").
+    # transformers' Qwen3VLProcessor: group time = mean of first and last frame time; Python formatting (0.25 -> "0.2").
     assert group_timestamps([0.0, 0.5, 1.0]) == [0.25, 1.0]
     assert [timestamp_text(t) for t in group_timestamps([0.0, 0.5, 1.0])] == ["<0.2 seconds>", "<1.0 seconds>"]
     assert timestamp_text(0.75) == "<0.8 seconds>"

@@ -77,7 +77,7 @@ def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
 
 def attention_flops(lq: int, lk: int, heads: int, head_dim: int, *, causal: bool = False,
                     window: int | None = None) -> float:
-    """Forward FLOPs by the standard count (BENCHMARKS.md): 4*H*N^2*D, halved for causal, 4*H*D*(N*W - W^2/2) for a
+    """Forward FLOPs by the standard count (FlashAttention papers): 4*H*N^2*D, halved for causal, 4*H*D*(N*W - W^2/2) for a
     causal sliding window W. Backward is 2.5x this.
 
     Args:
