@@ -26,9 +26,14 @@ _MAX_DOC_CALLS = 16          # more documents than this: use one block-diagonal 
 _MAX_MASKED_TOKENS = 16384   # ... if the (T, T) boolean mask stays small (<= 256 MB)
 
 
+def unsupported(backend: str, mask: AttentionMask) -> list[str]:
+    """The features of `mask` that `backend` cannot run (empty: it can)."""
+    return [f for f in mask.features() if f in UNSUPPORTED[backend]]
+
+
 def supports(backend: str, mask: AttentionMask) -> bool:
     """True when `backend` can run `mask`."""
-    return not set(mask.features()) & set(UNSUPPORTED[backend])
+    return not unsupported(backend, mask)
 
 
 def _sdpa_dense(q, k, v, keep: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -123,7 +128,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     mask = AttentionMask() if mask is None else mask
     if not isinstance(mask, AttentionMask):
         raise TypeError(f"attend: mask must be a model.masks.AttentionMask or None, got {type(mask).__name__}")
-    missing = [f for f in mask.features() if f in UNSUPPORTED[backend]]
+    missing = unsupported(backend, mask)
     if missing:
         raise NotImplementedError(f"attention backend {backend!r} cannot run a mask with {', '.join(missing)}; "
                                   f"use backend 'torch' or 'flex' for it")
