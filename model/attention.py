@@ -12,8 +12,11 @@ Tensors are in flash-attn's layout: (B, L, H, D), or packed (T, H, D) with the m
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .autocast import to_autocast_dtype
 from .masks import AttentionMask
@@ -22,6 +25,8 @@ BACKENDS = ("torch", "triton", "flex")
 # mask features (AttentionMask.features) each backend lacks
 UNSUPPORTED = {"torch": (), "triton": ("key padding",), "flex": ()}
 
+# SDPA's lower-right causal bias takes enable_gqa in recent torch; older ones need repeated K/V for GQA
+_BIAS_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 _MAX_DOC_CALLS = 16          # more documents than this: use one block-diagonal masked call ...
 _MAX_MASKED_TOKENS = 16384   # ... if the (T, T) boolean mask stays small (<= 256 MB)
 
@@ -49,12 +54,25 @@ def _sdpa_dense(q, k, v, keep: torch.Tensor, scale: float | None) -> torch.Tenso
 def _sdpa(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), a mask without documents -> (B, Lq, Hq, D) through SDPA."""
     lq, lk = q.shape[1], k.shape[1]
-    if mask.window is None and mask.key_padding is None and (not mask.causal or lq == lk):
-        # SDPA's own (top-left aligned) causal mask is ours when Lq == Lk; flash / math backends take GQA directly,
-        # so no repeated K/V copies are saved for backward
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=mask.causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+    if mask.window is None and mask.key_padding is None:
+        if not mask.causal or lq == lk or lq == 1:
+            # SDPA's own (top-left aligned) causal mask is ours when Lq == Lk, and one bottom-right aligned query
+            # sees every key; flash / math backends take GQA directly, so no repeated K/V copies are saved for
+            # backward and no mask over a long cache is built while decoding
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=mask.causal and lq == lk, scale=scale, enable_gqa=gqa)
+            return out.transpose(1, 2)
+        if lq < lk:
+            # a chunk of queries after a cache (chunked prefill): SDPA's lower-right causal bias, never an (Lq, Lk)
+            # mask on the GPU (the memory-efficient kernel takes the alignment natively)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            kw = {"enable_gqa": gqa} if _BIAS_GQA else {}
+            if gqa and not _BIAS_GQA:
+                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+                v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk), scale=scale, **kw)
+            return out.transpose(1, 2)
     return _sdpa_dense(q, k, v, mask.dense(lq, lk, q.device), scale)
 
 
@@ -101,9 +119,11 @@ def _flex(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     return out[0] if packed else out
 
 
-def _triton(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
+def _triton(q, k, v, mask: AttentionMask, scale: float | None, kv_scales=None) -> torch.Tensor:
     from kernels.attention import attention  # Triton is imported only when asked for
 
+    if kv_scales is not None:  # FP8 cache: the kernels dequantise tile by tile (no bf16 copy of the cache)
+        return attention(q, k, v, **mask.kernel_args(), scale=scale, k_scale=kv_scales[0], v_scale=kv_scales[1])
     q, k, v = to_autocast_dtype(q, k, v)  # as SDPA under autocast (fp32 RoPE outputs meet bf16 v)
     return attention(q, k, v, **mask.kernel_args(), scale=scale)
 
@@ -112,7 +132,7 @@ _RUN = {"torch": _torch, "triton": _triton, "flex": _flex}
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | None = None, *,
-           backend: str = "torch", scale: float | None = None) -> torch.Tensor:
+           backend: str = "torch", scale: float | None = None, kv_scales=None) -> torch.Tensor:
     """Attention in flash layout.
 
     Args:
@@ -121,6 +141,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
             Lq < Lk (decoding with a cache).
         backend: "torch" (SDPA), "triton" (kernels.attention) or "flex" (FlexAttention).
         scale: softmax scale, default D ** -0.5.
+        kv_scales: (k_scale, v_scale), each (B, Lk, Hkv) fp32, when k and v are float8_e4m3fn (an FP8 KV cache,
+            model/generation.py's `quantize_kv`): the Triton backend dequantises inside its kernels, the others
+            dequantise to q's dtype first.
     Returns: same layout as q.
     """
     if backend not in _RUN:
@@ -132,4 +155,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     if missing:
         raise NotImplementedError(f"attention backend {backend!r} cannot run a mask with {', '.join(missing)}; "
                                   f"use backend 'torch' or 'flex' for it")
+    if kv_scales is not None:
+        if backend == "triton":
+            return _triton(q, k, v, mask, scale, kv_scales)
+        k = (k.float() * kv_scales[0][..., None]).to(q.dtype)
+        v = (v.float() * kv_scales[1][..., None]).to(q.dtype)
     return _RUN[backend](q, k, v, mask, scale)

@@ -1,43 +1,317 @@
-"""Autoregressive generation for Qwen3-VL: a preallocated KV cache, logits processing (temperature, top-k, top-p)
-and the decode loop (greedy or sampling, stop tokens, left-padded batches, MRoPE decode positions from rope deltas).
+"""Autoregressive generation for Qwen3-VL: a preallocated KV cache (bf16 or FP8, saved and loaded, truncated to a
+prefix), logits processing (temperature, top-k, top-p) and the decode loop (greedy or sampling, stop tokens,
+left-padded batches, MRoPE decode positions from rope deltas, continuing after a cached prefix).
 
 The decode loop follows the usual HF semantics: a sequence that has emitted a stop token keeps emitting the pad
 token; generation ends when every sequence has stopped or max_new_tokens is reached.
+
+The long-video engine on top of the cache ("index once, ask many") is `Qwen3VL.prefill` (model/qwen3vl.py): a
+prompt of any length is prefilled chunk by chunk into a cache, the cache is saved, and every later question is
+prefilled after `cache.truncate(prefix_len)`; docs/long_context.md walks through it.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
 from .positions import decode_position_ids
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+CACHE_FORMAT = "qwen3vl-lab-kvcache"
+CACHE_VERSION = 1
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": FP8}
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., D) keys or values -> float8_e4m3fn values and one fp32 scale per row (per token and KV head).
+
+    scale = max |x| / 448 over the row, so the largest entry maps to e4m3's largest finite value; x ~ x8 * scale.
+    """
+    scale = x.abs().amax(-1).float().clamp(min=1e-12) / FP8_MAX
+    x8 = (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return x8, scale
+
+
+def dequantize_kv(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of `quantize_kv` up to rounding: (..., D) fp8 and (...) fp32 scales -> (..., D) in dtype."""
+    return (x8.float() * scale[..., None]).to(dtype)
+
+
+def config_fingerprint(config) -> str:
+    """sha256 of the model configuration that determines what the cache holds (the config.json layout: the
+    attention backend is left out, rope scaling is in, since keys are cached after RoPE)."""
+    blob = json.dumps(config.to_hf(), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _ids_fingerprint(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
 
 class KVCache:
-    """Per-layer K/V buffers of shape (B, max_len, Hkv, hd), filled left to right; `length` tokens are valid."""
+    """Per-layer K/V buffers of shape (B, max_len, Hkv, hd), filled left to right; `length` tokens are valid.
+
+    dtype: the storage dtype. torch.float8_e4m3fn stores K/V in FP8 with one fp32 scale per (sequence, token, KV
+    head) (`quantize_kv`); the attention backends dequantise (model/attention.py: the Triton kernels inside the
+    kernel, tile by tile; SDPA and FlexAttention on a bf16 copy of one layer at a time).
+
+    Besides K/V the cache keeps, on the host, the token ids it holds and, per token, the next free MRoPE position
+    (1 + the largest position id so far): enough to continue a prompt after any prefix (`truncate`), to check that
+    a saved cache belongs to a prompt and a model (`save` / `load`), and to give the rope deltas of decoding.
+    """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device):
+                 dtype: torch.dtype, device, *, compute_dtype: torch.dtype | None = None):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"KVCache: dtype must be one of {list(_DTYPES)}, got {dtype}")
+        for name, v in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len),
+                        ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"KVCache: {name} must be an int >= 1, got {v!r}")
         shape = (batch, max_len, num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.quantized = dtype == FP8
+        # what attention computes in when the storage is FP8 (the model's dtype, set by prefill / forward)
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if self.quantized else dtype)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
+        self.k_scale = self.v_scale = None
+        if self.quantized:
+            self.k_scale = [torch.empty(shape[:3], dtype=torch.float32, device=device) for _ in range(num_layers)]
+            self.v_scale = [torch.empty(shape[:3], dtype=torch.float32, device=device) for _ in range(num_layers)]
+        self.num_layers, self.batch, self.max_len = num_layers, batch, max_len
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.length = 0  # tokens already stored (same for every layer once a forward pass completes)
         self._pending = 0
+        # host bookkeeping: token ids, next free position after each token, key padding (None: no padding)
+        self.token_ids = torch.zeros(batch, max_len, dtype=torch.int64)
+        self.next_pos = torch.zeros(batch, max_len, dtype=torch.int64)
+        self.key_padding: torch.Tensor | None = None
+        self.config_hash: str | None = None
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append k/v (B, L, Hkv, hd) for `layer`; return the valid prefix including them."""
+    @classmethod
+    def for_model(cls, model, batch: int, max_len: int, dtype: torch.dtype | None = None) -> "KVCache":
+        """A cache sized for `model` (Qwen3VL): its layers, KV heads, head_dim; dtype default: the model's."""
+        t = model.config.text
+        p = next(model.parameters())
+        cache = cls(t.num_hidden_layers, batch, max_len, t.num_key_value_heads, t.head_dim, dtype or p.dtype,
+                    p.device, compute_dtype=p.dtype)
+        cache.config_hash = config_fingerprint(model.config)
+        return cache
+
+    # ------------------------------------------------------------------ filling
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k/v (B, L, Hkv, hd) for `layer`; return the valid prefix including them as (k, v, scales):
+        scales is None, or (k_scale, v_scale) (B, Lk, Hkv) fp32 when the cache is FP8 (k, v then FP8)."""
         L = k.shape[1]
         end = self.length + L
         if end > self.max_len:
             raise RuntimeError(f"KV cache full: {end} tokens > max_len {self.max_len}")
+        if k.shape[0] != self.batch:
+            raise ValueError(f"KV cache holds {self.batch} sequences, the input has {k.shape[0]}")
+        if self.quantized:
+            (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+            self.k[layer][:, self.length:end], self.k_scale[layer][:, self.length:end] = k8, ks
+            self.v[layer][:, self.length:end], self.v_scale[layer][:, self.length:end] = v8, vs
+            self._pending = L
+            return (self.k[layer][:, :end], self.v[layer][:, :end],
+                    (self.k_scale[layer][:, :end], self.v_scale[layer][:, :end]))
         self.k[layer][:, self.length:end] = k
         self.v[layer][:, self.length:end] = v
         self._pending = L
-        return self.k[layer][:, :end], self.v[layer][:, :end]
+        return self.k[layer][:, :end], self.v[layer][:, :end], None
 
-    def advance(self):
-        """Commit the tokens written by the last forward pass."""
-        self.length += self._pending
+    def advance(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
+        """Commit the tokens written by the last forward pass, with their ids (B, L), positions (3, B, L) and
+        0/1 mask (B, L) (None: all real tokens)."""
+        L = self._pending
+        s, e = self.length, self.length + L
+        if input_ids is not None:
+            self.token_ids[:, s:e] = input_ids.detach().to("cpu", torch.int64)
+        if position_ids is not None:
+            nxt = position_ids.detach().amax(0).to("cpu", torch.int64) + 1  # (B, L)
+            if s > 0:
+                nxt = torch.maximum(nxt, self.next_pos[:, s - 1:s])
+            self.next_pos[:, s:e] = nxt.cummax(dim=1).values
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if self.key_padding is None:
+                self.key_padding = torch.ones(self.batch, self.max_len, dtype=torch.bool)
+            self.key_padding[:, s:e] = attention_mask.detach().to("cpu").bool()
+        elif self.key_padding is not None:
+            self.key_padding[:, s:e] = True
+        self.length = e
         self._pending = 0
+
+    # ------------------------------------------------------------------ positions
+    @property
+    def next_position(self) -> torch.Tensor:
+        """(B, 1) long: the MRoPE position of the next token appended (all three axes), on the cache's device."""
+        if self.length == 0:
+            return torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        return self.next_pos[:, self.length - 1:self.length].to(self.device)
+
+    @property
+    def rope_deltas(self) -> torch.Tensor:
+        """(B, 1) long: next position - length, as a one-shot forward of the cached prompt returns it."""
+        return self.next_position - self.length
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """(B, length) long 0/1 over the cached tokens, or None when no cached token is padding."""
+        if self.key_padding is None or bool(self.key_padding[:, :self.length].all()):
+            return None
+        return self.key_padding[:, :self.length].to(self.device, torch.long)
+
+    def truncate(self, n: int) -> "KVCache":
+        """Keep the first n tokens (a prefix: e.g. a video, to ask another question after it). Nothing is copied
+        or freed: later tokens are overwritten by the next append."""
+        if not isinstance(n, int) or not 0 <= n <= self.length:
+            raise ValueError(f"KVCache.truncate: n must be an int in [0, {self.length}], got {n!r}")
+        self.length, self._pending = n, 0
+        return self
+
+    def check_model(self, model):
+        """Refuse a cache built by a model with another configuration (its keys would be meaningless here)."""
+        want = config_fingerprint(model.config)
+        if self.config_hash is not None and self.config_hash != want:
+            raise ValueError(f"this KV cache was built by a model with another configuration (config sha256 "
+                             f"{self.config_hash[:12]}..., this model {want[:12]}...): architecture, rope scaling "
+                             "and token ids must match; rebuild the cache with this model")
+        t = model.config.text
+        got = (self.num_layers, self.num_kv_heads, self.head_dim)
+        if got != (t.num_hidden_layers, t.num_key_value_heads, t.head_dim):
+            raise ValueError(f"KV cache shape (layers, kv heads, head_dim) = {got} does not fit the model "
+                             f"({t.num_hidden_layers}, {t.num_key_value_heads}, {t.head_dim})")
+        self.config_hash = want
+
+    def prompt_fingerprint(self) -> str:
+        """sha256 of the cached token ids (all sequences, the first `length` positions)."""
+        return _ids_fingerprint(self.token_ids[:, :self.length])
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the valid prefix to a directory: one safetensors file per layer (k, v, and their scales for FP8),
+        `tokens.safetensors` (ids, next positions, key padding) and `cache.json` (metadata: format, shapes, dtype,
+        length, config and prompt fingerprints, rope deltas). Written to a temporary directory beside `path` and
+        renamed into place, so a crash leaves the old cache or none, never half of one."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        n = self.length
+        try:
+            for i in range(self.num_layers):
+                t = {"k": self.k[i][:, :n], "v": self.v[i][:, :n]}
+                if self.quantized:
+                    t |= {"k_scale": self.k_scale[i][:, :n], "v_scale": self.v_scale[i][:, :n]}
+                save_file({name: x.contiguous() for name, x in t.items()}, str(tmp / f"layer_{i:03d}.safetensors"))
+            tokens = {"token_ids": self.token_ids[:, :n].contiguous(), "next_pos": self.next_pos[:, :n].contiguous()}
+            if self.key_padding is not None:
+                tokens["key_padding"] = self.key_padding[:, :n].contiguous()
+            save_file(tokens, str(tmp / "tokens.safetensors"))
+            meta = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "num_layers": self.num_layers,
+                    "batch": self.batch, "length": n, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                    "dtype": str(self.dtype).removeprefix("torch."),
+                    "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+                    "config_sha256": self.config_hash, "prompt_sha256": self.prompt_fingerprint(),
+                    "rope_deltas": (self.next_pos[:, n - 1] - n).tolist() if n else [0] * self.batch}
+            (tmp / "cache.json").write_text(json.dumps(meta, indent=1) + "\n")
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device="cpu", *, max_len: int | None = None, model=None) -> "KVCache":
+        """Read a cache written by `save`, preallocated to max_len (default: its length) on `device`.
+
+        model: if given, a cache built by a model with another configuration is refused. Missing or truncated
+        files, shapes that disagree with cache.json, or token ids that do not match its fingerprint raise
+        ValueError naming the file.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        meta_file = path / "cache.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"no KV cache at {path} (cache.json missing)")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
+        if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
+            raise ValueError(f"{meta_file}: not a {CACHE_FORMAT} v{CACHE_VERSION} cache "
+                             f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+        try:
+            L, B, n = int(meta["num_layers"]), int(meta["batch"]), int(meta["length"])
+            hkv, hd, dtype = int(meta["num_kv_heads"]), int(meta["head_dim"]), _DTYPES[meta["dtype"]]
+            compute = _DTYPES[meta.get("compute_dtype", "bfloat16")]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{meta_file}: missing or malformed field ({e!r})") from e
+        max_len = n if max_len is None else max_len
+        if max_len < max(n, 1):
+            raise ValueError(f"KVCache.load: max_len {max_len} < the cached length {n}")
+        cache = cls(L, B, max_len, hkv, hd, dtype, device, compute_dtype=compute)
+        cache.config_hash = meta.get("config_sha256")
+
+        def read(file: Path, names: dict[str, tuple]) -> dict[str, torch.Tensor]:
+            if not file.is_file():
+                raise ValueError(f"KV cache {path}: {file.name} is missing")
+            out = {}
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    for name, (shape, dt) in names.items():
+                        if name not in f.keys():
+                            raise ValueError(f"tensor {name!r} missing")
+                        x = f.get_tensor(name)
+                        if tuple(x.shape) != shape or x.dtype != dt:
+                            raise ValueError(f"tensor {name!r} is {x.dtype} {tuple(x.shape)}, cache.json says "
+                                             f"{dt} {shape}")
+                        out[name] = x
+            except ValueError as e:
+                raise ValueError(f"KV cache {path}: {file.name}: {e}") from e
+            except Exception as e:  # safetensors' errors for truncated or corrupt files
+                raise ValueError(f"KV cache {path}: {file.name} is truncated or corrupt ({e})") from e
+            return out
+
+        want = {"token_ids": ((B, n), torch.int64), "next_pos": ((B, n), torch.int64)}
+        tok_file = path / "tokens.safetensors"
+        tokens = read(tok_file, want)
+        cache.token_ids[:, :n], cache.next_pos[:, :n] = tokens["token_ids"], tokens["next_pos"]
+        with safe_open(str(tok_file), framework="pt", device="cpu") as f:
+            if "key_padding" in f.keys():
+                cache.key_padding = torch.ones(B, max_len, dtype=torch.bool)
+                cache.key_padding[:, :n] = read(tok_file, {"key_padding": ((B, n), torch.bool)})["key_padding"]
+        if _ids_fingerprint(cache.token_ids[:, :n]) != meta.get("prompt_sha256"):
+            raise ValueError(f"KV cache {path}: the token ids in tokens.safetensors do not match cache.json's "
+                             "prompt_sha256 (files from different caches, or modified)")
+        kv = {"k": ((B, n, hkv, hd), dtype), "v": ((B, n, hkv, hd), dtype)}
+        if cache.quantized:
+            kv |= {"k_scale": ((B, n, hkv), torch.float32), "v_scale": ((B, n, hkv), torch.float32)}
+        for i in range(L):
+            t = read(path / f"layer_{i:03d}.safetensors", kv)
+            cache.k[i][:, :n], cache.v[i][:, :n] = t["k"], t["v"]
+            if cache.quantized:
+                cache.k_scale[i][:, :n], cache.v_scale[i][:, :n] = t["k_scale"], t["v_scale"]
+        cache.length = n
+        if model is not None:
+            cache.check_model(model)
+        return cache
 
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -63,32 +337,52 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
              max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, stop_token_ids=None, pad_token_id: int | None = None,
-             generator: torch.Generator | None = None, **vision_inputs) -> torch.Tensor:
-    """Generate up to max_new_tokens after a (left-padded) prompt.
+             generator: torch.Generator | None = None, past_key_values: KVCache | None = None,
+             prefill_chunk_size: int | None = None, cache_dtype: torch.dtype | None = None,
+             **vision_inputs) -> torch.Tensor:
+    """Generate up to max_new_tokens after a (left-padded) prompt, or after a cached prefix.
 
     Args:
-        model: Qwen3VL. input_ids: (B, L) long. attention_mask: (B, L) 0/1 (left padding) or None.
+        model: Qwen3VL. input_ids: (B, L) long: the prompt, or with past_key_values the tokens that follow the
+            cached prefix (e.g. a question after a cached video). attention_mask: (B, L) 0/1 (left padding) or None.
         stop_token_ids: ids that end a sequence; default (config.eos_token_id, config.pad_token_id), as the
             official generation_config.json. pad_token_id: what a stopped sequence emits; default config.pad_token_id.
+        past_key_values: a KVCache holding a prefix (`Qwen3VL.prefill`, or `KVCache.load`); the new tokens are
+            appended to it (positions continue from it) and so are the generated ones. It must have room for
+            len(input_ids) + max_new_tokens more tokens; `cache.truncate(prefix_len)` afterwards restores the prefix.
+        prefill_chunk_size: prefill the prompt in chunks of this many tokens (`Qwen3VL.prefill`); None: one pass
+            (chunks are always used after a cached prefix, of 8192 tokens by default).
+        cache_dtype: storage dtype of a new cache (default the model's; torch.float8_e4m3fn halves it).
         vision_inputs: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw.
-    Returns: (B, L + n_new) long token ids (n_new <= max_new_tokens).
+    Returns: (B, L + n_new) long token ids (n_new <= max_new_tokens): the new tokens after input_ids.
     """
     cfg = model.config
     if stop_token_ids is None:
         stop_token_ids = (cfg.eos_token_id, cfg.pad_token_id)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     B, L = input_ids.shape
+    if L == 0:
+        raise ValueError("generate: input_ids is empty (B, 0); give at least one prompt token")
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last prompt position of every row must be a real token")
-    tcfg = model.config.text
-    p = next(model.parameters())
-    cache = KVCache(tcfg.num_hidden_layers, B, L + max_new_tokens, tcfg.num_key_value_heads, tcfg.head_dim,
-                    p.dtype, input_ids.device)
+    cache = past_key_values
+    if cache is None:
+        cache = KVCache.for_model(model, B, L + max_new_tokens, cache_dtype)
+    elif cache.length + L + max_new_tokens > cache.max_len:
+        raise ValueError(f"past_key_values has room for {cache.max_len - cache.length} more tokens, this call needs "
+                         f"{L} prompt + {max_new_tokens} new; allocate a larger cache (KVCache.load(..., max_len=))")
     stop = torch.tensor(list(stop_token_ids), device=input_ids.device)
-    out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1, **vision_inputs)
-    rope_deltas = out.rope_deltas
-    mask = attention_mask
+    if past_key_values is not None or prefill_chunk_size is not None:
+        out = model.prefill(input_ids, cache, chunk_size=prefill_chunk_size or 8192, attention_mask=attention_mask,
+                            **vision_inputs)
+    else:
+        out = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1,
+                    **vision_inputs)
+    rope_deltas = cache.rope_deltas
+    mask = cache.attention_mask()
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):

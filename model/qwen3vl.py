@@ -165,12 +165,163 @@ class Qwen3VL(nn.Module):
         hidden, router_logits = lm(embeds, cos, sin, mask=mask, cache=past_key_values, backend=backend,
                                    visual_mask=visual_mask, deepstack=deepstack)
         if past_key_values is not None:
-            past_key_values.advance()
+            past_key_values.advance(input_ids, position_ids,
+                                    None if attention_mask is None else attention_mask[:, -L:])
         logits = None
         if compute_logits:
             logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return Qwen3VLOutput(logits=logits, last_hidden_state=hidden, rope_deltas=rope_deltas,
                              router_logits=router_logits, past_key_values=past_key_values)
+
+    # ------------------------------------------------------------------ long prompts into a KV cache
+    def _encode_visual(self, pixel_values, grid_thw, max_patches: int | None):
+        """The vision tower on a batch of images or videos, a slice of temporal groups at a time when the batch
+        has more than max_patches patch rows (the tower attends within one temporal group, so slicing changes
+        nothing but memory). Returns (features (n_tokens, D), DeepStack levels)."""
+        tower = self.model.visual
+        grids = grid_thw.tolist()
+        if max_patches is None or pixel_values.shape[0] <= max_patches:
+            return tower(pixel_values.to(self.dtype), grid_thw)
+        feats, levels, row = [], [], 0
+        for t, h, w in grids:
+            per_group = h * w
+            step = max(1, max_patches // per_group)
+            for g in range(0, t, step):
+                k = min(step, t - g)
+                px = pixel_values[row:row + k * per_group].to(self.device, self.dtype)
+                f, ds = tower(px, torch.tensor([[k, h, w]], device=grid_thw.device))
+                feats.append(f), levels.append(ds)
+                row += k * per_group
+        return torch.cat(feats), [torch.cat(lv) for lv in zip(*levels)]
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, cache, *, chunk_size: int = 8192,
+                attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.Tensor | None = None, vision_max_patches: int | None = 65536,
+                progress=None) -> Qwen3VLOutput:
+        """Prefill a prompt into `cache` in chunks of `chunk_size` tokens; append after what the cache holds.
+
+        The result equals one forward of the whole prompt (the cache holds the same keys and values, the last
+        logits are the same): position ids are computed once for all of `input_ids` (model/positions.py) and,
+        on a non-empty cache, continue from it (`cache.next_position`), so a question asked after a cached video
+        sits where it would in one prompt; each chunk attends to the cache plus itself with bottom-right causal
+        alignment (no (Lq, Lk) mask is built); DeepStack features are added at their own positions in every chunk
+        (a chunk may cut through an image or a video frame). The vision tower runs once over the visual inputs
+        of this call, at most `vision_max_patches` patch rows at a time (whole temporal groups).
+
+        Args:
+            input_ids: (B, L) long: the whole prompt, or the tokens after the cached ones.
+            cache: model.generation.KVCache with room for L more tokens (`KVCache.for_model`).
+            chunk_size: tokens per decoder pass (memory: one chunk's activations).
+            attention_mask: (B, L) 0/1 left padding; only on an empty cache.
+            pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: the visual inputs of these tokens.
+            vision_max_patches: patch rows per vision-tower call (None: all at once).
+            progress: optional callable(n_tokens_done) called after every chunk (e.g. a tqdm update).
+        Returns:
+            Qwen3VLOutput with logits (B, 1, vocab) of the last position, last_hidden_state of the last chunk,
+            rope_deltas (B, 1) as a one-shot forward of the whole cached prompt returns them (also
+            `cache.rope_deltas`), past_key_values = cache.
+        """
+        B, L = input_ids.shape
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"prefill: chunk_size must be an int >= 1, got {chunk_size!r}")
+        if L == 0:
+            raise ValueError("prefill: input_ids is empty")
+        if cache.batch != B:
+            raise ValueError(f"prefill: the cache holds {cache.batch} sequences, input_ids has {B}")
+        if cache.length + L > cache.max_len:
+            raise ValueError(f"prefill: {L} tokens do not fit the cache ({cache.length} of {cache.max_len} used); "
+                             "allocate a larger max_len")
+        cache.check_model(self)
+        if bool(((input_ids < 0) | (input_ids >= self.config.text.vocab_size)).any()):
+            raise ValueError(f"input_ids outside the vocabulary [0, {self.config.text.vocab_size})")
+        if attention_mask is not None:
+            if attention_mask.shape != (B, L):
+                raise ValueError(f"prefill: attention_mask must be (B, L) = ({B}, {L}), got "
+                                 f"{tuple(attention_mask.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None
+            elif cache.length > 0:
+                raise ValueError("prefill: padding (attention_mask with zeros) is only allowed in the first "
+                                 "prefill of an empty cache")
+        past0 = cache.length
+        lm = self.model.language_model
+        embeds = lm.embed_tokens(input_ids)
+
+        masks, levels = [], []
+        for what, px, grid, token_id, px_name in (
+                ("image", pixel_values, image_grid_thw, self.config.image_token_id, "pixel_values"),
+                ("video", pixel_values_videos, video_grid_thw, self.config.video_token_id, "pixel_values_videos")):
+            m = input_ids == token_id
+            if px is None:
+                if bool(m.any()):
+                    raise ValueError(f"input_ids contain <|{what}_pad|> tokens but no {px_name} were given")
+                continue
+            if grid is None:
+                raise ValueError(f"{px_name} given without {what}_grid_thw")
+            feats, ds = self._encode_visual(px, grid, vision_max_patches)
+            if int(m.sum()) != feats.shape[0]:
+                raise ValueError(f"{what}: input_ids hold {int(m.sum())} <|{what}_pad|> tokens but the {what} grids "
+                                 f"give {feats.shape[0]} features (grid_thw {grid.tolist()})")
+            embeds = embeds.masked_scatter(m[..., None], feats.to(embeds.dtype))
+            masks.append(m), levels.append(ds)
+        visual_mask, deepstack = join_levels(masks, levels)
+        # flat index of every visual token in the order of visual_mask's True entries (row-major), to cut the
+        # DeepStack rows of one chunk out of the whole prompt's
+        visual_index = None
+        if visual_mask is not None:
+            visual_index = (visual_mask.flatten().cumsum(0) - 1).view(B, L)
+
+        position_ids, _ = get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                                         config=self.config)
+        if past0 > 0:
+            position_ids = position_ids + cache.next_position.view(1, B, 1)
+        self._warn_long_positions(position_ids)
+
+        hidden = None
+        for s in range(0, L, chunk_size):
+            e = min(L, s + chunk_size)
+            cos, sin = self.rotary(position_ids[:, :, s:e], embeds.dtype)
+            key_padding = None
+            if attention_mask is not None:  # empty cache: keys are this call's first e tokens
+                key_padding = attention_mask[:, :e].bool()
+            mask = AttentionMask(causal=True, key_padding=key_padding)
+            backend = None
+            if key_padding is not None and not supports(self.config.attn_backend, mask):
+                backend = "torch"  # as in forward: padded batches run through SDPA
+            vm, ds = None, None
+            if visual_mask is not None:
+                vm = visual_mask[:, s:e]
+                if bool(vm.any()):
+                    idx = visual_index[:, s:e][vm]
+                    ds = [d[idx] for d in deepstack]
+                else:
+                    vm = None
+            hidden, _ = lm(embeds[:, s:e], cos, sin, mask=mask, cache=cache, backend=backend, visual_mask=vm,
+                           deepstack=ds)
+            cache.advance(input_ids[:, s:e], position_ids[:, :, s:e],
+                          None if attention_mask is None else attention_mask[:, s:e])
+            if progress is not None:
+                progress(e - s)
+        logits = self.lm_head(hidden[:, -1:])
+        return Qwen3VLOutput(logits=logits, last_hidden_state=hidden, rope_deltas=cache.rope_deltas,
+                             past_key_values=cache)
+
+    def _warn_long_positions(self, position_ids: torch.Tensor):
+        """Warn once when positions pass the native context without long-context rope scaling."""
+        t = self.config.text
+        native = t.rope.original_max_position_embeddings or t.max_position_embeddings
+        if t.rope.rope_type == "default" and not getattr(self, "_warned_long", False):
+            top = int(position_ids.max())
+            if top >= native:
+                import warnings
+
+                warnings.warn(f"position ids reach {top}, past the native context of {native} positions, and "
+                              "rope scaling is off: quality drops there. Enable YaRN (text_config.rope_scaling "
+                              "{'rope_type': 'yarn', 'factor': 2..3, 'original_max_position_embeddings': 262144}; "
+                              "scripts/ask_video.py --yarn-factor) as docs/long_context.md explains", stacklevel=3)
+                self._warned_long = True
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
         """Greedy or sampled generation; see model.generation.generate for the arguments."""

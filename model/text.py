@@ -55,13 +55,14 @@ class Attention(nn.Module):
         q = apply_rotary(self.q_norm(self.q_proj(x).view(B, L, self.hq, self.hd)), cos, sin)
         k = apply_rotary(self.k_norm(self.k_proj(x).view(B, L, self.hkv, self.hd)), cos, sin)
         v = self.v_proj(x).view(B, L, self.hkv, self.hd)
+        scales = None
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Lk, Hkv, hd): past + new
+            k, v, scales = cache.update(self.layer_idx, k, v)  # (B, Lk, Hkv, hd): past + new (FP8: + scales)
         if mask.cu_seqlens is not None:
             # packed batch: (1, T, H, hd) -> (T, H, hd), documents never see each other
             o = attend(q[0], k[0], v[0], mask, backend=backend or self.backend)[None]
         else:
-            o = attend(q, k, v, mask, backend=backend or self.backend)
+            o = attend(q, k, v, mask, backend=backend or self.backend, kv_scales=scales)
         return self.o_proj(o.reshape(B, L, -1))
 
 
