@@ -150,6 +150,41 @@ class KVCache:
         self.length = e
         self._pending = 0
 
+    def convert(self, dtype: torch.dtype) -> "KVCache":
+        """Re-store the valid tokens in another dtype (e.g. bf16 -> FP8 after a bf16 prefill), one layer at a time
+        (peak memory: the cache plus one layer in the new dtype). Returns self."""
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"KVCache.convert: dtype must be one of {list(_DTYPES)}, got {dtype}")
+        if dtype == self.dtype:
+            return self
+        n, shape = self.length, (self.batch, self.max_len, self.num_kv_heads, self.head_dim)
+        fp8 = dtype == FP8
+        ks, vs = [], []
+        for i in range(self.num_layers):
+            new = []
+            for buf, sc in ((self.k, self.k_scale), (self.v, self.v_scale)):
+                x = buf[i][:, :n] if sc is None else dequantize_kv(buf[i][:, :n], sc[i][:, :n], self.compute_dtype)
+                out = torch.empty(shape, dtype=dtype, device=self.device)
+                scale = torch.empty(shape[:3], dtype=torch.float32, device=self.device) if fp8 else None
+                if fp8:
+                    out[:, :n], scale[:, :n] = quantize_kv(x)
+                else:
+                    out[:, :n] = x
+                buf[i] = None  # free this layer's old storage before the next one is allocated
+                new.append((out, scale))
+            (self.k[i], k_s), (self.v[i], v_s) = new
+            ks.append(k_s), vs.append(v_s)
+        self.k_scale, self.v_scale = (ks, vs) if fp8 else (None, None)
+        self.dtype, self.quantized = dtype, fp8
+        return self
+
+    def nbytes(self) -> int:
+        """Device bytes of the K/V storage (and scales), at max_len."""
+        n = sum(x.numel() * x.element_size() for x in self.k + self.v)
+        if self.quantized:
+            n += sum(x.numel() * 4 for x in self.k_scale + self.v_scale)
+        return n
+
     # ------------------------------------------------------------------ positions
     @property
     def next_position(self) -> torch.Tensor:

@@ -73,6 +73,20 @@ class Qwen3VL(nn.Module):
             nn.init.normal_(m.gate_up_proj, std=std)
             nn.init.normal_(m.down_proj, std=std)
 
+    def set_rope_scaling(self, rope_type: str = "yarn", factor: float = 2.0,
+                         original_max_position_embeddings: int | None = 262144, **kw) -> "Qwen3VL":
+        """Switch the decoder's rotary scaling (e.g. YaRN for contexts past the native 256K positions); the
+        config (and so a KV cache's fingerprint) records it. rope_type "default" turns scaling off."""
+        import dataclasses
+
+        rope = dataclasses.replace(self.config.text.rope, rope_type=rope_type, factor=float(factor),
+                                   original_max_position_embeddings=original_max_position_embeddings
+                                   if rope_type != "default" else None, **kw)
+        self.config = self.config.replace(text=dataclasses.replace(self.config.text, rope=rope))
+        self.rotary = TextRotary(self.config.text).to(self.lm_head.weight.device)
+        self._warned_long = False
+        return self
+
     def tie_weights(self):
         """Re-tie lm_head to the embeddings (after loading or moving from the meta device)."""
         if self.config.text.tie_word_embeddings:

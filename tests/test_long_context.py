@@ -7,6 +7,7 @@ different op order; observed differences ~1e-6).
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -120,22 +121,24 @@ def test_generation_after_saved_loaded_truncated_prefix_matches_transformers(tmp
         assert torch.equal(got, ref[:, n_prefix:])
 
 
-def test_fp8_cache_within_tolerance_of_exact_cache(tiny):
-    """FP8 (e4m3, one scale per token and KV head) vs the fp32 cache on the tiny model: last logits within 5% of
-    their spread (relative Frobenius error of logits observed ~1%; e4m3 keeps 3 mantissa bits, ~6% per value
-    worst case, averaged by attention), the cache's dequantised keys within e4m3 rounding of the exact ones."""
+def test_fp8_cache_within_tolerance_of_bf16_cache(tiny):
+    """FP8 (e4m3, one scale per token and KV head) vs a bf16 cache, bf16 model: last logits within 5% relative
+    Frobenius error (observed 2.5-3% on this tiny random model, against 0.7% for bf16 vs fp32; e4m3 keeps 3
+    mantissa bits), and the cache's dequantised keys within half an e4m3 step of the exact ones."""
+    m = copy.deepcopy(tiny).to(torch.bfloat16)
     b = batch([_prompt(3)])
     b.pop("attention_mask")
     L = b["input_ids"].shape[1]
-    exact = KVCache.for_model(tiny, 1, L)
-    fp8 = KVCache.for_model(tiny, 1, L, dtype=FP8)
-    a = tiny.prefill(b["input_ids"], exact, chunk_size=8, **_vision(b)).logits
-    q = tiny.prefill(b["input_ids"], fp8, chunk_size=8, **_vision(b)).logits
+    exact = KVCache.for_model(m, 1, L)
+    fp8 = KVCache.for_model(m, 1, L, dtype=FP8)
+    a = m.prefill(b["input_ids"], exact, chunk_size=8, **_vision(b)).logits.float()
+    q = m.prefill(b["input_ids"], fp8, chunk_size=8, **_vision(b)).logits.float()
     rel = ((q - a).norm() / a.norm()).item()
-    assert rel < 0.05, rel
+    assert 0 < rel < 0.05, rel
     assert fp8.k[0].dtype == FP8 and fp8.k_scale[0].shape == (1, L, exact.num_kv_heads)
     deq = dequantize_kv(fp8.k[0], fp8.k_scale[0], torch.float32)
-    err = (deq - exact.k[0]).abs() / exact.k[0].abs().amax(-1, keepdim=True)
+    ref = exact.k[0].float()
+    err = (deq - ref).abs() / ref.abs().amax(-1, keepdim=True)
     assert float(err.max()) <= 1 / 16 + 1e-6  # half an e4m3 step at the top binade: 2^-4 relative to the row max
 
 
@@ -212,3 +215,16 @@ def test_positions_past_native_context_warn_without_rope_scaling():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m.prefill(ids[:, :10], KVCache.for_model(m, 1, 10), chunk_size=8)
+
+
+def test_convert_bf16_cache_to_fp8_equals_fp8_of_the_same_keys(tiny):
+    ids = torch.randint(1000, 5000, (1, 24))
+    c = KVCache.for_model(tiny, 1, 30)
+    tiny.prefill(ids, c, chunk_size=8)
+    exact_k = c.k[1][:, :24].clone()
+    c.convert(FP8)
+    assert c.dtype == FP8 and c.k[1].dtype == FP8
+    k8, ks = quantize_kv(exact_k)
+    assert torch.equal(c.k[1][:, :24].view(torch.uint8), k8.view(torch.uint8)) and torch.equal(c.k_scale[1][:, :24], ks)
+    out = tiny.generate(torch.randint(1000, 5000, (1, 3)), past_key_values=c, max_new_tokens=3, stop_token_ids=())
+    assert out.shape == (1, 6)
