@@ -27,6 +27,7 @@ CASES = {
     "bench_prefill.py": ([], "| ours (torch sdpa) | 2 |"),
     "bench_train.py": ([], "| ours (attn torch"),
     "bench_video.py": ([], "| transformers | 6 |"),
+    "bench_video_stream.py": ([], "| stream 8 | 144 | 60 |"),
     "generate.py": ([], "4 new tokens"),
     "make_ocr_data.py": (["--out", "{tmp}/ocr"], "(4 lines)"),
     "measure_load_memory.py": (["--dir", "{tmp}/ckpt"], "x the weights"),

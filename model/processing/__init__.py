@@ -11,8 +11,10 @@ Where each piece lives:
     media.py          which message items are images / videos, their sources, `file://` paths
     image.py          image loading (RGB, EXIF, alpha), bicubic antialiased resize, preprocess_image
     video_sampling.py frame indices by the transformers / qwen-vl-utils rules, fps, group timestamps
-    video_decode.py   PyAV: probe a container, read the sampled frames (seek over GOPs, skip non-reference pictures)
+    video_decode.py   PyAV: probe a container, read the sampled frames (seek over GOPs, skip non-reference pictures),
+                      one pass as a generator (iter_frames) or all at once (read_frames)
     video.py          preprocess_video: plan -> decode -> resize -> patchify
+    stream.py         VideoStream: a long video in chunks of temporal groups, memory bounded by a chunk
     patchify.py       normalise + cut frames into vision-tower rows (images and videos alike)
     prompt.py         placeholder expansion with `<t seconds>` timestamps, layouts "release" / "transformers5"
 """
@@ -24,9 +26,10 @@ from .media import local_path
 from .patchify import patchify
 from .processor import IGNORE_INDEX, Qwen3VLProcessor, load_processor
 from .prompt import timestamp_text
+from .stream import VideoChunk, VideoStream
 from .tokenizer import Tokenizer
 from .video import VideoFeatures, preprocess_video
-from .video_decode import probe_video, read_frames
+from .video_decode import iter_frames, probe_video, read_frames
 from .video_sampling import VideoMetadata, group_timestamps, sample_frame_indices
 
 __all__ = [
@@ -34,5 +37,5 @@ __all__ = [
     "OFFICIAL_VIDEO_CONFIG", "DEFAULT_FPS", "DEFAULT_MIN_FRAMES", "DEFAULT_MAX_FRAMES", "ImagePlan", "VideoPlan",
     "plan_image", "plan_video", "plan_frame_list", "image_size", "load_image", "preprocess_image", "local_path",
     "patchify", "IGNORE_INDEX", "timestamp_text", "VideoFeatures", "preprocess_video", "probe_video", "read_frames",
-    "VideoMetadata", "group_timestamps", "sample_frame_indices",
+    "iter_frames", "VideoStream", "VideoChunk", "VideoMetadata", "group_timestamps", "sample_frame_indices",
 ]

@@ -234,6 +234,8 @@ def plan_frame_list(num_frames: int, height: int, width: int, config: VisionPrep
 
 
 def _plan_frames(indices, times, height, width, config, rule, options) -> VideoPlan:
+    if not indices:
+        raise ValueError("no frames to sample (max_frames / nframes of 0?)")
     size = frame_size(len(indices), height, width, config, rule=rule, options=options)
     return VideoPlan(list(indices), size, grid_thw(len(indices), *size, config),
                      group_timestamps(times, config.temporal_patch_size))

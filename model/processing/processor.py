@@ -28,13 +28,12 @@ import torch
 from ..config import IGNORE_INDEX
 from .config import (DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES, OFFICIAL_IMAGE_CONFIG,
                      OFFICIAL_VIDEO_CONFIG, RULES, VisionPreprocessConfig)
-from .geometry import plan_frame_list, plan_image, plan_video
+from .geometry import plan_frame_list, plan_image
 from .image import image_size, load_image, preprocess_image
 from .media import item_kind, item_options, local_path, media_source
 from .prompt import IMAGE_PAD, LAYOUTS, VIDEO_PAD, VISION_END, VISION_START, expand_placeholders
 from .tokenizer import Tokenizer
-from .video import VideoFeatures, preprocess_video
-from .video_decode import probe_video
+from .video import VideoFeatures, plan_video_file, preprocess_video
 
 IMAGE_CONFIG_FILE, VIDEO_CONFIG_FILE = "preprocessor_config.json", "video_preprocessor_config.json"
 NESTED_CONFIG_FILE = "processor_config.json"  # transformers 5: {"image_processor": {...}, "video_processor": {...}}
@@ -111,8 +110,8 @@ class Qwen3VLProcessor:
         """Geometry (`geometry.VideoPlan`) of one video; a path is read from its container metadata only."""
         o = options or {}
         if isinstance(video, (str, os.PathLike)):
-            return plan_video(probe_video(local_path(video)), self.video_config, rule=self.video_rule, fps=self.fps,
-                              min_frames=self.min_frames, max_frames=self.max_frames, options=o)
+            return plan_video_file(local_path(video), self.video_config, rule=self.video_rule, fps=self.fps,
+                                   min_frames=self.min_frames, max_frames=self.max_frames, options=o)[1]
         first = load_image(video[0])
         return plan_frame_list(len(video), *first.shape[-2:], self.video_config, rule=self.video_rule, options=o)
 

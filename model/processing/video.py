@@ -6,6 +6,7 @@ frame indices by the "transformers" or "qwen-vl-utils" rule, frame size, grid, p
 transformers with torch's uint8 kernel like torchvision v2, qwen-vl-utils with fp32 then clamp + round like
 torchvision v1), then normalised and cut into rows (`patchify.patchify`; an odd frame count repeats the last frame).
 A video given as a list of frames uses every frame, timed by the item's `timestamps` or `sample_fps`.
+This holds the whole video's frames and rows at once; model/processing/stream.py streams a long one chunk by chunk.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES, OFFICIAL_VIDEO_CONFIG, VisionPreprocessConfig
-from .geometry import check_video_options, plan_frame_list, plan_video
+from .geometry import VideoPlan, check_video_options, plan_frame_list, plan_video
 from .image import load_image, resize
 from .media import local_path
 from .patchify import patchify
@@ -67,27 +68,50 @@ def preprocess_video(
     o = dict(options or {})
     if isinstance(video, (str, os.PathLike)):
         path = local_path(video)
-        try:
-            check_video_options(o)
-            meta = probe_video(path)
-            if meta.total_num_frames <= 0:
-                raise ValueError("no frames")
-            plan = plan_video(meta, config, rule=rule, fps=fps, min_frames=min_frames, max_frames=max_frames,
-                              options=o)
-        except ValueError as e:
-            raise ValueError(f"video {path}: {e}") from e
-        # qwen-vl-utils resizes with torchvision's v1 (fp32) kernel, transformers 5 with v2's uint8 kernel.
-        frames = read_frames(path, plan.frame_indices, size=plan.size, uint8_kernel=rule == "transformers")
+        meta, plan = plan_video_file(path, config, rule=rule, fps=fps, min_frames=min_frames, max_frames=max_frames,
+                                     options=o)
+        frames = read_frames(path, plan.frame_indices, size=plan.size, uint8_kernel=uses_uint8_kernel(rule))
     else:
         meta = None
-        frames = _frames_from_list(video)
+        frames = load_frame_list(video)
         plan = plan_frame_list(frames.shape[0], frames.shape[-2], frames.shape[-1], config, rule=rule, options=o)
-        frames = resize(frames, *plan.size, uint8_kernel=rule == "transformers")
+        frames = resize(frames, *plan.size, uint8_kernel=uses_uint8_kernel(rule))
     pixel_values, grid = patchify(frames, config)
     return VideoFeatures(pixel_values, grid, plan.timestamps, plan.frame_indices, meta, plan.size)
 
 
-def _frames_from_list(video) -> torch.Tensor:
+def uses_uint8_kernel(rule: str) -> bool:
+    """The resize kernel of a rule: qwen-vl-utils resizes with torchvision's v1 (fp32) kernel, transformers 5 with
+    v2's uint8 kernel (`model.processing.image.resize`)."""
+    return rule == "transformers"
+
+
+def plan_video_file(path: str, config: VisionPreprocessConfig = OFFICIAL_VIDEO_CONFIG, *, rule: str = "transformers",
+                    fps: float = DEFAULT_FPS, min_frames: int = DEFAULT_MIN_FRAMES,
+                    max_frames: int = DEFAULT_MAX_FRAMES,
+                    options: dict | None = None) -> tuple[VideoMetadata, VideoPlan]:
+    """Probe a video file and plan it (`geometry.plan_video`); every error names the file.
+
+    Args: as `preprocess_video` (path: a local file).
+    Returns:
+        (the container's VideoMetadata, the VideoPlan).
+    """
+    o = options or {}
+    try:
+        check_video_options(o)
+        meta = probe_video(path)
+        if meta.total_num_frames <= 0:
+            raise ValueError("no frames")
+        if meta.height <= 0 or meta.width <= 0:  # e.g. a truncated mp4 whose header lists frames it does not hold
+            raise ValueError(f"the header gives no frame size ({meta.height}x{meta.width}) for its "
+                             f"{meta.total_num_frames} frames; a truncated or empty file?")
+        plan = plan_video(meta, config, rule=rule, fps=fps, min_frames=min_frames, max_frames=max_frames, options=o)
+    except ValueError as e:
+        raise ValueError(f"video {path}: {e}") from e
+    return meta, plan
+
+
+def load_frame_list(video) -> torch.Tensor:
     """A list of frames (paths / PIL / arrays) or a 4-D array -> (T, 3, H, W) uint8 or float (0..255 scale)."""
     if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 4:
         video = list(video)

@@ -1,4 +1,5 @@
-"""Video decoding with PyAV: probe a container, read the sampled frames (resized as they arrive).
+"""Video decoding with PyAV: probe a container, read the sampled frames (resized as they arrive), as a stream
+(`iter_frames`, one frame at a time in one pass) or all at once (`read_frames`).
 
 Only the frames a plan asks for are converted to RGB; the container is demuxed once up front (no decoding) to map
 every packet to its frame index in presentation order and to find the keyframes, so that the reader can seek over
@@ -23,8 +24,8 @@ B-frames, HEVC; tests/test_video_decode.py).
 from __future__ import annotations
 
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -85,108 +86,147 @@ def probe_video(path: str) -> VideoMetadata:
         container.close()
 
 
-def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = None, threads: bool = True,
-                uint8_kernel: bool = True) -> torch.Tensor:
-    """Decode the frames at `indices` (presentation order) with PyAV, resizing each as it arrives.
+def iter_frames(path: str, indices: list[int], size: tuple[int, int] | None = None, threads: bool = True,
+                uint8_kernel: bool = True) -> Iterator[torch.Tensor]:
+    """Decode the frames at `indices` (presentation order) with PyAV in one pass, yielding each as it is ready.
 
     Work avoided, without changing any returned pixel: only requested frames are converted to RGB; non-reference
     pictures that are not requested are dropped by the decoder (FFmpeg's `skip_frame`, set per packet); and when
     the next requested frame lies past a keyframe the demuxer has not reached yet, the reader seeks to that
-    keyframe instead of decoding the gap. Resizes run in a thread pool beside the decoder;
-    torch's intra-op thread count is set to 1 while this runs and restored afterwards.
+    keyframe instead of decoding the gap. Resizes run in a thread pool beside the decoder, a few frames ahead of
+    the consumer (so at most ~2 x workers frames are held); torch's intra-op thread count is 1 while the generator
+    runs and the caller's value while the caller runs (between yields), and is restored when it ends or is closed.
     Args:
-        path: video file; indices: sorted frame indices (repeats allowed);
+        path: video file; indices: non-decreasing frame indices (repeats allowed);
         size: (h, w) to bicubic-resize every frame to (uint8), None keeps the source size;
         threads: let FFmpeg decode with frame/slice threads.
         uint8_kernel: resize kernel, see `model.processing.image.resize`.
-    Returns:
-        (len(indices), 3, h, w) uint8.
+    Yields:
+        (3, h, w) uint8 per entry of `indices`, in order (a repeated index yields the same tensor again).
     """
     import av
 
+    indices = [int(i) for i in indices]
+    if any(b < a for a, b in zip(indices, indices[1:])):
+        raise ValueError(f"iter_frames needs non-decreasing frame indices for {path}")
     container = _open(path)
+    prev_threads = torch.get_num_threads()
+    pool = None
     try:
         stream = container.streams.video[0]
         if threads:
             stream.thread_type = "AUTO"
         pts_sorted, is_key, complete = _packet_table(container, stream)
-        wanted = sorted(set(int(i) for i in indices))
+        if complete and len(pts_sorted) == 0:
+            raise ValueError(f"video {path} holds no frames (its header may list some: a truncated file?)")
+        wanted = sorted(set(indices))
         if wanted and (wanted[0] < 0 or wanted[-1] >= max(len(pts_sorted), 1)):
             raise ValueError(f"frame index out of range for {path}: {wanted[-1]} (video has {len(pts_sorted)} frames)")
-        wanted_set = set(wanted)
-        out: dict[int, torch.Tensor] = {}
-        pending: deque = deque()
+        wanted_set, seen = set(wanted), set()
+        ready: dict[int, Future] = {}  # decoded, wanted frames not yet handed out -> their resize
 
         def convert(rgb):
             return resize(rgb, *size, uint8_kernel).contiguous() if size is not None else rgb.contiguous()
 
-        def keep(idx, frame):
-            if idx in wanted_set and idx not in out:
-                # HWC -> CHW view (channels-last strides): the uint8 resize kernel is fastest on it, same result.
-                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
-                out[idx] = pool.submit(convert, rgb)
-                pending.append(out[idx])
-                while len(pending) > 2 * workers:  # bound the frames waiting for a resize
-                    pending.popleft().result()
-
         # Resizes run in a small thread pool (torch releases the GIL) next to the decoder, each single-threaded:
         # frame-sized ops gain nothing from intra-op threads and lose a lot to them on a busy machine.
         workers = max(1, min(4, os.cpu_count() or 1))
-        prev_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         pool = ThreadPoolExecutor(max_workers=workers)
-        try:
-            _decode_wanted(container, stream, pts_sorted, is_key, complete, wanted, wanted_set, out, keep)
-        finally:
-            pool.shutdown(wait=True)
-            torch.set_num_threads(prev_threads)
-        out = {i: f.result() for i, f in out.items()}
-        missing = [i for i in wanted if i not in out]
+        pos = 0  # indices[pos] is the next frame to hand out
+
+        def hand_out(flush: bool):
+            # In order: the frames whose resize is done, waiting for the oldest when too many are queued (or at the
+            # end); the caller runs with its own thread count between frames.
+            nonlocal pos
+            while pos < len(indices) and indices[pos] in ready and (
+                    flush or ready[indices[pos]].done() or len(ready) > 2 * workers):
+                idx = indices[pos]
+                out = ready.pop(idx).result()
+                while pos < len(indices) and indices[pos] == idx:
+                    pos += 1
+                    torch.set_num_threads(prev_threads)
+                    yield out
+                    torch.set_num_threads(1)
+
+        for idx, frame in _decode_wanted(container, stream, pts_sorted, is_key, complete, wanted):
+            if idx in wanted_set and idx not in seen:
+                seen.add(idx)
+                # HWC -> CHW view (channels-last strides): the uint8 resize kernel is fastest on it, same result.
+                ready[idx] = pool.submit(convert, torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1))
+            yield from hand_out(flush=False)
+        yield from hand_out(flush=True)
+        missing = [i for i in wanted if i not in seen]
         if missing:
             raise ValueError(f"could not decode frames {missing[:5]}{'...' if len(missing) > 5 else ''} of {path}")
-        return torch.stack([out[int(i)] for i in indices])
     except av.error.FFmpegError as e:
         raise ValueError(f"cannot decode video {path}: {e}") from e
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(prev_threads)
         container.close()
 
 
-def _decode_wanted(container, stream, pts_sorted, is_key, complete, wanted, wanted_set, out, keep):
-    """Drive the decoder over the wanted frames (see `read_frames`), handing each decoded frame to `keep`."""
+def read_frames(path: str, indices: list[int], size: tuple[int, int] | None = None, threads: bool = True,
+                uint8_kernel: bool = True) -> torch.Tensor:
+    """Decode the frames at `indices` (any order, repeats allowed) with PyAV, all at once (`iter_frames`).
+
+    Args:
+        path: video file; indices: frame indices in presentation order;
+        size, threads, uint8_kernel: as in `iter_frames`.
+    Returns:
+        (len(indices), 3, h, w) uint8.
+    """
+    wanted = sorted(set(int(i) for i in indices))
+    frames = list(iter_frames(path, wanted, size=size, threads=threads, uint8_kernel=uint8_kernel))
+    where = {idx: k for k, idx in enumerate(wanted)}
+    return torch.stack([frames[where[int(i)]] for i in indices])
+
+
+def _decode_wanted(container, stream, pts_sorted, is_key, complete, wanted) -> Iterator[tuple[int, object]]:
+    """Drive the decoder over the wanted frames (see `iter_frames`): yield (frame index, av.VideoFrame) for every
+    picture it outputs (index -1 when its pts maps to no frame), until every wanted frame has come out."""
+    wanted_set, got = set(wanted), set()
     if not complete:  # no pts to map packets to frames: plain sequential decode, counting frames
         for idx, frame in enumerate(container.decode(stream)):
-            keep(idx, frame)
-            if len(out) == len(wanted_set):
+            yield idx, frame
+            if idx in wanted_set:
+                got.add(idx)
+                if len(got) == len(wanted_set):
+                    return
+        return
+    pts_to_index = {int(p): i for i, p in enumerate(pts_sorted)}
+    key_idx = np.flatnonzero(is_key)
+    ctx = stream.codec_context
+    next_w = 0  # wanted[next_w] is the first requested frame not decoded yet
+    max_sent = -1  # largest frame index whose packet went to the decoder since the last seek
+    while next_w < len(wanted):
+        k = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
+        if k > max_sent + 1:  # the whole gap up to that keyframe can be skipped
+            container.seek(int(pts_sorted[k]), stream=stream, backward=True, any_frame=False)
+            max_sent = k - 1
+        reseek = False
+        for pkt in container.demux(stream):
+            idx = pts_to_index.get(pkt.pts) if pkt.pts is not None else None
+            if idx is not None:
+                # An unwanted picture that nothing predicts from need not be decoded: FFmpeg's decoder drops it
+                # (AVDISCARD_NONREF: H.264 nal_ref_idc 0, HEVC non-reference, MPEG-4 B-frames); the setting
+                # travels with this packet, also to frame-threaded decoding.
+                ctx.skip_frame = "DEFAULT" if idx in wanted_set else "NONREF"
+                max_sent = max(max_sent, idx)
+            for frame in stream.decode(pkt):
+                idx = pts_to_index.get(frame.pts, -1)
+                if idx in wanted_set:
+                    got.add(idx)
+                yield idx, frame
+            while next_w < len(wanted) and wanted[next_w] in got:
+                next_w += 1
+            if next_w == len(wanted):
                 break
-    else:
-        pts_to_index = {int(p): i for i, p in enumerate(pts_sorted)}
-        key_idx = np.flatnonzero(is_key)
-        ctx = stream.codec_context
-        next_w = 0  # wanted[next_w] is the first requested frame not decoded yet
-        max_sent = -1  # largest frame index whose packet went to the decoder since the last seek
-        while next_w < len(wanted):
-            k = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
-            if k > max_sent + 1:  # the whole gap up to that keyframe can be skipped
-                container.seek(int(pts_sorted[k]), stream=stream, backward=True, any_frame=False)
-                max_sent = k - 1
-            reseek = False
-            for pkt in container.demux(stream):
-                idx = pts_to_index.get(pkt.pts) if pkt.pts is not None else None
-                if idx is not None:
-                    # An unwanted picture that nothing predicts from need not be decoded: FFmpeg's decoder drops it
-                    # (AVDISCARD_NONREF: H.264 nal_ref_idc 0, HEVC non-reference, MPEG-4 B-frames); the setting
-                    # travels with this packet, also to frame-threaded decoding.
-                    ctx.skip_frame = "DEFAULT" if idx in wanted_set else "NONREF"
-                    max_sent = max(max_sent, idx)
-                for frame in stream.decode(pkt):
-                    keep(pts_to_index.get(frame.pts, -1), frame)
-                while next_w < len(wanted) and wanted[next_w] in out:
-                    next_w += 1
-                if next_w == len(wanted):
-                    break
-                nk = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
-                if nk > max_sent + 1:
-                    reseek = True
-                    break
-            if not reseek:
-                break  # end of stream (or done)
+            nk = int(key_idx[np.searchsorted(key_idx, wanted[next_w], side="right") - 1]) if len(key_idx) else 0
+            if nk > max_sent + 1:
+                reseek = True
+                break
+        if not reseek:
+            break  # end of stream (or done)
