@@ -80,7 +80,7 @@ class VideoIndex:
             chunk_size: tokens per decoder pass; groups_per_chunk: temporal groups decoded and encoded at a time.
         """
         stream = VideoStream(processor, video, options, groups_per_chunk=groups_per_chunk)
-        prefix_ids = stream.prefix_ids()
+        prefix_ids = stream.prompt_parts()[0].tolist()
         total = len(prefix_ids) + stream.num_tokens
         if total + room > max_context:
             raise ValueError(f"video {video}: {total} prompt tokens + {room} for questions do not fit max_context "
@@ -149,7 +149,10 @@ class VideoIndex:
     # ------------------------------------------------------------------ questions
     def ask(self, question: str, *, max_new_tokens: int = 64, chunk_size: int = 8192, **generate_kw) -> Answer:
         """Answer one question about the video (greedy unless generate_kw says otherwise)."""
-        ids = self.processor.tokenizer.encode(question + "<|im_end|>\n<|im_start|>assistant\n")
+        # the prompt's tail after the video (model/processing/stream.py's prompt_parts suffix): layout
+        # "transformers5" closes an outer <|vision_end|> around the groups first
+        outer = "<|vision_end|>" if self.processor.video_layout == "transformers5" else ""
+        ids = self.processor.tokenizer.encode(outer + question + "<|im_end|>\n<|im_start|>assistant\n")
         self.cache.truncate(self.info.prefix_len)
         if self.cache.max_len - self.info.prefix_len < len(ids) + max_new_tokens:
             raise ValueError(f"the question ({len(ids)} tokens) + {max_new_tokens} new tokens do not fit the "

@@ -161,7 +161,7 @@ def run_length(model, processor, video, length, args, bw):
             # ingest until the time limit, then fill the rest (reported)
             stream = VideoStream(processor, video, opts, groups_per_chunk=args.groups_per_chunk)
             cache = KVCache.for_model(model, 1, length, cache_dtype)
-            prefix = stream.prefix_ids()
+            prefix = stream.prompt_parts()[0].tolist()
             model.prefill(torch.tensor([prefix], device=model.device), cache, chunk_size=args.chunk_size)
             frames = 0
             for chunk in stream:

@@ -5,6 +5,10 @@
 #   bash scripts/gpu_session.sh train       # train-step benchmarks at 8K and 16K tokens, then the remaining kernel tests
 #   bash scripts/gpu_session.sh final       # compiled train-step variants, then a shorter ocr_demo_gpu run
 #   bash scripts/gpu_session.sh speed       # train-step variants at 8K (OURS), then a kernel profile of PROF
+#   bash scripts/gpu_session.sh lv-check    # fp8/long-context GPU tests, a 64K ask_video run with an fp8 cache
+#   bash scripts/gpu_session.sh lv-short    # long-video benchmark at 256K and 512K tokens, ours and transformers
+#   bash scripts/gpu_session.sh lv-1m       # long-video benchmark at 1M tokens (2B, bf16 cache, then FP8)
+#   bash scripts/gpu_session.sh lv-8b       # 8B shape at 1M tokens with an FP8 cache (ingest cut at LIMIT s)
 # Env: OURS / OURS16 (bench_train variants), EXTRA (Hydra overrides for the OCR run).
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
@@ -57,7 +61,29 @@ case "$stage" in
       echo "profile rc=$?"; grep -v "^-" "$OUT/profile.log" | head -40 | cut -c1-160
     fi
     ;;
+  lv-check)
+    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_attention_fp8.py tests/test_long_context.py \
+      2>&1 | tail -8 | tee "$OUT/lv_tests.txt"
+    timeout 300 python scripts/bench_long_video.py --preset 2b --lengths 65536 --seconds 600 --hf 65536 \
+      --json "$OUT/lv_check.json" > "$OUT/lv_check.log" 2>&1
+    echo "bench rc=$?"; grep -v "^ \|^{\|^}" "$OUT/lv_check.log" | tail -5; tail -c 1500 "$OUT/lv_check.json"
+    ;;
+  lv-short)
+    timeout 560 python scripts/bench_long_video.py --preset 2b --lengths 262144 524288 --hf ${HF:-262144 524288} \
+      --json "$OUT/lv_short.json" > "$OUT/lv_short.log" 2>&1
+    echo "bench rc=$?"; tail -c 3000 "$OUT/lv_short.json"
+    ;;
+  lv-1m)
+    timeout 580 python scripts/bench_long_video.py --preset 2b --lengths 1048576 ${HFARG:-} --progress \
+      --json "$OUT/lv_1m.json" > "$OUT/lv_1m.log" 2>&1
+    echo "bench rc=$?"; tail -c 2000 "$OUT/lv_1m.json"; tr '\r' '\n' < "$OUT/lv_1m.log" | grep -a "ingest" | tail -3
+    ;;
+  lv-8b)
+    timeout 580 python scripts/bench_long_video.py --preset 8b --lengths 1048576 --cache-dtype fp8 \
+      --ingest-limit-s "${LIMIT:-300}" --json "$OUT/lv_8b.json" > "$OUT/lv_8b.log" 2>&1
+    echo "bench rc=$?"; tail -c 2000 "$OUT/lv_8b.json"
+    ;;
   *)
-    echo "unknown stage $stage (attention | ocr | train | final | speed)"; exit 2
+    echo "unknown stage $stage (attention | ocr | train | final | speed | lv-check | lv-short | lv-1m | lv-8b)"; exit 2
     ;;
 esac
