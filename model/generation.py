@@ -55,6 +55,14 @@ def _ids_fingerprint(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
 
 
+def _scale_buffer(shape, device) -> torch.Tensor:
+    """FP8 scales of one layer as a (B, max_len, Hkv) view of head-major (B, Hkv, max_len) storage: a kernel reading
+    the keys of one KV head reads their scales contiguously (token-major storage would fetch a 32-byte sector per
+    4-byte scale)."""
+    B, L, H = shape[:3]
+    return torch.empty(B, H, L, dtype=torch.float32, device=device).transpose(1, 2)
+
+
 class KVCache:
     """Per-layer K/V buffers of shape (B, max_len, Hkv, hd), filled left to right; `length` tokens are valid.
 
@@ -84,8 +92,8 @@ class KVCache:
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.k_scale = self.v_scale = None
         if self.quantized:
-            self.k_scale = [torch.empty(shape[:3], dtype=torch.float32, device=device) for _ in range(num_layers)]
-            self.v_scale = [torch.empty(shape[:3], dtype=torch.float32, device=device) for _ in range(num_layers)]
+            self.k_scale = [_scale_buffer(shape, device) for _ in range(num_layers)]
+            self.v_scale = [_scale_buffer(shape, device) for _ in range(num_layers)]
         self.num_layers, self.batch, self.max_len = num_layers, batch, max_len
         self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.length = 0  # tokens already stored (same for every layer once a forward pass completes)
@@ -165,7 +173,7 @@ class KVCache:
             for buf, sc in ((self.k, self.k_scale), (self.v, self.v_scale)):
                 x = buf[i][:, :n] if sc is None else dequantize_kv(buf[i][:, :n], sc[i][:, :n], self.compute_dtype)
                 out = torch.empty(shape, dtype=dtype, device=self.device)
-                scale = torch.empty(shape[:3], dtype=torch.float32, device=self.device) if fp8 else None
+                scale = _scale_buffer(shape, self.device) if fp8 else None
                 if fp8:
                     out[:, :n], scale[:, :n] = quantize_kv(x)
                 else:
