@@ -270,3 +270,48 @@ def test_compiled_and_checkpointed_runs_match_eager(data, tmp_path, backend):
     fast = _losses(train(small_config(data, tmp_path / "fast", model=model, train={
         "steps": 3, "compile": True, "activation_checkpointing": True, "checkpoint_vision": False})))
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(base), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_loss_chunk_size_must_be_positive(data, tmp_path, chunk):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.loss_chunk_size"):
+        small_config(data, tmp_path, train={"loss_chunk_size": chunk})
+
+
+def _nan_at_step(monkeypatch, bad_steps: set[int]):
+    """Make the loss of the given optimizer steps (1-based) NaN, as an overflow or a bad sample would."""
+    import train.step as step_mod
+
+    real, calls = step_mod.forward_losses, {"n": 0}
+
+    def forward(model, batch, chunk, precision="fp32"):
+        losses, out = real(model, batch, chunk, precision)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in bad_steps:
+                losses = losses * float("nan")
+        return losses, out
+
+    monkeypatch.setattr(step_mod, "forward_losses", forward)
+
+
+def test_nonfinite_loss_stops_training_before_anything_is_saved(data, tmp_path, monkeypatch):
+    from train.step import NonFiniteError
+
+    _nan_at_step(monkeypatch, {3})
+    cfg = small_config(data, tmp_path, train={"steps": 4, "save_every": 1, "export": True})
+    with pytest.raises(NonFiniteError, match="step 3"):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"   # the last good one
+    assert not (tmp_path / "final").exists()
+
+
+def test_nonfinite_step_is_skipped_when_configured(data, tmp_path, monkeypatch):
+    _nan_at_step(monkeypatch, {2})
+    cfg = small_config(data, tmp_path, train={"steps": 3, "export": True, "on_nonfinite": "skip"})
+    res = train(cfg)
+    assert [h.get("skipped", False) for h in res["history"]] == [False, True, False]
+    m = load_pretrained(res["final_dir"])
+    assert all(torch.isfinite(p).all() for p in m.parameters())

@@ -147,7 +147,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_vision: bool = True   # with activation_checkpointing: also the vision blocks (False: faster, more memory)
     compile: bool = False            # torch.compile each vision block and decoder layer (train.parallel.apply_compile)
-    loss_chunk_size: int = 1024      # tokens per lm_head chunk in the chunked cross-entropy
+    loss_chunk_size: int = 1024      # tokens per lm_head chunk in the chunked cross-entropy (>= 1)
+    on_nonfinite: str = "raise"      # a NaN / inf loss or gradient: raise (stop, nothing saved) | skip (no update)
     aux_loss_coef: float = 0.001     # MoE load-balancing loss weight (models with experts)
     log_every: int = 10
     eval_every: int = 0              # 0: only at the end
@@ -200,6 +201,8 @@ class Config:
                "auto | bf16 | fp32")
         _check(self.train.device in ("auto", "cpu", "cuda"), "train.device", self.train.device, "auto|cpu|cuda")
         _check(self.data.on_error in ("skip", "raise"), "data.on_error", self.data.on_error, "skip | raise")
+        _check(self.train.on_nonfinite in ("skip", "raise"), "train.on_nonfinite", self.train.on_nonfinite,
+               "skip | raise")
         _check(self.parallel.strategy in ("none", "fsdp"), "parallel.strategy", self.parallel.strategy,
                "none | fsdp")
         _check(self.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
@@ -211,7 +214,8 @@ class Config:
         for k in self.optim.module_lr:
             _check(k in FREEZE_GROUPS + ("lora",), "optim.module_lr", k, f"keys in {FREEZE_GROUPS + ('lora',)}")
         for name, v in (("train.steps", self.train.steps), ("train.grad_accum", self.train.grad_accum),
-                        ("data.token_budget", self.data.token_budget), ("train.lora.r", self.train.lora.r)):
+                        ("data.token_budget", self.data.token_budget), ("train.lora.r", self.train.lora.r),
+                        ("train.loss_chunk_size", self.train.loss_chunk_size)):
             _check(v >= 1, name, v, ">= 1")
         _check(self.data.max_seq_len <= self.data.token_budget, "data.max_seq_len", self.data.max_seq_len,
                f"<= data.token_budget ({self.data.token_budget}): a sample must fit in one packed batch")

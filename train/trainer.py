@@ -26,7 +26,7 @@ from .ocr_data import generate_ocr_dataset
 from .optim import apply_freezing, build_optimizer, lr_at
 from .parallel import (all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
                        init_distributed)
-from .step import evaluate, train_step
+from .step import NonFiniteError, evaluate, train_step
 
 
 def _device(cfg: Config) -> torch.device:
@@ -167,8 +167,14 @@ def train(cfg: Config) -> dict:
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
         micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-        metrics = train_step(model, micro, optimizer, cfg, device, world)
+        try:
+            metrics = train_step(model, micro, optimizer, cfg, device, world)
+        except NonFiniteError as e:
+            logger.close()
+            raise NonFiniteError(f"step {step + 1}: {e}") from e
         step += 1
+        if metrics["skipped"]:
+            logger.print(f"step {step}: non-finite loss or gradient, update skipped (train.on_nonfinite=skip)")
         tokens_since += metrics["tokens"]
         dt = time.perf_counter() - t_since
         metrics.update(step=step, lr=optimizer.param_groups[0]["lr"])
