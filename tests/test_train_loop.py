@@ -315,3 +315,26 @@ def test_nonfinite_step_is_skipped_when_configured(data, tmp_path, monkeypatch):
     assert [h.get("skipped", False) for h in res["history"]] == [False, True, False]
     m = load_pretrained(res["final_dir"])
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_a_batch_whose_samples_all_fail_to_load_is_dropped(data, tmp_path, monkeypatch):
+    import train.data as data_mod
+
+    failing = {"on": True}
+    real_encode, real_pack = ChatEncoder.encode, data_mod.pack_samples
+
+    def encode(self, messages, root, **kw):
+        if failing["on"] and not kw.get("prompt_only"):
+            raise OSError("unreadable media")                 # every sample of the first micro-batch
+        return real_encode(self, messages, root, **kw)
+
+    def pack(samples):
+        out = real_pack(samples)
+        failing["on"] = False
+        return out
+
+    monkeypatch.setattr(ChatEncoder, "encode", encode)
+    monkeypatch.setattr(data_mod, "pack_samples", pack)
+    res = train(small_config(data, tmp_path, train={"steps": 2}))
+    assert [h["step"] for h in res["history"]] == [1, 2]
+    assert res["dropped_batches"] == 1

@@ -40,52 +40,83 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- formats
+def _media_value(kind: str, value, where: str):
+    """A media reference as the JSONL gives it: a path string (a video may also be a list of frame paths)."""
+    if isinstance(value, str) and value:
+        return value
+    if kind == "video" and isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    expected = "a non-empty path string" + (" or a list of frame paths" if kind == "video" else "")
+    raise DataError(f"{where}: {kind} must be {expected}, got {type(value).__name__} {str(value)[:60]!r}")
+
+
 def to_messages(record: dict) -> list[dict]:
     """Normalise one JSONL record to a list of {"role", "content": [items]} messages.
 
     Args:
         record: a `messages` record or a LLaVA `conversations` record.
     Raises:
-        DataError on unknown layouts, roles or a tag / media count mismatch.
+        DataError on unknown layouts, roles, a value of the wrong type or a tag / media count mismatch.
     """
+    if not isinstance(record, dict):
+        raise DataError(f"a line must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError("'messages' must be a non-empty list")
         out = []
-        for m in msgs:
+        for n, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise DataError(f"message {n} must be an object with 'role' and 'content', got {type(m).__name__}")
             role = m.get("role")
             if role not in ROLES:
                 raise DataError(f"unknown role {role!r} (expected one of {ROLES})")
             content = m.get("content", "")
             if isinstance(content, str):
                 content = [{"type": "text", "text": content}]
+            if not isinstance(content, list):
+                raise DataError(f"message {n}: content must be a string or a list, got {type(content).__name__}")
             items = []
             for it in content:
                 if not isinstance(it, dict):
                     raise DataError(f"content item {it!r} is not an object")
                 kind = it.get("type") or next((k for k in ("image", "video", "text") if k in it), None)
                 if kind == "image_url":
-                    kind, it = "image", {"image": it["image_url"]["url"] if isinstance(it["image_url"], dict)
-                                         else it["image_url"]}
+                    url = it.get("image_url")
+                    kind, it = "image", {"image": url.get("url") if isinstance(url, dict) else url}
                 if kind not in ("image", "video", "text"):
                     raise DataError(f"unknown content item type {kind!r}")
                 if kind != "text" and role != "user":
                     raise DataError(f"{kind} in a {role} turn (media are only supported in user turns)")
-                items.append({"type": kind, kind: it[kind]})
+                if kind == "text":
+                    if not isinstance(it.get("text"), str):
+                        raise DataError(f"message {n}: text item needs a string 'text', got {it.get('text')!r}")
+                    value = it["text"]
+                else:
+                    value = _media_value(kind, it.get(kind), f"message {n}")
+                items.append({"type": kind, kind: value})
             out.append({"role": role, "content": items})
         return out
     if "conversations" in record:
         media = {k: record.get(k) for k in ("image", "video")}
-        media = {k: ([] if v is None else [v] if isinstance(v, str) else list(v)) for k, v in media.items()}
+        # one path, or a list of them (one per tag); anything else fails in _media_value
+        media = {k: ([] if v is None else list(v) if isinstance(v, list) else [v]) for k, v in media.items()}
+        media = {k: [_media_value(k, v, f"'{k}' entry") for v in vs] for k, vs in media.items()}
         used = {"image": 0, "video": 0}
         out = []
-        for turn in record["conversations"]:
-            role = _LLAVA_ROLES.get(turn.get("from"))
+        if not isinstance(record["conversations"], list):
+            raise DataError("'conversations' must be a list")
+        for n, turn in enumerate(record["conversations"]):
+            if not isinstance(turn, dict):
+                raise DataError(f"turn {n} must be an object with 'from' and 'value', got {type(turn).__name__}")
+            role = _LLAVA_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
             if role is None:
                 raise DataError(f"unknown LLaVA speaker {turn.get('from')!r}")
+            value = turn.get("value", "")
+            if not isinstance(value, str):
+                raise DataError(f"turn {n}: 'value' must be a string, got {type(value).__name__}")
             items = []
-            for piece in _TAG.split(turn.get("value", "")):
+            for piece in _TAG.split(value):
                 if piece in ("<image>", "<video>"):
                     kind = piece[1:-1]
                     if used[kind] >= len(media[kind]):
@@ -242,8 +273,8 @@ class SFTDataset(torch.utils.data.Dataset):
                     n = encoder.length(msgs, self.root)
                     if n > max_seq_len:
                         raise DataError(f"{n} tokens > data.max_seq_len={max_seq_len}")
-                except (DataError, ValueError, KeyError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
-                    self._report(lineno, f"{type(e).__name__}: {e}")
+                except Exception as e:  # noqa: BLE001 - any failure of one line is that line's data error
+                    self._report(lineno, _reason(e))
                     continue
                 self.records.append((lineno, msgs))
                 self.lengths.append(n)
@@ -257,6 +288,8 @@ class SFTDataset(torch.utils.data.Dataset):
         if self.on_error == "raise":
             raise DataError(f"{self.path}:{lineno}: {reason}")
         self.broken.append((lineno, reason))
+        if len(self.broken) <= 5:  # the first few in full; the rest are counted in the summary
+            log.warning("%s:%d: skipped: %s", self.path, lineno, reason)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,11 +298,11 @@ class SFTDataset(torch.utils.data.Dataset):
         lineno, msgs = self.records[i]
         try:
             enc = self.encoder.encode(msgs, self.root)
-        except (DataError, ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - a sample that fails to load is that sample's data error
             if self.on_error == "raise":
-                raise DataError(f"{self.path}:{lineno}: {type(e).__name__}: {e}") from e
-            log.warning("%s:%d: skipped at load time: %s", self.path, lineno, e)
-            return None
+                raise DataError(f"{self.path}:{lineno}: {_reason(e)}") from e
+            log.warning("%s:%d: skipped at load time: %s", self.path, lineno, _reason(e))
+            return None  # dropped from its batch and counted (pack_samples' n_dropped)
         enc.index = i
         return enc
 
@@ -281,6 +314,11 @@ class SFTDataset(torch.utils.data.Dataset):
     def prompt(self, i: int) -> Encoded:
         """Sample i up to and including the last `<|im_start|>assistant\\n` (generation input)."""
         return self.encoder.encode(self.records[i][1], self.root, prompt_only=True)
+
+
+def _reason(e: Exception) -> str:
+    """One line for a per-sample failure: the exception's type and message."""
+    return f"{type(e).__name__}: {e}"
 
 
 # ----------------------------------------------------------------------------------------------- packing
@@ -440,6 +478,11 @@ class BatchStream:
             batch = next(self._it)
         self.offset += self.world
         return batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in the current epoch (its micro-batches / (world * grad_accum))."""
+        return len(self._epoch_batches()) // (self.world * self.accum)
 
     @property
     def position(self) -> dict:

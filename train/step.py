@@ -70,12 +70,14 @@ def train_step(model, micro_batches: list[dict], optimizer, cfg: Config, device,
     A non-finite loss or gradient norm (same on every rank: both are global) raises `NonFiniteError` before the
     optimizer is touched, or with `train.on_nonfinite=skip` drops the step's gradients and returns
     `skipped=True`: NaN never reaches the weights, a checkpoint or an export.
-    Returns: {"loss", "aux_loss", "grad_norm", "tokens", "label_tokens", "samples", "skipped"} (global sums / means).
+    Returns: {"loss", "aux_loss", "grad_norm", "tokens", "label_tokens", "samples", "skipped", "dropped_samples"}
+    (global sums / means).
     """
     n_labels = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches), device)
     if n_labels == 0:
         raise RuntimeError("an optimizer step without supervised tokens (all labels are -100)")
     loss_sum, aux_sum, tokens, samples = 0.0, 0.0, 0, 0
+    dropped = sum(b.get("n_dropped", 0) for b in micro_batches)  # samples that failed to load
     moe = model.config.is_moe
     for i, b in enumerate(micro_batches):
         if hasattr(model, "set_requires_gradient_sync"):
@@ -114,7 +116,8 @@ def train_step(model, micro_batches: list[dict], optimizer, cfg: Config, device,
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": loss_mean, "aux_loss": aux_mean, "grad_norm": grad_norm, "tokens": all_reduce_sum(tokens, device),
-            "label_tokens": n_labels, "samples": all_reduce_sum(samples, device), "skipped": skipped}
+            "label_tokens": n_labels, "samples": all_reduce_sum(samples, device), "skipped": skipped,
+            "dropped_samples": int(all_reduce_sum(dropped, device))}
 
 
 def _dummy_batch(model) -> dict:

@@ -19,7 +19,8 @@ from model.build import build_model
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
-from .data import BatchStream, ChatEncoder, PackedBatchSampler, SFTDataset, dataset_root
+from .data import (BatchStream, ChatEncoder, DataError, PackedBatchSampler, SFTDataset, count_label_tokens,
+                   dataset_root)
 from .export import export
 from .logger import Logger
 from .ocr_data import generate_ocr_dataset
@@ -99,6 +100,21 @@ def _should_stop(cfg: Config, step: int, start_step: int, t_start: float, world:
     return stop or (cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps)
 
 
+def _next_micro_batches(stream: BatchStream, accum: int, device, logger, dropped: dict) -> list[dict]:
+    """The next optimizer step's micro-batches. When no sample of them loaded on any rank (every one failed to
+    decode: pack_samples dropped them all) they are dropped, counted and the next ones drawn; a whole epoch of
+    such draws is a DataError."""
+    for _ in range(max(1, stream.steps_per_epoch) + 1):
+        micro = [next(stream) for _ in range(accum)]
+        n = sum(count_label_tokens(b) for b in micro)
+        if all_reduce_sum(n, device) > 0:
+            return micro
+        dropped["batches"] += 1
+        logger.print(f"dropped a step's micro-batches: none of their {sum(b['n_dropped'] for b in micro)} local "
+                     f"sample(s) loaded (see the data warnings)")
+    raise DataError("a whole epoch of micro-batches failed to load; check the dataset's media")
+
+
 def train(cfg: Config) -> dict:
     """Run one training job end to end; returns {"history", "evals", "final_dir", "checkpoint", "model", ...}.
 
@@ -147,6 +163,7 @@ def train(cfg: Config) -> dict:
 
     # -- the loop
     history, evals = [], []
+    dropped = {"batches": 0}  # optimizer steps' worth of micro-batches in which no sample loaded
     t_start = time.perf_counter()
     step = start_step
     last_ckpt = None
@@ -166,7 +183,7 @@ def train(cfg: Config) -> dict:
         mult = lr_at(step, cfg.train.steps, cfg.optim)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
-        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
+        micro = _next_micro_batches(stream, cfg.train.grad_accum, device, logger, dropped)
         try:
             metrics = train_step(model, micro, optimizer, cfg, device, world)
         except NonFiniteError as e:
@@ -205,7 +222,8 @@ def train(cfg: Config) -> dict:
     logger.close()
     result = {"history": history, "evals": [{k: v for k, v in e.items() if k != "examples"} for e in evals],
               "final_dir": str(final_dir) if final_dir else None, "checkpoint": str(last_ckpt) if last_ckpt else None,
-              "wall_s": time.perf_counter() - t_start, "steps": step, "vision_warmup": warmup_result}
+              "wall_s": time.perf_counter() - t_start, "steps": step, "vision_warmup": warmup_result,
+              "dropped_batches": dropped["batches"]}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))
