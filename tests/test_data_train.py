@@ -312,3 +312,34 @@ def test_a_sample_that_fails_at_load_time_is_dropped_and_counted(encoder, media,
     strict = SFTDataset(str(tmp_path / "d.jsonl"), encoder, root=str(media), on_error="raise")
     with pytest.raises(DataError, match=r"d\.jsonl:2: ZeroDivisionError"):
         strict[1]
+
+
+def test_media_outside_the_dataset_root_are_refused_unless_allowed(media, tmp_path):
+    import dataclasses
+    import shutil
+
+    root = tmp_path / "ds"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(media / "a.png", root / "a.png")
+    shutil.copy(media / "a.png", tmp_path / "secret.png")      # exists, but outside the root
+    secret = str(tmp_path / "secret.png")
+
+    def rec(path):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": path}]},
+                             {"role": "assistant", "content": "x"}]}
+
+    outside = ["../secret.png", secret, "file://" + secret, "sub/../../secret.png", "../nothing-here.png",
+               str(tmp_path / "nothing-here.png")]
+    _write(root / "d.jsonl", [rec("a.png"), rec("sub/../a.png"), rec("file://a.png")] + [rec(p) for p in outside])
+    enc = ChatEncoder(load_processor(None), CFG, DATA)
+    ds = SFTDataset(str(root / "d.jsonl"), enc, on_error="skip")
+    assert len(ds) == 3
+    assert [ln for ln, _ in ds.broken] == [4, 5, 6, 7, 8, 9]
+    for _, reason in ds.broken:
+        assert "outside the dataset root" in reason and "allow_outside_root" in reason, reason
+        # whether the file exists is not revealed: the path is refused before anything is looked up
+        assert "not found" not in reason and "decode" not in reason
+    allowed = ChatEncoder(load_processor(None), CFG, dataclasses.replace(DATA, allow_outside_root=True))
+    ds = SFTDataset(str(root / "d.jsonl"), allowed, on_error="skip")
+    assert len(ds) == 7 and [ln for ln, _ in ds.broken] == [8, 9]
+    assert ds[3].pixel_values is not None

@@ -49,6 +49,7 @@ class DataConfig:
 
     Args:
         train / val: JSONL paths; `root`: media root (default: each file's directory).
+        allow_outside_root: read media paths that leave `root` (absolute, file:///, '..'); refused by default.
         token_budget: packed tokens per micro-batch (one packed row, B=1, cu_seqlens).
         max_seq_len: a sample longer than this is a broken sample (skipped or fatal by `on_error`).
         image_min_pixels / image_max_pixels: per-image pixel budget (smart_resize); video_* likewise for all frames.
@@ -56,6 +57,7 @@ class DataConfig:
     train: Optional[str] = None
     val: Optional[str] = None
     root: Optional[str] = None
+    allow_outside_root: bool = False  # media paths outside `root` (absolute, file:///, '..') are refused unless true
     token_budget: int = 2048
     max_seq_len: int = 2048
     max_samples_per_batch: int = 0   # 0 = no limit

@@ -197,9 +197,10 @@ class ChatEncoder:
         if prompt_only:
             messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         out = []
+        allow = self.data.allow_outside_root
         for m in messages:
-            items = [{**it, it["type"]: _resolve(root, it[it["type"]])} if it["type"] in ("image", "video") else it
-                     for it in m["content"]]
+            items = [{**it, it["type"]: _resolve(root, it[it["type"]], allow)} if it["type"] in ("image", "video")
+                     else it for it in m["content"]]
             out.append({"role": m["role"], "content": items})
         return out
 
@@ -212,8 +213,11 @@ class ChatEncoder:
         msgs = self._prepare(messages, root)
         for m in msgs:
             for it in m["content"]:
-                if it["type"] != "text" and not os.path.isfile(it[it["type"]]):
-                    raise DataError(f"{it['type']} file not found: {it[it['type']]}")
+                if it["type"] == "text":
+                    continue
+                for p in it[it["type"]] if isinstance(it[it["type"]], list) else [it[it["type"]]]:
+                    if not os.path.isfile(p):
+                        raise DataError(f"{it['type']} file not found: {p}")
         return self.proc.count_tokens(msgs)
 
     def encode(self, messages, root: str, *, prompt_only: bool = False) -> Encoded:
@@ -236,11 +240,27 @@ class ChatEncoder:
                        video_grid_thw=vid_grid)
 
 
-def _resolve(root: str, p: str) -> str:
+def _resolve(root: str, p: str | list, allow_outside_root: bool = False) -> str | list:
+    """A dataset media path (or frame-path list) -> path under `root`.
+
+    Relative paths are joined to the root. Unless `allow_outside_root`, a path that leaves the root lexically
+    (absolute, `file:///...`, or `..` past the root) is a DataError raised before the file system is touched, so a
+    dataset can neither read nor probe files elsewhere (the message is the same whether the file exists or not).
+    Symlinks inside the root are followed: whoever can place files under the root chooses what they hold anyway
+    (and the Hugging Face cache lays datasets out as symlinks into its blob store).
+    """
     from model.processing import local_path
 
+    if isinstance(p, list):
+        return [_resolve(root, q, allow_outside_root) for q in p]
     p = local_path(p)
-    return p if os.path.isabs(p) else os.path.join(root, p)
+    full = os.path.join(root, p)  # an absolute p replaces root
+    if not allow_outside_root:
+        base = os.path.normpath(os.path.abspath(root))
+        if os.path.commonpath([base, os.path.normpath(os.path.abspath(full))]) != base:
+            raise DataError(f"media path {p!r} is outside the dataset root (absolute or '..'); set "
+                            f"data.allow_outside_root=true to read media from anywhere")
+    return full
 
 
 # ----------------------------------------------------------------------------------------------- dataset
