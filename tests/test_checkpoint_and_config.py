@@ -207,3 +207,51 @@ def test_scaled_rope_matches_transformers(rope):
     oc, os_ = TextRotary(ours_cfg.text)(pos, torch.float32)
     torch.testing.assert_close(oc, rc, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(os_, rs, rtol=1e-6, atol=1e-6)
+
+
+def _rewrite_header(path, edit):
+    """Edit a safetensors file's JSON header in place (the tensor bytes after it are kept as they are)."""
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    edit({k: v for k, v in header.items() if k != "__metadata__"})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("damage", ["overlap", "negative", "past-end", "short", "dtype"])
+def test_tampered_safetensors_header_is_refused(ckpt, tmp_path, damage):
+    """Offsets that alias another tensor, lie outside the data or do not match the shape are refused, not loaded."""
+    d, index = _copy(ckpt, tmp_path)
+    shard = d / sorted(set(index["weight_map"].values()))[0]
+
+    def edit(h):
+        names = sorted(h, key=lambda k: h[k]["data_offsets"][0])
+        a, b = h[names[0]], h[names[1]]
+        if damage == "overlap":        # b's bytes start inside a's: two tensors alias the same memory
+            b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]
+        elif damage == "negative":
+            a["data_offsets"] = [-8, a["data_offsets"][1]]
+        elif damage == "past-end":
+            b["data_offsets"] = [b["data_offsets"][0], b["data_offsets"][1] + 10**9]
+        elif damage == "short":        # fewer bytes than the shape needs
+            a["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][1] - 4]
+        else:
+            a["dtype"] = "F64"
+
+    _rewrite_header(shard, edit)
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_pretrained(d)
+
+
+@pytest.mark.parametrize("bad", [["model-00001-of-00002.safetensors"], None, 3, "/etc/passwd", "../../etc/passwd"])
+def test_malformed_shard_index_entries_are_refused(ckpt, tmp_path, bad):
+    d, index = _copy(ckpt, tmp_path)
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = bad
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        load_pretrained(d)
