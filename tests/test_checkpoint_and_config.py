@@ -255,3 +255,53 @@ def test_malformed_shard_index_entries_are_refused(ckpt, tmp_path, bad):
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
         load_pretrained(d)
+
+
+def _set(*path_and_value):
+    *path, key, value = path_and_value
+
+    def mutate(d):
+        for p in path:
+            d = d[p]
+        d[key] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_set("tie_word_embeddings", "false"), r"tie_word_embeddings must be a bool \(true / false\), got str 'false'"),
+    (_set("text_config", "tie_word_embeddings", 0), r"text_config.tie_word_embeddings must be a bool \(true / false\), got int"),
+    (_set("text_config", "rms_norm_eps", -1), r"text_config.rms_norm_eps must be > 0, got -1"),
+    (_set("text_config", "rms_norm_eps", "1e-6"), r"text_config.rms_norm_eps must be a number, got str"),
+    (_set("text_config", "hidden_size", "128"), r"text_config.hidden_size must be an int, got str '128'"),
+    (_set("text_config", "num_hidden_layers", 0), r"text_config.num_hidden_layers must be >= 1, got 0"),
+    (_set("text_config", "vocab_size", 1.5e5), r"text_config.vocab_size must be an int, got float"),
+    (_set("text_config", "attention_bias", "no"), r"text_config.attention_bias must be a bool"),
+    (_set("text_config", "rope_theta", "5e6"), r"rope_theta must be a number, got str"),
+    (_set("text_config", "rope_theta", -1.0), r"rope.theta must be > 0"),
+    (_set("text_config", "rope_scaling", "mrope_section", [24, 20, "20"]), r"mrope_section must be a list of ints"),
+    (_set("vision_config", "depth", True), r"vision_config.depth must be an int, got bool"),
+    (_set("vision_config", "patch_size", -16), r"vision_config.patch_size must be >= 1"),
+    (_set("vision_config", "deepstack_visual_indexes", ["5", 11, 17]), r"deepstack_visual_indexes must be a list of ints"),
+    (_set("image_token_id", "151655"), r"image_token_id must be an int, got str"),
+    (_set("text_config", "max_position_embeddings", float("nan")), r"max_position_embeddings must be an int"),
+    (_set("vision_config", "initializer_range", float("inf")), r"vision_config.initializer_range must be finite"),
+], ids=["tie-str", "tie-int", "rms-eps-negative", "rms-eps-str", "hidden-size-str", "layers-0", "vocab-float", "attention-bias-str", "rope-theta-str", "rope-theta-negative", "mrope-section-str", "vision-depth-bool", "patch-size-negative", "deepstack-str", "image-token-str", "max-positions-nan", "initializer-inf"])
+def test_config_json_types_and_ranges_are_checked(mutate, message):
+    d = json.loads(json.dumps(V4_CONFIG_4B))
+    mutate(d)
+    with pytest.raises(ConfigError, match=message):
+        Qwen3VLConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_experts", "8", r"num_experts must be an int"), ("num_experts_per_tok", 2.5, r"num_experts_per_tok must be an int"),
+    ("router_aux_loss_coef", "0.1", r"router_aux_loss_coef must be a number")], ids=["experts-str", "top-k-float", "aux-coef-str"])
+def test_moe_config_json_types_are_checked(field, value, message):
+    d = json.loads(json.dumps(V4_CONFIG_4B))
+    d["model_type"] = "qwen3_vl_moe"
+    d["text_config"].update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, tie_word_embeddings=False)
+    d["tie_word_embeddings"] = False
+    Qwen3VLConfig.from_hf(d)  # valid as it is
+    d["text_config"][field] = value
+    with pytest.raises(ConfigError, match=message):
+        Qwen3VLConfig.from_hf(d)
