@@ -338,3 +338,15 @@ def test_a_batch_whose_samples_all_fail_to_load_is_dropped(data, tmp_path, monke
     res = train(small_config(data, tmp_path, train={"steps": 2}))
     assert [h["step"] for h in res["history"]] == [1, 2]
     assert res["dropped_batches"] == 1
+
+
+def test_resume_is_bit_exact_with_random_layers(data, tmp_path):
+    """LoRA dropout draws from the global RNG every step: a resumed run must draw the same masks."""
+    over = {"steps": 4, "save_every": 2, "mode": "lora", "lora": {"dropout": 0.1, "r": 4}}
+    full = train(small_config(data, tmp_path / "a", train=over))
+    part = train(small_config(data, tmp_path / "b", train={**over, "stop_after_steps": 2}))
+    rest = train(small_config(data, tmp_path / "b", train=over))
+    assert [h["step"] for h in rest["history"]] == [3, 4]
+    assert _losses(part) + _losses(rest) == _losses(full)
+    pa, pb = params_snapshot(full["model"]), params_snapshot(rest["model"])
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)

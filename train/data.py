@@ -480,8 +480,11 @@ class BatchStream:
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": self.prefetch, "persistent_workers": False}
+        # its own generator (worker seeds come from it): drawing from the global RNG here would shift every
+        # later random op (dropout) by one draw in a resumed run, which builds its loader at another step
+        gen = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
         loader = torch.utils.data.DataLoader(self.ds, batch_sampler=_ListSampler(mine), collate_fn=pack_samples,
-                                             num_workers=self.num_workers, **kw)
+                                             num_workers=self.num_workers, generator=gen, **kw)
         self._it = iter(loader)
 
     def __iter__(self):
