@@ -350,3 +350,21 @@ def test_resume_is_bit_exact_with_random_layers(data, tmp_path):
     assert _losses(part) + _losses(rest) == _losses(full)
     pa, pb = params_snapshot(full["model"]), params_snapshot(rest["model"])
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_resume_falls_back_past_a_corrupted_latest_checkpoint(data, tmp_path):
+    over = {"steps": 3, "save_every": 1, "keep_last": 3}
+    first = train(small_config(data, tmp_path, train=over))
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(root).name == "step-00000003"
+    p = root / "step-00000003" / "model.safetensors"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    again = train(small_config(data, tmp_path, train=over))            # resume=auto: step 3 fails its check
+    assert [h["step"] for h in again["history"]] == [3]
+    assert _losses(again) == _losses(first)[2:]
+    verify_checkpoint(root / "step-00000003")                          # rewritten by the resumed run
+    with pytest.raises(CheckpointError, match="state.json"):           # a checkpoint named explicitly: no fallback
+        (root / "step-00000002" / "state.json").write_text("{}")
+        train(small_config(data, tmp_path, train={**over, "resume": str(root / "step-00000002")}))

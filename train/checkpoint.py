@@ -117,6 +117,34 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return path
 
 
+def resume_checkpoint(ckpt_root: str | Path, log=print) -> Path | None:
+    """The newest checkpoint under `ckpt_root` that passes `verify_checkpoint`, or None when there is none.
+
+    `latest` names the first candidate, then every other step-* folder, newest first: a checkpoint corrupted after
+    it was written (a flipped bit, a truncated copy, a lost file) is reported through `log` and skipped, so the run
+    continues from the previous good one instead of stopping.
+    """
+    root = Path(ckpt_root)
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    try:
+        latest = latest_checkpoint(root)
+    except CheckpointError as e:
+        log(f"warning: {e}; looking for an older checkpoint")
+        latest = None
+    if latest is not None:
+        candidates = [latest] + [p for p in candidates if p != latest]
+    for p in candidates:
+        try:
+            verify_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint {p.name}: {e}")
+    if candidates:
+        raise CheckpointError(f"{root}: none of the {len(candidates)} checkpoint(s) passes its integrity check; "
+                              f"set train.resume=none to start over")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- state <-> files
 def _rng_state() -> tuple[dict, dict]:
     tensors = {"rng.torch": torch.get_rng_state()}
@@ -273,7 +301,7 @@ def _trainable_or_buffer_names(model) -> set[str]:
 
 
 def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    distributed: bool = False, restore_rng: bool = True) -> dict:
+                    distributed: bool = False, restore_rng: bool = True, verify: bool = True) -> dict:
     """Verify then restore a checkpoint written by `save_checkpoint`; returns its trainer_state dict.
 
     Args:
@@ -281,12 +309,17 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         model, optimizer: restored in place (optimizer may be None: weights only).
         distributed: FSDP2 model (sharded load through torch.distributed.checkpoint).
         restore_rng: also restore torch / CUDA / python / numpy RNG states.
+        verify: check the manifest first (False only right after `resume_checkpoint` verified this folder).
     Raises:
         CheckpointError for missing, truncated or corrupted files, or parameters that do not match the model.
     """
     folder = Path(folder)
-    verify_checkpoint(folder)
-    state = json.loads((folder / "state.json").read_text())
+    if verify:
+        verify_checkpoint(folder)
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {folder}: state.json is not valid JSON ({e})") from e
     if state.get("format") != "qwen3vl-lab-train-v1":
         raise CheckpointError(f"checkpoint {folder}: unknown format {state.get('format')!r}")
     if bool(state["distributed"]) != bool(distributed):

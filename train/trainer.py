@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from model.build import build_model
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
 from .data import (BatchStream, ChatEncoder, DataError, PackedBatchSampler, SFTDataset, count_label_tokens,
                    dataset_root)
@@ -53,11 +53,12 @@ def _data_paths(cfg: Config, rank: int, distributed: bool) -> tuple[str, str | N
     return train_path, val_path
 
 
-def _resume_from(cfg: Config, ckpt_root: Path) -> Path | None:
-    """The checkpoint to resume from: train.resume = auto (latest, if any) | none | <dir>."""
+def _resume_from(cfg: Config, ckpt_root: Path, rank: int) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, and whether it is verified already: train.resume = auto (the newest one
+    that passes its integrity check, if any) | none | <dir> (exactly that one)."""
     if cfg.train.resume == "auto":
-        return latest_checkpoint(ckpt_root)
-    return None if cfg.train.resume == "none" else Path(cfg.train.resume)
+        return resume_checkpoint(ckpt_root, log=print if rank == 0 else (lambda msg: None)), True
+    return (None if cfg.train.resume == "none" else Path(cfg.train.resume)), False
 
 
 def _prepare_model(model, cfg: Config, train_ds, fresh: bool, device) -> tuple[dict, dict | None]:
@@ -141,12 +142,12 @@ def train(cfg: Config) -> dict:
     encoder = ChatEncoder(processor, model.config, cfg.data)
     train_ds, val_ds = (SFTDataset(p, encoder, dataset_root(cfg.data, p), cfg.data.max_seq_len, cfg.data.on_error)
                         if p else None for p in (train_path, val_path))
-    resume_from = _resume_from(cfg, ckpt_root)
+    resume_from, verified = _resume_from(cfg, ckpt_root, rank)
     counts, warmup_result = _prepare_model(model, cfg, train_ds, fresh=resume_from is None, device=device)
     optimizer = build_optimizer(model, cfg.optim)
     start_step, position = 0, {"epoch": 0, "offset": 0}
     if resume_from is not None:
-        st = load_checkpoint(resume_from, model, optimizer, distributed=distributed)
+        st = load_checkpoint(resume_from, model, optimizer, distributed=distributed, verify=not verified)
         start_step, position = st["step"], st["position"]
 
     sampler = PackedBatchSampler(train_ds.lengths, cfg.data.token_budget, seed=cfg.train.seed,
