@@ -76,6 +76,17 @@ class DataConfig:
     system_prompt: Optional[str] = None
     ocr: OCRGenConfig = field(default_factory=OCRGenConfig)
 
+    def __post_init__(self):
+        for name in ("max_seq_len", "group_size", "prefetch_factor", "image_min_pixels", "video_min_pixels",
+                     "video_max_frames"):
+            _check(getattr(self, name) >= 1, f"data.{name}", getattr(self, name), ">= 1")
+        for name in ("num_workers", "max_samples_per_batch"):
+            _check(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), ">= 0")
+        for kind in ("image", "video"):
+            lo, hi = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+            _check(hi >= lo, f"data.{kind}_max_pixels", hi, f">= data.{kind}_min_pixels ({lo})")
+        _check(self.video_fps > 0, "data.video_fps", self.video_fps, "> 0")
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -95,6 +106,17 @@ class OptimConfig:
     module_lr: dict = field(default_factory=dict)
     fused: bool = False
 
+    def __post_init__(self):
+        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip"):
+            _check(getattr(self, name) >= 0, f"optim.{name}", getattr(self, name), ">= 0")
+        _check(self.eps > 0, "optim.eps", self.eps, "> 0")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+               "two values in [0, 1)")
+        for k, v in self.module_lr.items():
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"optim.module_lr.{k}", v,
+                   "a number >= 0")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -104,6 +126,10 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
     exclude_vision: bool = True      # match target_modules only inside the language model
+
+    def __post_init__(self):
+        _check(self.alpha > 0, "train.lora.alpha", self.alpha, "> 0")
+        _check(0 <= self.dropout < 1, "train.lora.dropout", self.dropout, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -166,6 +192,15 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     vision_warmup: VisionWarmupConfig = field(default_factory=VisionWarmupConfig)
+
+    def __post_init__(self):
+        # each of these would otherwise fail after step 1 (log_every), after all the training (eval_max_new_tokens)
+        # or be ignored without a word (negative counts)
+        for name in ("log_every", "eval_max_new_tokens"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
+        for name in ("eval_every", "eval_samples", "save_every", "keep_last", "max_time_s", "stop_after_steps",
+                     "num_threads", "aux_loss_coef"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
 
 
 @dataclass(frozen=True)
