@@ -372,3 +372,20 @@ def test_escape_characters_typed_in_text_round_trip(proc):
     ids = proc.process_conversation([{"role": "user", "content": text}], return_labels=False)["input_ids"]
     assert proc.tokenizer.decode(ids) == f"<|im_start|>user\n{text}<|im_end|>\n"
     assert ids.tolist().count(151645) == 1
+
+
+def test_16_bit_grayscale_png_is_scaled_not_saturated(tmp_path):
+    """PIL opens 16-bit grayscale PNGs as mode I;16 and convert('RGB') clips them at 255; they are scaled by
+    255 / 65535 instead (rounded), so a full ramp keeps its mean of ~127.5."""
+    from model.processing.image import load_image
+
+    rng = np.random.default_rng()
+    ramp = np.arange(256 * 256, dtype=np.uint16).reshape(256, 256)
+    noise = rng.integers(0, 65536, (37, 61), dtype=np.uint16)
+    for arr in (ramp, noise):
+        Image.fromarray(arr).save(tmp_path / "g16.png")
+        x = load_image(str(tmp_path / "g16.png"))
+        want = torch.from_numpy(np.round(arr.astype(np.float64) * 255 / 65535).astype(np.uint8))
+        assert x.shape == (3, *arr.shape) and x.dtype == torch.uint8
+        assert torch.equal(x[0], want) and torch.equal(x[1], want) and torch.equal(x[2], want)
+    assert abs(float(load_image(str(tmp_path / "g16.png")).float().mean()) - 127.5) < 2

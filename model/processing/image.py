@@ -22,11 +22,19 @@ from .patchify import patchify
 
 
 def _pil_to_rgb(img, name: str) -> np.ndarray:
-    """PIL image -> (H, W, 3) uint8, compositing transparency onto white (as transformers / qwen-vl-utils do)."""
+    """PIL image -> (H, W, 3) uint8, compositing transparency onto white (as transformers / qwen-vl-utils do).
+
+    16-bit grayscale (PIL modes I;16*, and I, PIL's 32-bit integer mode that 16-bit files also open as) is scaled
+    by 255 / 65535 and rounded; PIL's convert("RGB") would clip it at 255, turning most of any image white.
+    """
     from PIL import Image
 
     try:
         img.load()
+        if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+            wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+            gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535), integer arithmetic
+            return np.repeat(gray[..., None], 3, axis=-1)
         if "A" in img.getbands() or img.info.get("transparency") is not None:
             img = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
