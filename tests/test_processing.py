@@ -389,3 +389,46 @@ def test_16_bit_grayscale_png_is_scaled_not_saturated(tmp_path):
         assert x.shape == (3, *arr.shape) and x.dtype == torch.uint8
         assert torch.equal(x[0], want) and torch.equal(x[1], want) and torch.equal(x[2], want)
     assert abs(float(load_image(str(tmp_path / "g16.png")).float().mean()) - 127.5) < 2
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, whole chunk bytes) of a PNG after its signature."""
+    out, pos = [], 8
+    while pos < len(data):
+        n = int.from_bytes(data[pos:pos + 4], "big")
+        out.append((data[pos + 4:pos + 8], data[pos:pos + 12 + n]))
+        pos += 12 + n
+    return out
+
+
+def test_length_pass_reads_png_headers_only(tmp_path):
+    """`image_size` (what the up-front token count uses) reads a PNG's header and chunk list, never its pixels:
+    a file whose pixel data is garbage still reports its size; EXIF orientation is honoured wherever the eXIf
+    chunk sits (before the pixel data, or after it, where reading it needs the chunk list)."""
+    import zlib
+
+    from model.processing.image import image_size, load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6                                  # rotate 90: height and width swap
+    Image.fromarray(np.random.default_rng().integers(0, 256, (40, 90, 3), dtype=np.uint8)).save(
+        tmp_path / "rot.png", exif=exif)
+    data = (tmp_path / "rot.png").read_bytes()
+    chunks = _png_chunks(data)
+    assert [k for k, _ in chunks].index(b"eXIf") < [k for k, _ in chunks].index(b"IDAT")
+    assert image_size(tmp_path / "rot.png") == (90, 40) == tuple(load_image(str(tmp_path / "rot.png")).shape[1:])
+
+    # the same chunks with eXIf moved after the pixel data
+    ex = next(c for k, c in chunks if k == b"eXIf")
+    rest = [c for k, c in chunks if k != b"eXIf"]
+    (tmp_path / "late.png").write_bytes(data[:8] + b"".join(rest[:-1]) + ex + rest[-1])
+    assert image_size(tmp_path / "late.png") == (90, 40) == tuple(load_image(str(tmp_path / "late.png")).shape[1:])
+
+    # pixel data that cannot be decompressed: only decoding would notice
+    bad = b"\xde\xad\xbe\xef" * 64
+    idat = len(bad).to_bytes(4, "big") + b"IDAT" + bad + zlib.crc32(b"IDAT" + bad).to_bytes(4, "big")
+    (tmp_path / "garbage.png").write_bytes(data[:8] + b"".join(c for k, c in chunks if k == b"IHDR") + idat +
+                                           b"".join(c for k, c in chunks if k == b"IEND"))
+    assert image_size(tmp_path / "garbage.png") == (40, 90)
+    with pytest.raises(ValueError, match="cannot decode"):
+        load_image(str(tmp_path / "garbage.png"))

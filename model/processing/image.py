@@ -99,13 +99,48 @@ def load_image(image, name: str | None = None) -> torch.Tensor:
     return x.contiguous()
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_metadata_after_pixels(path: str) -> bool:
+    """Whether a PNG holds a metadata chunk (EXIF, text, XMP) after its first pixel-data chunk. Walks the chunk
+    list, seeking over each chunk's data: nothing is read or decompressed but 8 bytes per chunk."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return True  # not what PIL called PNG: let PIL decide
+        seen_pixels = False
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"IEND":
+                return False
+            if kind in (b"IDAT", b"fdAT"):
+                seen_pixels = True
+            elif seen_pixels and kind in _PNG_METADATA_CHUNKS:
+                return True
+            f.seek(length + 4, os.SEEK_CUR)  # data + CRC
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of an image file after EXIF orientation, read from its header (no pixel decoding)."""
+    """(height, width) of an image file after EXIF orientation, read from its header (no pixel decoding).
+
+    PIL's PNG `getexif()` decodes the whole image to reach metadata that may follow the pixel data (150 ms for an
+    A4 page); here the chunk list is walked instead, and the image is only loaded in the rare file that keeps its
+    metadata after the pixels, so that the orientation always equals what `load_image`'s exif_transpose applies.
+    """
     from PIL import Image
 
-    with Image.open(local_path(path)) as img:
+    path = local_path(path)
+    with Image.open(path) as img:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        if img.format == "PNG" and not _png_metadata_after_pixels(path):
+            exif = Image.Image.getexif(img)  # everything is in img.info already: the base class reads only that
+        else:
+            exif = img.getexif()
+        orientation = exif.get(0x0112, 1)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 swap the axes
 
 
