@@ -35,6 +35,27 @@ class NeedleConfig:
     question: str = "What is the secret number shown in one of the frames? Answer with the number only."
     extra: dict = field(default_factory=dict)  # options of tasks added later (conf/task/<name>.yaml)
 
+    def __post_init__(self):
+        """Values that would otherwise fail (or mean nothing) only after the model is built and the sweep started."""
+        from model.config import ConfigError
+
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        checks = [
+            ("lengths", self.lengths, len(self.lengths) > 0 and all(isinstance(n, int) and not isinstance(n, bool)
+                                                                    and n >= 1 for n in self.lengths),
+             "a non-empty list of ints >= 1"),
+            ("depths", self.depths, len(self.depths) > 0 and all(number(d) and 0 <= d <= 1 for d in self.depths),
+             "a non-empty list of numbers in [0, 1]"),
+            ("trials", self.trials, isinstance(self.trials, int) and self.trials >= 1, "an int >= 1"),
+            ("frame_size", self.frame_size, isinstance(self.frame_size, int) and self.frame_size >= 1, "an int >= 1"),
+            ("fps", self.fps, number(self.fps) and self.fps > 0, "a number > 0"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"config: needle.{name}={value!r} is invalid; expected {expected}")
+
 
 def run_needle(model, proc, cfg: NeedleConfig) -> dict:
     """Sweep lengths x depths; returns {"accuracy": [[...]], "tokens": [[...]], ...} and writes JSON + heatmap."""

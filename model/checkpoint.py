@@ -4,8 +4,10 @@
 Loading is strict (missing / unexpected / mis-shaped keys are named), builds the model on the meta device and
 streams tensors one at a time through `safetensors.safe_open`, converting each to the target dtype and device as it
 is read, so peak host memory stays near one copy of the weights in the target dtype (`scripts/measure_load_memory.py`
-measures it). Only safetensors are read: nothing is unpickled. Shard names in the index must stay inside the
-checkpoint directory.
+measures it). Only safetensors are read: nothing is unpickled. `safe_open` validates every header (offsets in
+order, contiguous, inside the file and matching each shape and dtype) before a byte is used, so a tampered
+header is a CheckpointError, never aliased or garbage weights; shard names in the index must be strings that stay
+inside the checkpoint directory (tests/test_checkpoint_and_config.py).
 
 MoE expert tensors exist in two on-disk layouts: the official release (`gate_up_proj` [E, H, 2I], `down_proj`
 [E, I, H], which is also our in-memory layout) and what transformers 5 `save_pretrained` writes ([E, 2I, H],
@@ -46,16 +48,20 @@ def _shard_files(path: Path) -> dict[str, list[str]]:
         try:
             index = json.loads((path / INDEX).read_text())
             weight_map = index["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{path / INDEX}: malformed index ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path / INDEX}: malformed index ({type(e).__name__}: {e})") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{path / INDEX}: weight_map must be an object, got {type(weight_map).__name__}")
         files: dict[str, list[str]] = defaultdict(list)
         for name, fname in weight_map.items():
+            if not isinstance(fname, str):
+                raise CheckpointError(f"{path / INDEX}: weight_map[{name!r}] must be a file name, got {fname!r}"[:300])
             files[fname].append(name)
         root = path.resolve()
         for fname in files:
             # a shard name is a file name relative to the checkpoint: refuse '../x', absolute paths and symlinks
             # that resolve elsewhere, so an index cannot make us read files outside the directory it describes
-            if not isinstance(fname, str) or not (path / fname).resolve().is_relative_to(root):
+            if not (path / fname).resolve().is_relative_to(root):
                 raise CheckpointError(f"{path / INDEX} names shard {fname!r}, which resolves outside {path}")
             if not (path / fname).is_file():
                 raise CheckpointError(f"{path / INDEX} names shard {fname}, which is missing from {path}")

@@ -8,7 +8,10 @@ layout back (which transformers 5 and vLLM both read). Presets mirror the releas
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,61 @@ ATTN_BACKENDS = ("torch", "triton", "flex")  # model/attention.py
 class ConfigError(ValueError):
     """A config we cannot represent faithfully: a config.json, a preset override, or a training config
     (`train/config.py`: unknown key, wrong type or bad value, named by its key path)."""
+
+
+def _what(v) -> str:
+    return f"{type(v).__name__} {v!r}"[:80]
+
+
+def _check_int_list(value, name: str) -> tuple[int, ...]:
+    """A JSON list (or tuple) of ints -> tuple; anything else (strings, floats, bools inside) is a ConfigError."""
+    if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+        raise ConfigError(f"{name} must be a list of ints, got {_what(value)}")
+    return tuple(value)
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _check_fields(obj, prefix: str, at_least_one: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+                  non_negative: tuple[str, ...] = ()):
+    """Every field holds its annotated type, and the named fields their range; ConfigError naming `prefix.field`.
+
+    JSON has no int / float / bool distinction that Python's duck typing respects (`bool("false")` is True,
+    `"128" * 2` is a string), so nothing is coerced: a bool is not an int, a string is not a number; an int in a
+    float field is widened to float, and floats must be finite.
+    """
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        t = hints[f.name]
+        args = typing.get_args(t)
+        if type(None) in args:
+            if v is None:
+                continue
+            t = next(a for a in args if a is not type(None))
+        if t is bool and not isinstance(v, bool):
+            raise ConfigError(f"{name} must be a bool (true / false), got {_what(v)}")
+        if t is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ConfigError(f"{name} must be an int, got {_what(v)}")
+        if t is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{name} must be a number, got {_what(v)}")
+            if not math.isfinite(v):
+                raise ConfigError(f"{name} must be finite, got {v!r}")
+            object.__setattr__(obj, f.name, float(v))
+        if t is str and not isinstance(v, str):
+            raise ConfigError(f"{name} must be a string, got {_what(v)}")
+        if typing.get_origin(t) is tuple:
+            object.__setattr__(obj, f.name, _check_int_list(v, name))
+    for names, ok, expected in ((at_least_one, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+                                (non_negative, lambda v: v >= 0, ">= 0")):
+        for n in names:
+            v = getattr(obj, n)
+            if v is not None and not ok(v):
+                raise ConfigError(f"{prefix}{n} must be {expected}, got {v!r}")
 
 
 # The label of positions the loss skips (PyTorch's cross_entropy default): written by the processor's labels and
@@ -50,7 +108,10 @@ class VisionConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        object.__setattr__(self, "deepstack_visual_indexes", tuple(int(i) for i in self.deepstack_visual_indexes))
+        _check_fields(self, "vision_config.", at_least_one=(
+            "depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "patch_size",
+            "temporal_patch_size", "spatial_merge_size", "in_channels", "num_position_embeddings"),
+            positive=("rope_theta",), non_negative=("initializer_range",))
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"vision_config.hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
@@ -101,7 +162,10 @@ class RopeConfig:
     truncate: bool = True
 
     def __post_init__(self):
-        object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
+        _check_fields(self, "text_config.rope.", at_least_one=("original_max_position_embeddings",),
+                      positive=("theta",))
+        if any(s < 0 for s in self.mrope_section):
+            raise ConfigError(f"mrope_section entries must be >= 0, got {self.mrope_section}")
         if self.layout not in ROTARY_LAYOUTS:
             raise ConfigError(f"rope layout {self.layout!r} not in {tuple(ROTARY_LAYOUTS)}")
         if self.rope_type not in ROPE_TYPES:
@@ -135,6 +199,14 @@ class TextConfig:
     moe: MoEConfig | None = None
 
     def __post_init__(self):
+        _check_fields(self, "text_config.", at_least_one=(
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings"),
+            positive=("rms_norm_eps",), non_negative=("initializer_range",))
+        if not isinstance(self.rope, RopeConfig):
+            raise ConfigError(f"text_config.rope must be a RopeConfig, got {_what(self.rope)}")
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ConfigError(f"text_config.moe must be a MoEConfig or None, got {_what(self.moe)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"text_config.num_attention_heads {self.num_attention_heads} not divisible by "
@@ -164,6 +236,10 @@ class Qwen3VLConfig:
     attn_backend: str = "torch"
 
     def __post_init__(self):
+        _check_fields(self, "")
+        for name, cls in (("vision", VisionConfig), ("text", TextConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}, got {_what(getattr(self, name))}")
         if self.attn_backend not in ATTN_BACKENDS:
             raise ConfigError(f"attn_backend {self.attn_backend!r} not in {ATTN_BACKENDS}")
         if self.vision.out_hidden_size != self.text.hidden_size:
@@ -281,14 +357,17 @@ def _rope_from_hf(t: dict, where: str) -> RopeConfig:
     theta = rp.get("rope_theta", t.get("rope_theta"))
     if theta is None:
         raise ConfigError(f"{where}: no rope_theta (neither top-level nor in rope_parameters)")
+    for src, key in ((rp, "rope_theta"), (t, "rope_theta")):
+        if key in src and (isinstance(src[key], bool) or not isinstance(src[key], (int, float))):
+            raise ConfigError(f"{where}: rope_theta must be a number, got {_what(src[key])}")
     if "rope_theta" in rp and "rope_theta" in t and float(rp["rope_theta"]) != float(t["rope_theta"]):
         raise ConfigError(f"{where}: rope_theta {t['rope_theta']} disagrees with rope_parameters {rp['rope_theta']}")
     if rp.get("partial_rotary_factor", 1.0) != 1.0 or t.get("partial_rotary_factor", 1.0) != 1.0:
         raise ConfigError(f"{where}: partial_rotary_factor != 1 is not part of Qwen3-VL")
     rope_type = rp.get("rope_type", rp.get("type", "default"))
-    kw = dict(theta=float(theta), layout=_layout_from_hf(rp, where), rope_type=rope_type)
+    kw = dict(theta=theta, layout=_layout_from_hf(rp, where), rope_type=rope_type)
     if rp.get("mrope_section") is not None:
-        kw["mrope_section"] = tuple(rp["mrope_section"])
+        kw["mrope_section"] = _check_int_list(rp["mrope_section"], "mrope_section")
     for k in ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
               "original_max_position_embeddings"):
         if rp.get(k) is not None:
@@ -299,6 +378,20 @@ def _rope_from_hf(t: dict, where: str) -> RopeConfig:
 
 
 def _from_hf(d: dict, where: str) -> Qwen3VLConfig:
+    """`_parse_hf` with every error a ConfigError that names the file."""
+    try:
+        if not isinstance(d, dict) or not all(isinstance(d.get(k, {}), dict) for k in ("text_config", "vision_config")):
+            raise ConfigError("the config and its text_config / vision_config must be JSON objects")
+        return _parse_hf(d, where)
+    except ConfigError as e:
+        if str(e).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, TypeError) as e:  # MoEConfig's own checks
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _parse_hf(d: dict, where: str) -> Qwen3VLConfig:
     mt = d.get("model_type", "qwen3_vl")
     if mt not in ("qwen3_vl", "qwen3_vl_moe"):
         raise ConfigError(f"{where}: model_type {mt!r} is not a Qwen3-VL model")
@@ -317,12 +410,18 @@ def _from_hf(d: dict, where: str) -> Qwen3VLConfig:
         vkw.setdefault("depth", v["num_hidden_layers"])
     vrp = v.get("rope_parameters") or {}
     if "rope_theta" in vrp:
-        vkw["rope_theta"] = float(vrp["rope_theta"])
+        vkw["rope_theta"] = vrp["rope_theta"]
+    if "deepstack_visual_indexes" in vkw:
+        vkw["deepstack_visual_indexes"] = _check_int_list(vkw["deepstack_visual_indexes"],
+                                                          "vision_config.deepstack_visual_indexes")
     vision = VisionConfig(**vkw)
 
     # text
     tie_top, tie_text = d.get("tie_word_embeddings"), t.get("tie_word_embeddings")
-    if tie_top is not None and tie_text is not None and bool(tie_top) != bool(tie_text):
+    for name, value in (("tie_word_embeddings", tie_top), ("text_config.tie_word_embeddings", tie_text)):
+        if value is not None and not isinstance(value, bool):  # bool("false") is True: a trained lm_head dropped
+            raise ConfigError(f"{where}: {name} must be a bool (true / false), got {_what(value)}")
+    if tie_top is not None and tie_text is not None and tie_top != tie_text:
         raise ConfigError(f"{where}: tie_word_embeddings is {tie_top} at top level but {tie_text} in text_config")
     tie = tie_top if tie_top is not None else (tie_text if tie_text is not None else False)
     tkw = {k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -339,12 +438,18 @@ def _from_hf(d: dict, where: str) -> Qwen3VLConfig:
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
             if k not in t:
                 raise ConfigError(f"{where}: MoE text_config lacks {k}")
-        moe = MoEConfig(num_experts=int(t["num_experts"]), num_experts_per_tok=int(t["num_experts_per_tok"]),
-                        moe_intermediate_size=int(t["moe_intermediate_size"]),
-                        decoder_sparse_step=int(t.get("decoder_sparse_step", 1)),
-                        mlp_only_layers=tuple(t.get("mlp_only_layers") or ()),
-                        router_aux_loss_coef=float(t.get("router_aux_loss_coef", 0.001)))
-    text = TextConfig(**tkw, tie_word_embeddings=bool(tie), rope=_rope_from_hf(t, f"{where}: text_config"), moe=moe)
+        for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "decoder_sparse_step"):
+            if k in t and (isinstance(t[k], bool) or not isinstance(t[k], int)):
+                raise ConfigError(f"{where}: text_config.{k} must be an int, got {_what(t[k])}")
+        coef = t.get("router_aux_loss_coef", 0.001)
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+            raise ConfigError(f"{where}: text_config.router_aux_loss_coef must be a number, got {_what(coef)}")
+        moe = MoEConfig(num_experts=t["num_experts"], num_experts_per_tok=t["num_experts_per_tok"],
+                        moe_intermediate_size=t["moe_intermediate_size"],
+                        decoder_sparse_step=t.get("decoder_sparse_step", 1),
+                        mlp_only_layers=_check_int_list(t.get("mlp_only_layers") or (), "text_config.mlp_only_layers"),
+                        router_aux_loss_coef=float(coef))
+    text = TextConfig(**tkw, tie_word_embeddings=tie, rope=_rope_from_hf(t, f"{where}: text_config"), moe=moe)
     kw = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
                             "attn_backend") if k in d}
     # eos / pad live in text_config (official files) or at the top level (some exports); eos may be a list

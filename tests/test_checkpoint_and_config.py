@@ -207,3 +207,101 @@ def test_scaled_rope_matches_transformers(rope):
     oc, os_ = TextRotary(ours_cfg.text)(pos, torch.float32)
     torch.testing.assert_close(oc, rc, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(os_, rs, rtol=1e-6, atol=1e-6)
+
+
+def _rewrite_header(path, edit):
+    """Edit a safetensors file's JSON header in place (the tensor bytes after it are kept as they are)."""
+    import struct
+
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    edit({k: v for k, v in header.items() if k != "__metadata__"})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+@pytest.mark.parametrize("damage", ["overlap", "negative", "past-end", "short", "dtype"])
+def test_tampered_safetensors_header_is_refused(ckpt, tmp_path, damage):
+    """Offsets that alias another tensor, lie outside the data or do not match the shape are refused, not loaded."""
+    d, index = _copy(ckpt, tmp_path)
+    shard = d / sorted(set(index["weight_map"].values()))[0]
+
+    def edit(h):
+        names = sorted(h, key=lambda k: h[k]["data_offsets"][0])
+        a, b = h[names[0]], h[names[1]]
+        if damage == "overlap":        # b's bytes start inside a's: two tensors alias the same memory
+            b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]
+        elif damage == "negative":
+            a["data_offsets"] = [-8, a["data_offsets"][1]]
+        elif damage == "past-end":
+            b["data_offsets"] = [b["data_offsets"][0], b["data_offsets"][1] + 10**9]
+        elif damage == "short":        # fewer bytes than the shape needs
+            a["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][1] - 4]
+        else:
+            a["dtype"] = "F64"
+
+    _rewrite_header(shard, edit)
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_pretrained(d)
+
+
+@pytest.mark.parametrize("bad", [["model-00001-of-00002.safetensors"], None, 3, "/etc/passwd", "../../etc/passwd"])
+def test_malformed_shard_index_entries_are_refused(ckpt, tmp_path, bad):
+    d, index = _copy(ckpt, tmp_path)
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = bad
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
+        load_pretrained(d)
+
+
+def _set(*path_and_value):
+    *path, key, value = path_and_value
+
+    def mutate(d):
+        for p in path:
+            d = d[p]
+        d[key] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_set("tie_word_embeddings", "false"), r"tie_word_embeddings must be a bool \(true / false\), got str 'false'"),
+    (_set("text_config", "tie_word_embeddings", 0), r"text_config.tie_word_embeddings must be a bool \(true / false\), got int"),
+    (_set("text_config", "rms_norm_eps", -1), r"text_config.rms_norm_eps must be > 0, got -1"),
+    (_set("text_config", "rms_norm_eps", "1e-6"), r"text_config.rms_norm_eps must be a number, got str"),
+    (_set("text_config", "hidden_size", "128"), r"text_config.hidden_size must be an int, got str '128'"),
+    (_set("text_config", "num_hidden_layers", 0), r"text_config.num_hidden_layers must be >= 1, got 0"),
+    (_set("text_config", "vocab_size", 1.5e5), r"text_config.vocab_size must be an int, got float"),
+    (_set("text_config", "attention_bias", "no"), r"text_config.attention_bias must be a bool"),
+    (_set("text_config", "rope_theta", "5e6"), r"rope_theta must be a number, got str"),
+    (_set("text_config", "rope_theta", -1.0), r"rope.theta must be > 0"),
+    (_set("text_config", "rope_scaling", "mrope_section", [24, 20, "20"]), r"mrope_section must be a list of ints"),
+    (_set("vision_config", "depth", True), r"vision_config.depth must be an int, got bool"),
+    (_set("vision_config", "patch_size", -16), r"vision_config.patch_size must be >= 1"),
+    (_set("vision_config", "deepstack_visual_indexes", ["5", 11, 17]), r"deepstack_visual_indexes must be a list of ints"),
+    (_set("image_token_id", "151655"), r"image_token_id must be an int, got str"),
+    (_set("text_config", "max_position_embeddings", float("nan")), r"max_position_embeddings must be an int"),
+    (_set("vision_config", "initializer_range", float("inf")), r"vision_config.initializer_range must be finite"),
+], ids=["tie-str", "tie-int", "rms-eps-negative", "rms-eps-str", "hidden-size-str", "layers-0", "vocab-float", "attention-bias-str", "rope-theta-str", "rope-theta-negative", "mrope-section-str", "vision-depth-bool", "patch-size-negative", "deepstack-str", "image-token-str", "max-positions-nan", "initializer-inf"])
+def test_config_json_types_and_ranges_are_checked(mutate, message):
+    d = json.loads(json.dumps(V4_CONFIG_4B))
+    mutate(d)
+    with pytest.raises(ConfigError, match=message):
+        Qwen3VLConfig.from_hf(d)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_experts", "8", r"num_experts must be an int"), ("num_experts_per_tok", 2.5, r"num_experts_per_tok must be an int"),
+    ("router_aux_loss_coef", "0.1", r"router_aux_loss_coef must be a number")], ids=["experts-str", "top-k-float", "aux-coef-str"])
+def test_moe_config_json_types_are_checked(field, value, message):
+    d = json.loads(json.dumps(V4_CONFIG_4B))
+    d["model_type"] = "qwen3_vl_moe"
+    d["text_config"].update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, tie_word_embeddings=False)
+    d["tie_word_embeddings"] = False
+    Qwen3VLConfig.from_hf(d)  # valid as it is
+    d["text_config"][field] = value
+    with pytest.raises(ConfigError, match=message):
+        Qwen3VLConfig.from_hf(d)

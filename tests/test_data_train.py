@@ -225,3 +225,121 @@ def test_character_error_rate():
     assert character_error_rate([""], ["abc"]) == 1.0
     with pytest.raises(ValueError):
         character_error_rate(["a"], [])
+
+
+def _png_header_only(path, width, height):
+    """A PNG whose header claims width x height pixels (grayscale) and whose data is one empty IDAT."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+
+
+def _frameless_mp4(path):
+    """An mp4 whose moov header lists 9 frames, cut right after it: no frame data at all."""
+    import av
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 80, 48, "yuv420p"
+        for _ in range(9):
+            for pkt in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8),
+                                                           format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    data = path.read_bytes()
+    path.write_bytes(data[:data.find(b"mdat") + 4])
+
+
+def test_every_bad_line_is_a_skipped_data_error(encoder, media, tmp_path):
+    _png_header_only(media / "bomb.png", 40000, 40000)          # 1.6 G pixels: PIL's decompression-bomb limit
+    _frameless_mp4(media / "frameless.mp4")
+    good = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]},
+                         {"role": "assistant", "content": "ok"}]}
+
+    def user(item):
+        return {"messages": [{"role": "user", "content": [item]}, {"role": "assistant", "content": "x"}]}
+
+    lines = [good,
+             user({"type": "image", "image": None}),                                   # 2: null media path
+             user({"type": "image", "image": 7}),                                      # 3: non-string path
+             user({"type": "video", "video": {"path": "v.mp4"}}),                      # 4
+             {"messages": ["just a string", {"role": "assistant", "content": "x"}]},   # 5: message is a string
+             {"conversations": ["human: hi", {"from": "gpt", "value": "x"}]},          # 6: turn is a string
+             {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},  # 7
+             user({"type": "image", "image": "bomb.png"}),                             # 8: decompression bomb
+             user({"type": "video", "video": "frameless.mp4"}),                        # 9: frames listed, none held
+             user({"type": "text", "text": None}),                                     # 10
+             {"messages": {"role": "user"}},                                           # 11
+             [1, 2],                                                                   # 12: not an object
+             good]
+    _write(tmp_path / "d.jsonl", lines)
+    ds = SFTDataset(str(tmp_path / "d.jsonl"), encoder, root=str(media), on_error="skip")
+    assert len(ds) == 2
+    assert [ln for ln, _ in ds.broken] == list(range(2, 13)), ds.broken
+    reasons = dict(ds.broken)
+    assert "image must be a non-empty path string" in reasons[2] and "int" in reasons[3]
+    assert "message 0 must be an object" in reasons[5] and "turn 0 must be an object" in reasons[6]
+    assert "DecompressionBombError" in reasons[8] and "0x0 is empty" in reasons[9]
+    for lineno in range(2, 13):
+        _write(tmp_path / "one.jsonl", [good, lines[lineno - 1]])
+        with pytest.raises(DataError, match=rf"one\.jsonl:2: "):
+            SFTDataset(str(tmp_path / "one.jsonl"), encoder, root=str(media), on_error="raise")
+
+
+def test_a_sample_that_fails_at_load_time_is_dropped_and_counted(encoder, media, tmp_path, monkeypatch):
+    recs = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"}]},
+                          {"role": "assistant", "content": str(i)}]} for i in range(3)]
+    _write(tmp_path / "d.jsonl", recs)
+    ds = SFTDataset(str(tmp_path / "d.jsonl"), encoder, root=str(media), on_error="skip")
+    real = type(encoder).encode
+
+    def encode(self, messages, root, **kw):
+        if messages[-1]["content"][0]["text"] == "1":
+            raise ZeroDivisionError("division by zero")     # any failure inside the media code
+        return real(self, messages, root, **kw)
+
+    monkeypatch.setattr(type(encoder), "encode", encode)
+    assert ds[1] is None and ds[0] is not None
+    assert pack_samples([ds[0], ds[1], ds[2]])["n_dropped"] == 1
+    strict = SFTDataset(str(tmp_path / "d.jsonl"), encoder, root=str(media), on_error="raise")
+    with pytest.raises(DataError, match=r"d\.jsonl:2: ZeroDivisionError"):
+        strict[1]
+
+
+def test_media_outside_the_dataset_root_are_refused_unless_allowed(media, tmp_path):
+    import dataclasses
+    import shutil
+
+    root = tmp_path / "ds"
+    (root / "sub").mkdir(parents=True)
+    shutil.copy(media / "a.png", root / "a.png")
+    shutil.copy(media / "a.png", tmp_path / "secret.png")      # exists, but outside the root
+    secret = str(tmp_path / "secret.png")
+
+    def rec(path):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": path}]},
+                             {"role": "assistant", "content": "x"}]}
+
+    outside = ["../secret.png", secret, "file://" + secret, "sub/../../secret.png", "../nothing-here.png",
+               str(tmp_path / "nothing-here.png")]
+    _write(root / "d.jsonl", [rec("a.png"), rec("sub/../a.png"), rec("file://a.png")] + [rec(p) for p in outside])
+    enc = ChatEncoder(load_processor(None), CFG, DATA)
+    ds = SFTDataset(str(root / "d.jsonl"), enc, on_error="skip")
+    assert len(ds) == 3
+    assert [ln for ln, _ in ds.broken] == [4, 5, 6, 7, 8, 9]
+    for _, reason in ds.broken:
+        assert "outside the dataset root" in reason and "allow_outside_root" in reason, reason
+        # whether the file exists is not revealed: the path is refused before anything is looked up
+        assert "not found" not in reason and "decode" not in reason
+    allowed = ChatEncoder(load_processor(None), CFG, dataclasses.replace(DATA, allow_outside_root=True))
+    ds = SFTDataset(str(root / "d.jsonl"), allowed, on_error="skip")
+    assert len(ds) == 7 and [ln for ln, _ in ds.broken] == [8, 9]
+    assert ds[3].pixel_values is not None

@@ -164,3 +164,17 @@ def test_task_group_selects_the_task(task, lengths, tmp_path):
     assert cfg.needle.task == task and task in TASKS and cfg.needle.lengths == lengths
     cfg = config_from_dict(OmegaConf.to_container(swept, resolve=True), EvalConfig)
     assert cfg.needle.lengths == (5, 7) and cfg.needle.out_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("lengths", (16, 0), r"needle.lengths"), ("lengths", (), r"needle.lengths"), ("lengths", (8.5,), r"needle.lengths"),
+    ("depths", (0.0, 1.5), r"needle.depths"), ("depths", (-0.1,), r"needle.depths"), ("depths", (), r"needle.depths"),
+    ("trials", 0, r"needle.trials"), ("fps", 0.0, r"needle.fps"), ("fps", -1.0, r"needle.fps"),
+    ("frame_size", 0, r"needle.frame_size")],
+    ids=["length-0", "no-lengths", "length-float", "depth-1.5", "depth-negative", "no-depths", "trials-0", "fps-0",
+         "fps-negative", "frame-size-0"])
+def test_needle_config_rejects_values_that_fail_late(field, value, message):
+    from model.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        NeedleConfig(**{field: value})

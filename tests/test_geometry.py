@@ -186,8 +186,11 @@ def test_file_scheme_is_stripped_everywhere(proc, videos, tmp_path):
     vid_uri = proc.process_video("file://" + videos["75x51-odd"])
     assert torch.equal(vid.pixel_values, vid_uri.pixel_values) and vid.timestamps == vid_uri.timestamps
     assert proc.plan_video("file://" + videos["75x51-odd"]).grid_thw == vid.grid_thw
-    # Dataset paths: file:// absolute paths stay absolute, relative ones join the dataset root.
-    assert _resolve("/data", "file://" + path) == path
+    # Dataset paths: file:// absolute paths stay absolute (when paths outside the root are allowed), relative
+    # ones join the dataset root.
+    assert _resolve("/data", "file://" + path, allow_outside_root=True) == path
+    with pytest.raises(ValueError, match="outside the dataset root"):
+        _resolve("/data", "file://" + path)
     assert _resolve("/data", "file://imgs/a.png") == os.path.join("/data", "imgs/a.png")
     assert _resolve("/data", "imgs/a.png") == os.path.join("/data", "imgs/a.png")
 

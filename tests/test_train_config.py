@@ -110,3 +110,43 @@ def test_unknown_keys_and_bad_values_fail_loudly():
         _compose(["+optim.module_lr.visoin=1e-5"])
     with pytest.raises(ValueError, match="unknown field model.text.hidden"):
         model_config(config_from_dict({"model": {"text": {"hidden": 3}}}).model)
+
+
+LATE_FAILURES = [
+    ("train.log_every=0", "train.log_every"),
+    ("train.eval_max_new_tokens=-1", "train.eval_max_new_tokens"),
+    ("train.eval_max_new_tokens=0", "train.eval_max_new_tokens"),
+    ("optim.warmup_steps=-1", "optim.warmup_steps"),
+    ("train.save_every=-2", "train.save_every"),
+    ("train.eval_every=-1", "train.eval_every"),
+    ("train.eval_samples=-1", "train.eval_samples"),
+    ("train.keep_last=-1", "train.keep_last"),
+    ("train.max_time_s=-5", "train.max_time_s"),
+    ("train.stop_after_steps=-1", "train.stop_after_steps"),
+    ("train.num_threads=-1", "train.num_threads"),
+    ("optim.lr=-0.001", "optim.lr"),
+    ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("optim.eps=0", "optim.eps"),
+    ("optim.betas=[0.9,1.0]", "optim.betas"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("train.lora.dropout=1.0", "train.lora.dropout"),
+    ("train.lora.alpha=0", "train.lora.alpha"),
+    ("data.max_seq_len=0", "data.max_seq_len"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.prefetch_factor=0", "data.prefetch_factor"),
+    ("data.group_size=0", "data.group_size"),
+    ("data.max_samples_per_batch=-1", "data.max_samples_per_batch"),
+    ("data.image_min_pixels=0", "data.image_min_pixels"),
+    ("data.image_max_pixels=100", "data.image_max_pixels"),
+    ("data.video_fps=0", "data.video_fps"),
+    ("data.video_max_frames=0", "data.video_max_frames"),
+]
+
+
+@pytest.mark.parametrize("override, key", LATE_FAILURES, ids=[o for o, _ in LATE_FAILURES])
+def test_values_that_would_fail_late_fail_at_startup(override, key):
+    """A value that crashes after step 1, after all the training, or silently does nothing fails when the config
+    is built, naming its key."""
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _compose([override])

@@ -270,3 +270,101 @@ def test_compiled_and_checkpointed_runs_match_eager(data, tmp_path, backend):
     fast = _losses(train(small_config(data, tmp_path / "fast", model=model, train={
         "steps": 3, "compile": True, "activation_checkpointing": True, "checkpoint_vision": False})))
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(base), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -1])
+def test_loss_chunk_size_must_be_positive(data, tmp_path, chunk):
+    from train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.loss_chunk_size"):
+        small_config(data, tmp_path, train={"loss_chunk_size": chunk})
+
+
+def _nan_at_step(monkeypatch, bad_steps: set[int]):
+    """Make the loss of the given optimizer steps (1-based) NaN, as an overflow or a bad sample would."""
+    import train.step as step_mod
+
+    real, calls = step_mod.forward_losses, {"n": 0}
+
+    def forward(model, batch, chunk, precision="fp32"):
+        losses, out = real(model, batch, chunk, precision)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in bad_steps:
+                losses = losses * float("nan")
+        return losses, out
+
+    monkeypatch.setattr(step_mod, "forward_losses", forward)
+
+
+def test_nonfinite_loss_stops_training_before_anything_is_saved(data, tmp_path, monkeypatch):
+    from train.step import NonFiniteError
+
+    _nan_at_step(monkeypatch, {3})
+    cfg = small_config(data, tmp_path, train={"steps": 4, "save_every": 1, "export": True})
+    with pytest.raises(NonFiniteError, match="step 3"):
+        train(cfg)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step-00000002"   # the last good one
+    assert not (tmp_path / "final").exists()
+
+
+def test_nonfinite_step_is_skipped_when_configured(data, tmp_path, monkeypatch):
+    _nan_at_step(monkeypatch, {2})
+    cfg = small_config(data, tmp_path, train={"steps": 3, "export": True, "on_nonfinite": "skip"})
+    res = train(cfg)
+    assert [h.get("skipped", False) for h in res["history"]] == [False, True, False]
+    m = load_pretrained(res["final_dir"])
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_a_batch_whose_samples_all_fail_to_load_is_dropped(data, tmp_path, monkeypatch):
+    import train.data as data_mod
+
+    failing = {"on": True}
+    real_encode, real_pack = ChatEncoder.encode, data_mod.pack_samples
+
+    def encode(self, messages, root, **kw):
+        if failing["on"] and not kw.get("prompt_only"):
+            raise OSError("unreadable media")                 # every sample of the first micro-batch
+        return real_encode(self, messages, root, **kw)
+
+    def pack(samples):
+        out = real_pack(samples)
+        failing["on"] = False
+        return out
+
+    monkeypatch.setattr(ChatEncoder, "encode", encode)
+    monkeypatch.setattr(data_mod, "pack_samples", pack)
+    res = train(small_config(data, tmp_path, train={"steps": 2}))
+    assert [h["step"] for h in res["history"]] == [1, 2]
+    assert res["dropped_batches"] == 1
+
+
+def test_resume_is_bit_exact_with_random_layers(data, tmp_path):
+    """LoRA dropout draws from the global RNG every step: a resumed run must draw the same masks."""
+    over = {"steps": 4, "save_every": 2, "mode": "lora", "lora": {"dropout": 0.1, "r": 4}}
+    full = train(small_config(data, tmp_path / "a", train=over))
+    part = train(small_config(data, tmp_path / "b", train={**over, "stop_after_steps": 2}))
+    rest = train(small_config(data, tmp_path / "b", train=over))
+    assert [h["step"] for h in rest["history"]] == [3, 4]
+    assert _losses(part) + _losses(rest) == _losses(full)
+    pa, pb = params_snapshot(full["model"]), params_snapshot(rest["model"])
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+
+
+def test_resume_falls_back_past_a_corrupted_latest_checkpoint(data, tmp_path):
+    over = {"steps": 3, "save_every": 1, "keep_last": 3}
+    first = train(small_config(data, tmp_path, train=over))
+    root = tmp_path / "checkpoints"
+    assert latest_checkpoint(root).name == "step-00000003"
+    p = root / "step-00000003" / "model.safetensors"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    again = train(small_config(data, tmp_path, train=over))            # resume=auto: step 3 fails its check
+    assert [h["step"] for h in again["history"]] == [3]
+    assert _losses(again) == _losses(first)[2:]
+    verify_checkpoint(root / "step-00000003")                          # rewritten by the resumed run
+    with pytest.raises(CheckpointError, match="state.json"):           # a checkpoint named explicitly: no fallback
+        (root / "step-00000002" / "state.json").write_text("{}")
+        train(small_config(data, tmp_path, train={**over, "resume": str(root / "step-00000002")}))

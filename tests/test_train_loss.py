@@ -71,3 +71,24 @@ def test_chunked_ce_fused_cuda_matches_reference(dtype):
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(gh.float(), h32.grad, **tol)
     torch.testing.assert_close(gw.float(), w32.grad, **tol)
+
+
+@pytest.mark.parametrize("chunk", [0, -4])
+def test_chunked_ce_rejects_nonpositive_chunk_size(chunk):
+    h, w = torch.randn(5, 8), torch.randn(11, 8)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_cross_entropy(h, w, torch.randint(0, 11, (5,)), chunk)
+
+
+def test_export_refuses_nonfinite_weights(tmp_path):
+    from model import Qwen3VL, preset
+    from train.config import Config
+    from train.export import export
+
+    torch.manual_seed(0)
+    m = Qwen3VL(preset("tiny"))
+    with torch.no_grad():
+        m.model.language_model.norm.weight[0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        export(m, tmp_path / "final", Config())
+    assert not (tmp_path / "final" / "model.safetensors").exists()

@@ -5,14 +5,17 @@ Layout under `<out_dir>/checkpoints/`:
         model.safetensors       trainable parameters + buffers (single process)
         optim.safetensors       optimizer tensors, keys `state.<param index>.<name>`
         state.json              step, data position, optimizer param_groups and scalars, RNG states, config
-        dcp/                    instead of the two .safetensors files under FSDP2: torch.distributed.checkpoint
+        sharded/                instead of the two .safetensors files under FSDP2: torch.distributed.checkpoint
+                                planned, stored as one safetensors file per rank + metadata.json
+                                (train/sharded_storage.py); optimizer scalars and param_groups go to state.json
         manifest.json           size + sha256 of every other file (written last inside the folder)
     latest                  text file naming the newest complete checkpoint (replaced last, atomically)
 
 A checkpoint is written into a hidden temp folder, every file fsync'ed, the folder renamed into place, then
 `latest` replaced with os.replace; a crash at any point leaves the previous checkpoint and pointer intact.
 Loading checks the manifest first, so a truncated or corrupted file fails with a `CheckpointError` naming it.
-No pickle anywhere: tensors in safetensors / DCP, metadata in JSON.
+No pickle anywhere: tensors in safetensors, metadata in JSON; nothing read from a checkpoint folder is unpickled
+(DCP's default storage would unpickle its `.metadata`, so sharded state uses train/sharded_storage.py instead).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from model.checkpoint import CheckpointError  # one error class for model and tr
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+SHARDED = "sharded"  # FSDP2 state: train/sharded_storage.py
 
 
 # ----------------------------------------------------------------------------------------------- integrity
@@ -111,6 +115,34 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"{ptr} names {name!r}, which does not exist")
     return path
+
+
+def resume_checkpoint(ckpt_root: str | Path, log=print) -> Path | None:
+    """The newest checkpoint under `ckpt_root` that passes `verify_checkpoint`, or None when there is none.
+
+    `latest` names the first candidate, then every other step-* folder, newest first: a checkpoint corrupted after
+    it was written (a flipped bit, a truncated copy, a lost file) is reported through `log` and skipped, so the run
+    continues from the previous good one instead of stopping.
+    """
+    root = Path(ckpt_root)
+    candidates = sorted((p for p in root.glob("step-*") if p.is_dir()), reverse=True)
+    try:
+        latest = latest_checkpoint(root)
+    except CheckpointError as e:
+        log(f"warning: {e}; looking for an older checkpoint")
+        latest = None
+    if latest is not None:
+        candidates = [latest] + [p for p in candidates if p != latest]
+    for p in candidates:
+        try:
+            verify_checkpoint(p)
+            return p
+        except CheckpointError as e:
+            log(f"warning: skipping checkpoint {p.name}: {e}")
+    if candidates:
+        raise CheckpointError(f"{root}: none of the {len(candidates)} checkpoint(s) passes its integrity check; "
+                              f"set train.resume=none to start over")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- state <-> files
@@ -203,13 +235,15 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, op
         import torch.distributed as dist
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
+        from .sharded_storage import SafetensorsWriter
 
         dist.barrier()
         msd, osd = get_state_dict(model, optimizer)
         msd = {k: v for k, v in msd.items() if k in _trainable_or_buffer_names(model)}
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        o_tensors, optim_meta = _split_sharded_optim(osd)
+        dcp.save({"model": msd, "optim": o_tensors}, checkpoint_id=str(tmp / SHARDED),
+                 storage_writer=SafetensorsWriter(tmp / SHARDED))
         dist.barrier()
-        optim_meta = None
     else:
         save_file({k: v.contiguous().cpu() for k, v in model_state(model).items()}, str(tmp / "model.safetensors"))
         o_tensors, optim_meta = _optim_to_files(optimizer)
@@ -239,13 +273,35 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: torch.nn.Module, op
     return final
 
 
+def _split_sharded_optim(osd: dict) -> tuple[dict, dict]:
+    """An FSDP optimizer state dict -> ({"state": {fqn: {name: tensor}}} for DCP, JSON: param_groups and scalars)."""
+    tensors, scalars = {}, {}
+    for fqn, st in osd.get("state", {}).items():
+        for k, v in st.items():
+            (tensors if torch.is_tensor(v) else scalars).setdefault(fqn, {})[k] = v
+    return {"state": tensors}, {"param_groups": osd.get("param_groups", []), "scalars": scalars}
+
+
+def _join_sharded_optim(tensors: dict, meta: dict, current: dict) -> dict:
+    """Inverse of `_split_sharded_optim`; `current` (the live optimizer's state dict) restores JSON's lost tuples."""
+    state = {fqn: dict(st) for fqn, st in tensors["state"].items()}
+    for fqn, st in meta["scalars"].items():
+        state.setdefault(fqn, {}).update(st)
+    groups = [dict(g) for g in meta["param_groups"]]
+    for g, g0 in zip(groups, current.get("param_groups", [])):
+        for k, v in g.items():
+            if isinstance(g0.get(k), tuple):
+                g[k] = tuple(v)
+    return {"state": state, "param_groups": groups}
+
+
 def _trainable_or_buffer_names(model) -> set[str]:
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     return names | {n for n, _ in model.named_buffers()}
 
 
 def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    distributed: bool = False, restore_rng: bool = True) -> dict:
+                    distributed: bool = False, restore_rng: bool = True, verify: bool = True) -> dict:
     """Verify then restore a checkpoint written by `save_checkpoint`; returns its trainer_state dict.
 
     Args:
@@ -253,12 +309,17 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         model, optimizer: restored in place (optimizer may be None: weights only).
         distributed: FSDP2 model (sharded load through torch.distributed.checkpoint).
         restore_rng: also restore torch / CUDA / python / numpy RNG states.
+        verify: check the manifest first (False only right after `resume_checkpoint` verified this folder).
     Raises:
         CheckpointError for missing, truncated or corrupted files, or parameters that do not match the model.
     """
     folder = Path(folder)
-    verify_checkpoint(folder)
-    state = json.loads((folder / "state.json").read_text())
+    if verify:
+        verify_checkpoint(folder)
+    try:
+        state = json.loads((folder / "state.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {folder}: state.json is not valid JSON ({e})") from e
     if state.get("format") != "qwen3vl-lab-train-v1":
         raise CheckpointError(f"checkpoint {folder}: unknown format {state.get('format')!r}")
     if bool(state["distributed"]) != bool(distributed):
@@ -266,15 +327,32 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
                               f"loading with distributed={distributed}; use the same parallel.strategy")
     if distributed:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                           set_model_state_dict, set_state_dict)
 
-        msd, osd = get_state_dict(model, optimizer)
+        from .sharded_storage import SafetensorsReader
+
+        if not (folder / SHARDED).is_dir():
+            raise CheckpointError(f"checkpoint {folder}: no {SHARDED}/ folder" + (
+                " (its dcp/ folder is the old layout, whose metadata is a pickle; it is not loaded: nothing read "
+                "from a checkpoint is unpickled)" if (folder / "dcp").exists() else ""))
+        if optimizer is not None:
+            msd, osd = get_state_dict(model, optimizer)
+        else:
+            msd, osd = get_model_state_dict(model), {}
         msd = {k: v for k, v in msd.items() if k in _trainable_or_buffer_names(model)}
-        sd = {"model": msd, "optim": osd}
-        dcp.load(sd, checkpoint_id=str(folder / "dcp"))  # raises if a requested key is not in the checkpoint
+        o_tensors, _ = _split_sharded_optim(osd)
+        sd = {"model": msd, "optim": o_tensors} if optimizer is not None else {"model": msd}
+        # DCP plans which saved chunks each rank's shards need (any world size); the reader copies them from
+        # safetensors. Raises if a requested key is not in the checkpoint.
+        dcp.load(sd, checkpoint_id=str(folder / SHARDED), storage_reader=SafetensorsReader(folder / SHARDED))
         # non-strict: frozen parameters (and a tied lm_head alias) are not in the checkpoint by design
-        set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                       options=StateDictOptions(strict=False))
+        options = StateDictOptions(strict=False)
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=sd["model"], options=options,
+                           optim_state_dict=_join_sharded_optim(sd["optim"], state["optim"], osd))
+        else:
+            set_model_state_dict(model, sd["model"], options=options)
     else:
         tensors = load_file(str(folder / "model.safetensors"))
         expected = model_state(model)

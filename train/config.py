@@ -49,6 +49,7 @@ class DataConfig:
 
     Args:
         train / val: JSONL paths; `root`: media root (default: each file's directory).
+        allow_outside_root: read media paths that leave `root` (absolute, file:///, '..'); refused by default.
         token_budget: packed tokens per micro-batch (one packed row, B=1, cu_seqlens).
         max_seq_len: a sample longer than this is a broken sample (skipped or fatal by `on_error`).
         image_min_pixels / image_max_pixels: per-image pixel budget (smart_resize); video_* likewise for all frames.
@@ -56,6 +57,7 @@ class DataConfig:
     train: Optional[str] = None
     val: Optional[str] = None
     root: Optional[str] = None
+    allow_outside_root: bool = False  # media paths outside `root` (absolute, file:///, '..') are refused unless true
     token_budget: int = 2048
     max_seq_len: int = 2048
     max_samples_per_batch: int = 0   # 0 = no limit
@@ -73,6 +75,17 @@ class DataConfig:
     video_max_frames: int = 64
     system_prompt: Optional[str] = None
     ocr: OCRGenConfig = field(default_factory=OCRGenConfig)
+
+    def __post_init__(self):
+        for name in ("max_seq_len", "group_size", "prefetch_factor", "image_min_pixels", "video_min_pixels",
+                     "video_max_frames"):
+            _check(getattr(self, name) >= 1, f"data.{name}", getattr(self, name), ">= 1")
+        for name in ("num_workers", "max_samples_per_batch"):
+            _check(getattr(self, name) >= 0, f"data.{name}", getattr(self, name), ">= 0")
+        for kind in ("image", "video"):
+            lo, hi = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
+            _check(hi >= lo, f"data.{kind}_max_pixels", hi, f">= data.{kind}_min_pixels ({lo})")
+        _check(self.video_fps > 0, "data.video_fps", self.video_fps, "> 0")
 
 
 @dataclass(frozen=True)
@@ -93,6 +106,17 @@ class OptimConfig:
     module_lr: dict = field(default_factory=dict)
     fused: bool = False
 
+    def __post_init__(self):
+        for name in ("lr", "weight_decay", "warmup_steps", "grad_clip"):
+            _check(getattr(self, name) >= 0, f"optim.{name}", getattr(self, name), ">= 0")
+        _check(self.eps > 0, "optim.eps", self.eps, "> 0")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+               "two values in [0, 1)")
+        for k, v in self.module_lr.items():
+            _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"optim.module_lr.{k}", v,
+                   "a number >= 0")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -102,6 +126,10 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
     exclude_vision: bool = True      # match target_modules only inside the language model
+
+    def __post_init__(self):
+        _check(self.alpha > 0, "train.lora.alpha", self.alpha, "> 0")
+        _check(0 <= self.dropout < 1, "train.lora.dropout", self.dropout, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -147,7 +175,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     checkpoint_vision: bool = True   # with activation_checkpointing: also the vision blocks (False: faster, more memory)
     compile: bool = False            # torch.compile each vision block and decoder layer (train.parallel.apply_compile)
-    loss_chunk_size: int = 1024      # tokens per lm_head chunk in the chunked cross-entropy
+    loss_chunk_size: int = 1024      # tokens per lm_head chunk in the chunked cross-entropy (>= 1)
+    on_nonfinite: str = "raise"      # a NaN / inf loss or gradient: raise (stop, nothing saved) | skip (no update)
     aux_loss_coef: float = 0.001     # MoE load-balancing loss weight (models with experts)
     log_every: int = 10
     eval_every: int = 0              # 0: only at the end
@@ -163,6 +192,15 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     vision_warmup: VisionWarmupConfig = field(default_factory=VisionWarmupConfig)
+
+    def __post_init__(self):
+        # each of these would otherwise fail after step 1 (log_every), after all the training (eval_max_new_tokens)
+        # or be ignored without a word (negative counts)
+        for name in ("log_every", "eval_max_new_tokens"):
+            _check(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), ">= 1")
+        for name in ("eval_every", "eval_samples", "save_every", "keep_last", "max_time_s", "stop_after_steps",
+                     "num_threads", "aux_loss_coef"):
+            _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), ">= 0")
 
 
 @dataclass(frozen=True)
@@ -200,6 +238,8 @@ class Config:
                "auto | bf16 | fp32")
         _check(self.train.device in ("auto", "cpu", "cuda"), "train.device", self.train.device, "auto|cpu|cuda")
         _check(self.data.on_error in ("skip", "raise"), "data.on_error", self.data.on_error, "skip | raise")
+        _check(self.train.on_nonfinite in ("skip", "raise"), "train.on_nonfinite", self.train.on_nonfinite,
+               "skip | raise")
         _check(self.parallel.strategy in ("none", "fsdp"), "parallel.strategy", self.parallel.strategy,
                "none | fsdp")
         _check(self.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
@@ -211,7 +251,8 @@ class Config:
         for k in self.optim.module_lr:
             _check(k in FREEZE_GROUPS + ("lora",), "optim.module_lr", k, f"keys in {FREEZE_GROUPS + ('lora',)}")
         for name, v in (("train.steps", self.train.steps), ("train.grad_accum", self.train.grad_accum),
-                        ("data.token_budget", self.data.token_budget), ("train.lora.r", self.train.lora.r)):
+                        ("data.token_budget", self.data.token_budget), ("train.lora.r", self.train.lora.r),
+                        ("train.loss_chunk_size", self.train.loss_chunk_size)):
             _check(v >= 1, name, v, ">= 1")
         _check(self.data.max_seq_len <= self.data.token_budget, "data.max_seq_len", self.data.max_seq_len,
                f"<= data.token_budget ({self.data.token_budget}): a sample must fit in one packed batch")

@@ -40,52 +40,83 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- formats
+def _media_value(kind: str, value, where: str):
+    """A media reference as the JSONL gives it: a path string (a video may also be a list of frame paths)."""
+    if isinstance(value, str) and value:
+        return value
+    if kind == "video" and isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    expected = "a non-empty path string" + (" or a list of frame paths" if kind == "video" else "")
+    raise DataError(f"{where}: {kind} must be {expected}, got {type(value).__name__} {str(value)[:60]!r}")
+
+
 def to_messages(record: dict) -> list[dict]:
     """Normalise one JSONL record to a list of {"role", "content": [items]} messages.
 
     Args:
         record: a `messages` record or a LLaVA `conversations` record.
     Raises:
-        DataError on unknown layouts, roles or a tag / media count mismatch.
+        DataError on unknown layouts, roles, a value of the wrong type or a tag / media count mismatch.
     """
+    if not isinstance(record, dict):
+        raise DataError(f"a line must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
         msgs = record["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError("'messages' must be a non-empty list")
         out = []
-        for m in msgs:
+        for n, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise DataError(f"message {n} must be an object with 'role' and 'content', got {type(m).__name__}")
             role = m.get("role")
             if role not in ROLES:
                 raise DataError(f"unknown role {role!r} (expected one of {ROLES})")
             content = m.get("content", "")
             if isinstance(content, str):
                 content = [{"type": "text", "text": content}]
+            if not isinstance(content, list):
+                raise DataError(f"message {n}: content must be a string or a list, got {type(content).__name__}")
             items = []
             for it in content:
                 if not isinstance(it, dict):
                     raise DataError(f"content item {it!r} is not an object")
                 kind = it.get("type") or next((k for k in ("image", "video", "text") if k in it), None)
                 if kind == "image_url":
-                    kind, it = "image", {"image": it["image_url"]["url"] if isinstance(it["image_url"], dict)
-                                         else it["image_url"]}
+                    url = it.get("image_url")
+                    kind, it = "image", {"image": url.get("url") if isinstance(url, dict) else url}
                 if kind not in ("image", "video", "text"):
                     raise DataError(f"unknown content item type {kind!r}")
                 if kind != "text" and role != "user":
                     raise DataError(f"{kind} in a {role} turn (media are only supported in user turns)")
-                items.append({"type": kind, kind: it[kind]})
+                if kind == "text":
+                    if not isinstance(it.get("text"), str):
+                        raise DataError(f"message {n}: text item needs a string 'text', got {it.get('text')!r}")
+                    value = it["text"]
+                else:
+                    value = _media_value(kind, it.get(kind), f"message {n}")
+                items.append({"type": kind, kind: value})
             out.append({"role": role, "content": items})
         return out
     if "conversations" in record:
         media = {k: record.get(k) for k in ("image", "video")}
-        media = {k: ([] if v is None else [v] if isinstance(v, str) else list(v)) for k, v in media.items()}
+        # one path, or a list of them (one per tag); anything else fails in _media_value
+        media = {k: ([] if v is None else list(v) if isinstance(v, list) else [v]) for k, v in media.items()}
+        media = {k: [_media_value(k, v, f"'{k}' entry") for v in vs] for k, vs in media.items()}
         used = {"image": 0, "video": 0}
         out = []
-        for turn in record["conversations"]:
-            role = _LLAVA_ROLES.get(turn.get("from"))
+        if not isinstance(record["conversations"], list):
+            raise DataError("'conversations' must be a list")
+        for n, turn in enumerate(record["conversations"]):
+            if not isinstance(turn, dict):
+                raise DataError(f"turn {n} must be an object with 'from' and 'value', got {type(turn).__name__}")
+            role = _LLAVA_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
             if role is None:
                 raise DataError(f"unknown LLaVA speaker {turn.get('from')!r}")
+            value = turn.get("value", "")
+            if not isinstance(value, str):
+                raise DataError(f"turn {n}: 'value' must be a string, got {type(value).__name__}")
             items = []
-            for piece in _TAG.split(turn.get("value", "")):
+            for piece in _TAG.split(value):
                 if piece in ("<image>", "<video>"):
                     kind = piece[1:-1]
                     if used[kind] >= len(media[kind]):
@@ -166,9 +197,10 @@ class ChatEncoder:
         if prompt_only:
             messages = messages[:max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         out = []
+        allow = self.data.allow_outside_root
         for m in messages:
-            items = [{**it, it["type"]: _resolve(root, it[it["type"]])} if it["type"] in ("image", "video") else it
-                     for it in m["content"]]
+            items = [{**it, it["type"]: _resolve(root, it[it["type"]], allow)} if it["type"] in ("image", "video")
+                     else it for it in m["content"]]
             out.append({"role": m["role"], "content": items})
         return out
 
@@ -181,8 +213,11 @@ class ChatEncoder:
         msgs = self._prepare(messages, root)
         for m in msgs:
             for it in m["content"]:
-                if it["type"] != "text" and not os.path.isfile(it[it["type"]]):
-                    raise DataError(f"{it['type']} file not found: {it[it['type']]}")
+                if it["type"] == "text":
+                    continue
+                for p in it[it["type"]] if isinstance(it[it["type"]], list) else [it[it["type"]]]:
+                    if not os.path.isfile(p):
+                        raise DataError(f"{it['type']} file not found: {p}")
         return self.proc.count_tokens(msgs)
 
     def encode(self, messages, root: str, *, prompt_only: bool = False) -> Encoded:
@@ -205,11 +240,27 @@ class ChatEncoder:
                        video_grid_thw=vid_grid)
 
 
-def _resolve(root: str, p: str) -> str:
+def _resolve(root: str, p: str | list, allow_outside_root: bool = False) -> str | list:
+    """A dataset media path (or frame-path list) -> path under `root`.
+
+    Relative paths are joined to the root. Unless `allow_outside_root`, a path that leaves the root lexically
+    (absolute, `file:///...`, or `..` past the root) is a DataError raised before the file system is touched, so a
+    dataset can neither read nor probe files elsewhere (the message is the same whether the file exists or not).
+    Symlinks inside the root are followed: whoever can place files under the root chooses what they hold anyway
+    (and the Hugging Face cache lays datasets out as symlinks into its blob store).
+    """
     from model.processing import local_path
 
+    if isinstance(p, list):
+        return [_resolve(root, q, allow_outside_root) for q in p]
     p = local_path(p)
-    return p if os.path.isabs(p) else os.path.join(root, p)
+    full = os.path.join(root, p)  # an absolute p replaces root
+    if not allow_outside_root:
+        base = os.path.normpath(os.path.abspath(root))
+        if os.path.commonpath([base, os.path.normpath(os.path.abspath(full))]) != base:
+            raise DataError(f"media path {p!r} is outside the dataset root (absolute or '..'); set "
+                            f"data.allow_outside_root=true to read media from anywhere")
+    return full
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -242,8 +293,8 @@ class SFTDataset(torch.utils.data.Dataset):
                     n = encoder.length(msgs, self.root)
                     if n > max_seq_len:
                         raise DataError(f"{n} tokens > data.max_seq_len={max_seq_len}")
-                except (DataError, ValueError, KeyError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
-                    self._report(lineno, f"{type(e).__name__}: {e}")
+                except Exception as e:  # noqa: BLE001 - any failure of one line is that line's data error
+                    self._report(lineno, _reason(e))
                     continue
                 self.records.append((lineno, msgs))
                 self.lengths.append(n)
@@ -257,6 +308,8 @@ class SFTDataset(torch.utils.data.Dataset):
         if self.on_error == "raise":
             raise DataError(f"{self.path}:{lineno}: {reason}")
         self.broken.append((lineno, reason))
+        if len(self.broken) <= 5:  # the first few in full; the rest are counted in the summary
+            log.warning("%s:%d: skipped: %s", self.path, lineno, reason)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,11 +318,11 @@ class SFTDataset(torch.utils.data.Dataset):
         lineno, msgs = self.records[i]
         try:
             enc = self.encoder.encode(msgs, self.root)
-        except (DataError, ValueError, OSError) as e:
+        except Exception as e:  # noqa: BLE001 - a sample that fails to load is that sample's data error
             if self.on_error == "raise":
-                raise DataError(f"{self.path}:{lineno}: {type(e).__name__}: {e}") from e
-            log.warning("%s:%d: skipped at load time: %s", self.path, lineno, e)
-            return None
+                raise DataError(f"{self.path}:{lineno}: {_reason(e)}") from e
+            log.warning("%s:%d: skipped at load time: %s", self.path, lineno, _reason(e))
+            return None  # dropped from its batch and counted (pack_samples' n_dropped)
         enc.index = i
         return enc
 
@@ -281,6 +334,11 @@ class SFTDataset(torch.utils.data.Dataset):
     def prompt(self, i: int) -> Encoded:
         """Sample i up to and including the last `<|im_start|>assistant\\n` (generation input)."""
         return self.encoder.encode(self.records[i][1], self.root, prompt_only=True)
+
+
+def _reason(e: Exception) -> str:
+    """One line for a per-sample failure: the exception's type and message."""
+    return f"{type(e).__name__}: {e}"
 
 
 # ----------------------------------------------------------------------------------------------- packing
@@ -422,8 +480,11 @@ class BatchStream:
         kw = {}
         if self.num_workers > 0:
             kw = {"prefetch_factor": self.prefetch, "persistent_workers": False}
+        # its own generator (worker seeds come from it): drawing from the global RNG here would shift every
+        # later random op (dropout) by one draw in a resumed run, which builds its loader at another step
+        gen = torch.Generator().manual_seed(self.sampler.seed * 1_000_003 + self.epoch)
         loader = torch.utils.data.DataLoader(self.ds, batch_sampler=_ListSampler(mine), collate_fn=pack_samples,
-                                             num_workers=self.num_workers, **kw)
+                                             num_workers=self.num_workers, generator=gen, **kw)
         self._it = iter(loader)
 
     def __iter__(self):
@@ -440,6 +501,11 @@ class BatchStream:
             batch = next(self._it)
         self.offset += self.world
         return batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in the current epoch (its micro-batches / (world * grad_accum))."""
+        return len(self._epoch_batches()) // (self.world * self.accum)
 
     @property
     def position(self) -> dict:

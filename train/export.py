@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from .config import Config
@@ -35,6 +36,9 @@ def export(model, path: Path, cfg: Config, rank: int = 0, distributed: bool = Fa
         dist.barrier()
         if rank != 0:
             return path
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise RuntimeError(f"refusing to export non-finite weights ({len(bad)} tensors, first {bad[:3]})")
     if lora_modules(model):
         save_lora_adapter(model, str(path.parent / "adapter"), base_model_name_or_path=cfg.model.path)
         remove_lora(model, merge=True)

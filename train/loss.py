@@ -108,6 +108,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Returns:
         (N,) fp32 losses for the N kept positions, in flattened order.
     """
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        # range(0, n, c) with c <= 0 would skip every chunk and return the uninitialised loss buffer
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     keep = y != IGNORE_INDEX

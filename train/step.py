@@ -8,6 +8,7 @@ adds the character error rate of greedy generations (eval/generate.py, eval/metr
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -57,17 +58,26 @@ def _lm_head_weight(model):
     return w
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or gradient norm (train.on_nonfinite=raise): training stops before the update."""
+
+
 def train_step(model, micro_batches: list[dict], optimizer, cfg: Config, device, world: int = 1) -> dict:
     """One optimizer step over `micro_batches` (this rank's share): forward, chunked loss, backward, clip, step.
 
     The loss is the mean over every supervised token of the step on all ranks (so packing, accumulation and
     data parallelism do not change it); gradients are scaled by `world` because FSDP averages over ranks.
-    Returns: {"loss", "aux_loss", "grad_norm", "tokens", "label_tokens", "samples"} (global sums / means).
+    A non-finite loss or gradient norm (same on every rank: both are global) raises `NonFiniteError` before the
+    optimizer is touched, or with `train.on_nonfinite=skip` drops the step's gradients and returns
+    `skipped=True`: NaN never reaches the weights, a checkpoint or an export.
+    Returns: {"loss", "aux_loss", "grad_norm", "tokens", "label_tokens", "samples", "skipped", "dropped_samples"}
+    (global sums / means).
     """
     n_labels = all_reduce_sum(sum(count_label_tokens(b) for b in micro_batches), device)
     if n_labels == 0:
         raise RuntimeError("an optimizer step without supervised tokens (all labels are -100)")
     loss_sum, aux_sum, tokens, samples = 0.0, 0.0, 0, 0
+    dropped = sum(b.get("n_dropped", 0) for b in micro_batches)  # samples that failed to load
     moe = model.config.is_moe
     for i, b in enumerate(micro_batches):
         if hasattr(model, "set_requires_gradient_sync"):
@@ -94,11 +104,20 @@ def train_step(model, micro_batches: list[dict], optimizer, cfg: Config, device,
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
-    optimizer.step()
+    loss_mean, aux_mean, grad_norm = (all_reduce_sum(loss_sum, device) / n_labels,
+                                      all_reduce_sum(aux_sum, device) / world, float(grad_norm))
+    skipped = not all(math.isfinite(v) for v in (loss_mean, aux_mean, grad_norm))
+    if skipped and cfg.train.on_nonfinite == "raise":
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteError(f"non-finite loss {loss_mean} / aux loss {aux_mean} / gradient norm {grad_norm}; the "
+                             f"weights are not updated and nothing more is saved (train.on_nonfinite=skip drops such "
+                             f"steps instead)")
+    if not skipped:  # clip_grad_norm_ has already scaled the gradients; a skipped step just drops them
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": all_reduce_sum(loss_sum, device) / n_labels, "aux_loss": all_reduce_sum(aux_sum, device) / world,
-            "grad_norm": float(grad_norm), "tokens": all_reduce_sum(tokens, device), "label_tokens": n_labels,
-            "samples": all_reduce_sum(samples, device)}
+    return {"loss": loss_mean, "aux_loss": aux_mean, "grad_norm": grad_norm, "tokens": all_reduce_sum(tokens, device),
+            "label_tokens": n_labels, "samples": all_reduce_sum(samples, device), "skipped": skipped,
+            "dropped_samples": int(all_reduce_sum(dropped, device))}
 
 
 def _dummy_batch(model) -> dict:

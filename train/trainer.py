@@ -17,16 +17,17 @@ import torch.distributed as dist
 
 from model.build import build_model
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from .config import Config, ConfigError, config_to_dict
-from .data import BatchStream, ChatEncoder, PackedBatchSampler, SFTDataset, dataset_root
+from .data import (BatchStream, ChatEncoder, DataError, PackedBatchSampler, SFTDataset, count_label_tokens,
+                   dataset_root)
 from .export import export
 from .logger import Logger
 from .ocr_data import generate_ocr_dataset
 from .optim import apply_freezing, build_optimizer, lr_at
 from .parallel import (all_reduce_sum, apply_activation_checkpointing, apply_compile, apply_fsdp,
                        init_distributed)
-from .step import evaluate, train_step
+from .step import NonFiniteError, evaluate, train_step
 
 
 def _device(cfg: Config) -> torch.device:
@@ -52,11 +53,12 @@ def _data_paths(cfg: Config, rank: int, distributed: bool) -> tuple[str, str | N
     return train_path, val_path
 
 
-def _resume_from(cfg: Config, ckpt_root: Path) -> Path | None:
-    """The checkpoint to resume from: train.resume = auto (latest, if any) | none | <dir>."""
+def _resume_from(cfg: Config, ckpt_root: Path, rank: int) -> tuple[Path | None, bool]:
+    """The checkpoint to resume from, and whether it is verified already: train.resume = auto (the newest one
+    that passes its integrity check, if any) | none | <dir> (exactly that one)."""
     if cfg.train.resume == "auto":
-        return latest_checkpoint(ckpt_root)
-    return None if cfg.train.resume == "none" else Path(cfg.train.resume)
+        return resume_checkpoint(ckpt_root, log=print if rank == 0 else (lambda msg: None)), True
+    return (None if cfg.train.resume == "none" else Path(cfg.train.resume)), False
 
 
 def _prepare_model(model, cfg: Config, train_ds, fresh: bool, device) -> tuple[dict, dict | None]:
@@ -99,6 +101,21 @@ def _should_stop(cfg: Config, step: int, start_step: int, t_start: float, world:
     return stop or (cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps)
 
 
+def _next_micro_batches(stream: BatchStream, accum: int, device, logger, dropped: dict) -> list[dict]:
+    """The next optimizer step's micro-batches. When no sample of them loaded on any rank (every one failed to
+    decode: pack_samples dropped them all) they are dropped, counted and the next ones drawn; a whole epoch of
+    such draws is a DataError."""
+    for _ in range(max(1, stream.steps_per_epoch) + 1):
+        micro = [next(stream) for _ in range(accum)]
+        n = sum(count_label_tokens(b) for b in micro)
+        if all_reduce_sum(n, device) > 0:
+            return micro
+        dropped["batches"] += 1
+        logger.print(f"dropped a step's micro-batches: none of their {sum(b['n_dropped'] for b in micro)} local "
+                     f"sample(s) loaded (see the data warnings)")
+    raise DataError("a whole epoch of micro-batches failed to load; check the dataset's media")
+
+
 def train(cfg: Config) -> dict:
     """Run one training job end to end; returns {"history", "evals", "final_dir", "checkpoint", "model", ...}.
 
@@ -125,12 +142,12 @@ def train(cfg: Config) -> dict:
     encoder = ChatEncoder(processor, model.config, cfg.data)
     train_ds, val_ds = (SFTDataset(p, encoder, dataset_root(cfg.data, p), cfg.data.max_seq_len, cfg.data.on_error)
                         if p else None for p in (train_path, val_path))
-    resume_from = _resume_from(cfg, ckpt_root)
+    resume_from, verified = _resume_from(cfg, ckpt_root, rank)
     counts, warmup_result = _prepare_model(model, cfg, train_ds, fresh=resume_from is None, device=device)
     optimizer = build_optimizer(model, cfg.optim)
     start_step, position = 0, {"epoch": 0, "offset": 0}
     if resume_from is not None:
-        st = load_checkpoint(resume_from, model, optimizer, distributed=distributed)
+        st = load_checkpoint(resume_from, model, optimizer, distributed=distributed, verify=not verified)
         start_step, position = st["step"], st["position"]
 
     sampler = PackedBatchSampler(train_ds.lengths, cfg.data.token_budget, seed=cfg.train.seed,
@@ -147,6 +164,7 @@ def train(cfg: Config) -> dict:
 
     # -- the loop
     history, evals = [], []
+    dropped = {"batches": 0}  # optimizer steps' worth of micro-batches in which no sample loaded
     t_start = time.perf_counter()
     step = start_step
     last_ckpt = None
@@ -166,9 +184,15 @@ def train(cfg: Config) -> dict:
         mult = lr_at(step, cfg.train.steps, cfg.optim)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * mult
-        micro = [next(stream) for _ in range(cfg.train.grad_accum)]
-        metrics = train_step(model, micro, optimizer, cfg, device, world)
+        micro = _next_micro_batches(stream, cfg.train.grad_accum, device, logger, dropped)
+        try:
+            metrics = train_step(model, micro, optimizer, cfg, device, world)
+        except NonFiniteError as e:
+            logger.close()
+            raise NonFiniteError(f"step {step + 1}: {e}") from e
         step += 1
+        if metrics["skipped"]:
+            logger.print(f"step {step}: non-finite loss or gradient, update skipped (train.on_nonfinite=skip)")
         tokens_since += metrics["tokens"]
         dt = time.perf_counter() - t_since
         metrics.update(step=step, lr=optimizer.param_groups[0]["lr"])
@@ -199,7 +223,8 @@ def train(cfg: Config) -> dict:
     logger.close()
     result = {"history": history, "evals": [{k: v for k, v in e.items() if k != "examples"} for e in evals],
               "final_dir": str(final_dir) if final_dir else None, "checkpoint": str(last_ckpt) if last_ckpt else None,
-              "wall_s": time.perf_counter() - t_start, "steps": step, "vision_warmup": warmup_result}
+              "wall_s": time.perf_counter() - t_start, "steps": step, "vision_warmup": warmup_result,
+              "dropped_batches": dropped["batches"]}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "result.json").write_text(json.dumps(result, indent=1))

@@ -31,6 +31,8 @@ QVU_MODEL_SEQ_LEN = 128000
 
 
 def _check_aspect_ratio(height: int, width: int):
+    if min(height, width) < 1:  # a header that lists no picture size (e.g. a video cut before its first frame)
+        raise ValueError(f"media size {height}x{width} is empty")
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
         raise ValueError(f"aspect ratio must be at most {MAX_ASPECT_RATIO}, got "
                          f"{max(height, width) / min(height, width):.1f} ({height}x{width})")
@@ -70,6 +72,9 @@ def video_smart_resize(num_frames: int, height: int, width: int, config: VisionP
     """
     factor, tf = config.factor, config.temporal_patch_size
     min_pixels, max_pixels = config.min_pixels, max_pixels or config.max_pixels
+    _check_aspect_ratio(height, width)
+    if num_frames < 1:
+        raise ValueError("a video needs at least one frame")
     if height < factor or width < factor:  # tiny videos are first scaled up so the short side is one factor
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)

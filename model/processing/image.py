@@ -22,11 +22,19 @@ from .patchify import patchify
 
 
 def _pil_to_rgb(img, name: str) -> np.ndarray:
-    """PIL image -> (H, W, 3) uint8, compositing transparency onto white (as transformers / qwen-vl-utils do)."""
+    """PIL image -> (H, W, 3) uint8, compositing transparency onto white (as transformers / qwen-vl-utils do).
+
+    16-bit grayscale (PIL modes I;16*, and I, PIL's 32-bit integer mode that 16-bit files also open as) is scaled
+    by 255 / 65535 and rounded; PIL's convert("RGB") would clip it at 255, turning most of any image white.
+    """
     from PIL import Image
 
     try:
         img.load()
+        if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+            wide = np.asarray(img).astype(np.int64).clip(0, 65535)
+            gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535), integer arithmetic
+            return np.repeat(gray[..., None], 3, axis=-1)
         if "A" in img.getbands() or img.info.get("transparency") is not None:
             img = img.convert("RGBA")
             img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
@@ -91,13 +99,48 @@ def load_image(image, name: str | None = None) -> torch.Tensor:
     return x.contiguous()
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
+
+
+def _png_metadata_after_pixels(path: str) -> bool:
+    """Whether a PNG holds a metadata chunk (EXIF, text, XMP) after its first pixel-data chunk. Walks the chunk
+    list, seeking over each chunk's data: nothing is read or decompressed but 8 bytes per chunk."""
+    with open(path, "rb") as f:
+        if f.read(8) != _PNG_SIGNATURE:
+            return True  # not what PIL called PNG: let PIL decide
+        seen_pixels = False
+        while True:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"IEND":
+                return False
+            if kind in (b"IDAT", b"fdAT"):
+                seen_pixels = True
+            elif seen_pixels and kind in _PNG_METADATA_CHUNKS:
+                return True
+            f.seek(length + 4, os.SEEK_CUR)  # data + CRC
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(height, width) of an image file after EXIF orientation, read from its header (no pixel decoding)."""
+    """(height, width) of an image file after EXIF orientation, read from its header (no pixel decoding).
+
+    PIL's PNG `getexif()` decodes the whole image to reach metadata that may follow the pixel data (150 ms for an
+    A4 page); here the chunk list is walked instead, and the image is only loaded in the rare file that keeps its
+    metadata after the pixels, so that the orientation always equals what `load_image`'s exif_transpose applies.
+    """
     from PIL import Image
 
-    with Image.open(local_path(path)) as img:
+    path = local_path(path)
+    with Image.open(path) as img:
         w, h = img.size
-        orientation = img.getexif().get(0x0112, 1)
+        if img.format == "PNG" and not _png_metadata_after_pixels(path):
+            exif = Image.Image.getexif(img)  # everything is in img.info already: the base class reads only that
+        else:
+            exif = img.getexif()
+        orientation = exif.get(0x0112, 1)
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)  # 5-8 swap the axes
 
 

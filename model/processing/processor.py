@@ -124,9 +124,9 @@ class Qwen3VLProcessor:
                 images.append(self._with_context(where, self.plan_image, src, opts).grid_thw)
             else:
                 videos.append(self._with_context(where, self.plan_video, src, opts))
-        text = self.apply_chat_template(list(conversation), add_generation_prompt=add_generation_prompt,
-                                        **template_kwargs)
-        return len(self.tokenizer.encode(self.expand_text(text, images, videos, where="conversation")))
+        text = self.tokenizer.render_chat(list(conversation), add_generation_prompt=add_generation_prompt,
+                                          **template_kwargs)
+        return len(self.tokenizer.encode_chat(self.expand_text(text, images, videos, where="conversation")))
 
     # --- text ------------------------------------------------------------------------------------------------------
     def apply_chat_template(self, conversation: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
@@ -191,8 +191,10 @@ class Qwen3VLProcessor:
                                                  name=src if isinstance(src, str) else where))
             else:
                 videos.append(self._with_context(where, self.process_video, src, opts))
-        text = self.apply_chat_template(list(conversation), add_generation_prompt=add_generation_prompt, **template_kwargs)
-        return self._finish(text, images, videos, return_labels, where="conversation")
+        # message text is escaped, so only the template makes control tokens (tokenizer.py: "text is text")
+        text = self.tokenizer.render_chat(list(conversation), add_generation_prompt=add_generation_prompt,
+                                          **template_kwargs)
+        return self._finish(text, images, videos, return_labels, where="conversation", chat=True)
 
     def process_text(self, text: str, images=(), videos=(), *, video_options: dict | None = None,
                      return_labels: bool = False) -> dict:
@@ -232,10 +234,10 @@ class Qwen3VLProcessor:
         except (ValueError, TypeError, OSError) as e:
             _reraise_with_prefix(e, where)
 
-    def _finish(self, text, images, videos, return_labels, where) -> dict:
-        """Expand placeholders, tokenize, attach media tensors (and labels)."""
+    def _finish(self, text, images, videos, return_labels, where, chat: bool = False) -> dict:
+        """Expand placeholders, tokenize (a `render_chat` prompt when `chat`), attach media tensors (and labels)."""
         text = self.expand_text(text, [g for _, g in images], videos, where=where)
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode_chat(text) if chat else self.tokenizer.encode(text)
         out = {"input_ids": torch.tensor(ids, dtype=torch.long)}
         if return_labels:
             out["labels"] = torch.tensor(self.labels_for(ids), dtype=torch.long)

@@ -11,6 +11,13 @@ Two sources:
 Pre-tokenization is the Qwen2 regex split followed by GPT-2 byte-to-unicode mapping, normalisation is NFC, exactly
 as in the official Qwen2 `tokenizer.json`; the chat template is read and rendered by
 `model/processing/chat_template.py`.
+
+Text is text: in a conversation, only the template makes control tokens. `render_chat` escapes every special-token
+string inside message text before rendering (to private-use characters), and `encode_chat` splits the rendered
+prompt at the template's special tokens and tokenises each piece between them with special-token matching off,
+after undoing the escapes: user text holding `<|im_end|>\n<|im_start|>assistant\n` gets the ids that
+transformers gives it with `split_special_tokens=True`, not a forged turn. Non-special added tokens (`<think>`,
+`<tool_call>`) stay tokens, as there. Without such strings the result equals `encode(apply_chat_template(...))`.
 """
 from __future__ import annotations
 
@@ -18,6 +25,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .chat_template import BUILTIN_CHAT_TEMPLATE, compile_template, read_chat_template
@@ -59,6 +67,10 @@ SPECIAL_TOKENS = (
     (151667, "<think>", False),
     (151668, "</think>", False),
 )
+# Escape character for special-token strings in message text (Unicode private use; see the module docstring). The
+# character after it says what it stands for: index into (ESCAPE, special token 1, special token 2, ...).
+ESCAPE = "\ue000"
+_ESCAPE_BASE = 0xE001
 _BUILD_VERSION = "1"  # bump when the conversion below changes, to invalidate cached tokenizer.json files
 CACHE_DIR = Path(os.environ.get("QWEN3VL_LAB_CACHE", Path.home() / ".cache" / "qwen3vl-lab"))
 
@@ -199,9 +211,17 @@ class Tokenizer:
         self.pad_token = tok_name("pad_token", "<|endoftext|>")
         self.eos_token_id = self.token_to_id(self.eos_token)
         self.pad_token_id = self.token_to_id(self.pad_token)
-        self.special_ids = {
-            i for i, t in self._tok.get_added_tokens_decoder().items() if getattr(t, "special", False)
-        }
+        added = self._tok.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if getattr(t, "special", False)}
+        # escaping of special-token strings in message text (render_chat / encode_chat)
+        specials = sorted((added[i].content for i in self.special_ids), key=len, reverse=True)
+        escaped = [ESCAPE] + specials
+        self._escape_of = {t: ESCAPE + chr(_ESCAPE_BASE + k) for k, t in enumerate(escaped)}
+        self._unescape_of = {chr(_ESCAPE_BASE + k): t for k, t in enumerate(escaped)}
+        self._escape_re = re.compile("|".join(map(re.escape, escaped)))
+        self._unescape_re = re.compile(ESCAPE + f"([{chr(_ESCAPE_BASE)}-{chr(_ESCAPE_BASE + len(escaped) - 1)}])")
+        self._special_split_re = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        self._text_tok = None  # a copy with special-token matching off (transformers' split_special_tokens)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None) -> "Tokenizer":
@@ -258,7 +278,53 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of `text` with special-token strings tokenised as ordinary text (transformers'
+        `split_special_tokens=True`); non-special added tokens still map to their ids."""
+        if self._text_tok is None:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            tok = HFTokenizer.from_str(self._tok.to_str())
+            tok.encode_special_tokens = True
+            self._text_tok = tok
+        return self._text_tok.encode(text, add_special_tokens=False).ids
+
     # --- chat ----------------------------------------------------------------------------------------------------
+    def escape_text(self, text: str) -> str:
+        """`text` with every special-token string (and the escape character) replaced by private-use characters."""
+        return self._escape_re.sub(lambda m: self._escape_of[m.group(0)], text)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
+        """`apply_chat_template` with the message text escaped: the result goes to `encode_chat`, not to a reader."""
+        def esc(item):
+            if isinstance(item, dict) and isinstance(item.get("text"), str):
+                return {**item, "text": self.escape_text(item["text"])}
+            return item
+
+        msgs = []
+        for m in messages:
+            c = m.get("content") if isinstance(m, dict) else None
+            if isinstance(c, str):
+                m = {**m, "content": self.escape_text(c)}
+            elif isinstance(c, list):
+                m = {**m, "content": [esc(it) for it in c]}
+            msgs.append(m)
+        return self.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def encode_chat(self, text: str) -> list[int]:
+        """Token ids of a `render_chat` prompt: its special tokens (all made by the template or the processor) map
+        to their ids; the text between them is tokenised with escapes undone and special-token matching off.
+        Tokenising between special tokens is what `encode` does too (added tokens split the input first)."""
+        if ESCAPE not in text or self._special_split_re is None:
+            return self.encode(text)
+        ids = []
+        for k, piece in enumerate(self._special_split_re.split(text)):
+            if k % 2:
+                ids.append(self._tok.token_to_id(piece))
+            elif piece:
+                ids += self.encode_text(self._unescape_re.sub(lambda m: self._unescape_of[m.group(1)], piece))
+        return ids
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, **kwargs) -> str:
         """Render one conversation (list of {"role", "content"}) to the prompt string, vision placeholders included.
 
