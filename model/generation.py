@@ -186,6 +186,32 @@ class KVCache:
         self.dtype, self.quantized = dtype, fp8
         return self
 
+    def grow(self, max_len: int) -> "KVCache":
+        """Reallocate to a larger max_len, keeping the valid tokens (generate grows its own cache on demand, so a
+        huge max_new_tokens does not allocate its whole cache up front)."""
+        if max_len <= self.max_len:
+            return self
+        n = self.length
+        for bufs in (self.k, self.v):
+            for i, x in enumerate(bufs):
+                y = torch.empty((self.batch, max_len, *x.shape[2:]), dtype=x.dtype, device=x.device)
+                y[:, :n] = x[:, :n]
+                bufs[i] = y
+        if self.quantized:
+            for bufs in (self.k_scale, self.v_scale):
+                for i, x in enumerate(bufs):
+                    y = _scale_buffer((self.batch, max_len, self.num_kv_heads), self.device)
+                    y[:, :n] = x[:, :n]
+                    bufs[i] = y
+        for name in ("token_ids", "next_pos", "key_padding"):
+            x = getattr(self, name)
+            if x is not None:
+                y = (torch.ones if name == "key_padding" else torch.zeros)(self.batch, max_len, dtype=x.dtype)
+                y[:, :n] = x[:, :n]
+                setattr(self, name, y)
+        self.max_len = max_len
+        return self
+
     def nbytes(self) -> int:
         """Device bytes of the K/V storage (and scales), at max_len."""
         n = sum(x.numel() * x.element_size() for x in self.k + self.v)
@@ -359,6 +385,10 @@ class KVCache:
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) filtering: (B, V) fp32 logits -> filtered logits."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off), got {top_k!r}")
     logits = logits.float()
     if temperature != 1.0:
         if temperature <= 0:
@@ -411,9 +441,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         raise ValueError("generate: input_ids is empty (B, 0); give at least one prompt token")
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate needs left padding: the last prompt position of every row must be a real token")
+    if attention_mask is None and B > 1 and bool((input_ids[:, 0] == pad_token_id).any()):
+        import warnings
+
+        warnings.warn("generate: some rows start with the pad token but no attention_mask was given; padded rows "
+                      "are then attended as text. Pass the processor's attention_mask.", stacklevel=3)
+    if do_sample:
+        process_logits(torch.zeros(1, 2), temperature, top_k, top_p)  # validate the sampling settings up front
     cache = past_key_values
-    if cache is None:
-        cache = KVCache.for_model(model, B, L + max_new_tokens, cache_dtype)
+    own_cache = cache is None
+    if own_cache:  # grown on demand: a huge max_new_tokens does not allocate its whole cache up front
+        cache = KVCache.for_model(model, B, L + min(max_new_tokens, 1024), cache_dtype)
     elif cache.length + L + max_new_tokens > cache.max_len:
         raise ValueError(f"past_key_values has room for {cache.max_len - cache.length} more tokens, this call needs "
                          f"{L} prompt + {max_new_tokens} new; allocate a larger cache (KVCache.load(..., max_len=))")
@@ -442,6 +480,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             break
         if mask is not None:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if own_cache and cache.length + 1 > cache.max_len:
+            cache.grow(min(2 * cache.max_len, L + max_new_tokens))
         pos = decode_position_ids(cache.length, rope_deltas)  # (3, B, 1)
         out = model(nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
     return torch.cat(tokens, dim=1)

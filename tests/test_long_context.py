@@ -228,3 +228,22 @@ def test_convert_bf16_cache_to_fp8_equals_fp8_of_the_same_keys(tiny):
     assert torch.equal(c.k[1][:, :24].view(torch.uint8), k8.view(torch.uint8)) and torch.equal(c.k_scale[1][:, :24], ks)
     out = tiny.generate(torch.randint(1000, 5000, (1, 3)), past_key_values=c, max_new_tokens=3, stop_token_ids=())
     assert out.shape == (1, 6)
+
+
+def test_generate_checks_its_arguments_and_grows_its_own_cache(tiny):
+    ids = torch.randint(1000, 5000, (1, 6))
+    for kw, msg in (({"max_new_tokens": -1}, "max_new_tokens"), ({"max_new_tokens": 0}, "max_new_tokens"),
+                    ({"do_sample": True, "top_p": 0.0}, "top_p"), ({"do_sample": True, "top_k": -2}, "top_k"),
+                    ({"do_sample": True, "temperature": 0.0}, "temperature")):
+        with pytest.raises(ValueError, match=msg):
+            tiny.generate(ids, **kw)
+    with pytest.raises(ValueError, match="empty"):
+        tiny.generate(ids[:, :0], max_new_tokens=2)
+    padded = torch.cat([torch.full((1, 3), tiny.config.pad_token_id), ids[:, :3]], 1)
+    with pytest.warns(UserWarning, match="no attention_mask"):
+        tiny.generate(torch.cat([padded, ids]), max_new_tokens=1)
+    # a cache grown step by step from 1024 free tokens gives the same tokens as one sized up front
+    a = tiny.generate(ids, max_new_tokens=1100, stop_token_ids=())
+    big = KVCache.for_model(tiny, 1, 6 + 1100)
+    b = tiny.generate(ids, max_new_tokens=1100, stop_token_ids=(), past_key_values=big)
+    assert a.shape == b.shape == (1, 1106) and torch.equal(a, b)
