@@ -1,8 +1,9 @@
 """Shared pieces of the Triton attention kernels (kernels/attention/forward.py, backward.py, decode.py).
 
 Launch configuration (autotuning lists, tuning key, pruning), the tile helpers every kernel uses (sequence
-bounds, row loads, per-key scales of an fp8 K/V cache, base offsets), the constants LOG2E / LN2 (the kernels work in base 2: exp(x) = exp2(x * LOG2E)),
-and the host side shared by the launchers: the launch geometry of a call (`Problem`), output allocation, strides.
+bounds, row loads, per-key scales of an fp8 K/V cache, base offsets), the constants LOG2E / LN2 (the kernels work
+in base 2: exp(x) = exp2(x * LOG2E)), and the host side shared by the launchers: the launch geometry of a call
+(`Problem`), output allocation, strides.
 The mask helpers are in kernels/attention/masks.py.
 """
 from __future__ import annotations

@@ -81,12 +81,10 @@ def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS,
             k_ok = kn < end
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            if KV_FP8:
-                k = k.to(q.dtype)  # exact (e4m3 values are fp16/bf16 values); the per-key scale goes on the scores
-                ks = tl.load(ks_base + kn * stride_kst, mask=k_ok, other=0.0)
-                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (ks * qk_scale)[None, :]
-            else:
-                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if KV_FP8:  # dequantise in fp32, round once to q's dtype (as forward.py)
+                ksc = tl.load(ks_base + kn * stride_kst, mask=k_ok, other=0.0)
+                k = (k.to(tl.float32) * ksc[:, None]).to(q.dtype)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             vis = visible(qpos[:, None], kn[None, :], row_ok[:, None], k_ok[None, :], window, num_global, CAUSAL,
                            WINDOW, GLOBAL_Q)
             qk = tl.where(vis, qk, float("-inf"))
@@ -97,7 +95,7 @@ def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS,
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            if KV_FP8:  # dequantise in fp32, round once to q's dtype (see forward.py)
+            if KV_FP8:
                 vsc = tl.load(vs_base + kn * stride_vst, mask=k_ok, other=0.0)
                 v = (v.to(tl.float32) * vsc[:, None]).to(q.dtype)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)

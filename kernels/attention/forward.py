@@ -6,9 +6,11 @@ visited in the ranges of kernels/attention/masks.py (`key_ranges`): masked range
 visible range without it (the same loop, specialised by the MASK constexpr).
 
 With KV_FP8 the K and V tiles are float8_e4m3fn with one fp32 scale per key (kernels/attention/fp8.py), dequantised
-as they are loaded: K converted exactly to q's dtype and its scale applied to the fp32 scores, V scaled in fp32 and
-rounded once to q's dtype; no full-precision copy of the cache exists. Without it (KS, VS None) the kernel compiles
-to the same instructions as before the flag (compared on the sm_90 PTX with Triton 3.8).
+as they are loaded: each row times its scale in fp32, rounded once to q's dtype for the dot; no full-precision copy
+of the cache exists. Scaling the scores instead of the K tile would skip a rounding, but Triton 3.6 then loads the
+scales once per score column a thread holds (sm_90, BM = BN = 128: 216 instead of 48 four-byte copies per thread,
+and a spill; scripts/attention_ptx_report.py --kv-fp8). Without the flag (KS, VS None) the kernel compiles to the
+same instructions as before it (compared on the sm_90 PTX, Triton 3.6 and 3.8).
 """
 from __future__ import annotations
 
@@ -30,11 +32,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, ks_base, 
         kn = start_n + offs_n
         k = load_rows(k_base + kn[:, None] * stride_kt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
                        MASK)
-        if KV_FP8:
-            k = k.to(q.dtype)  # exact: every e4m3 value is an fp16/bf16 value; the key's scale goes on its scores
+        if KV_FP8:  # dequantise in fp32 (k8 * its key's scale), round once to q's dtype for the dot
+            k = (k.to(tl.float32) * load_scales(ks_base + kn * stride_kst, kn, len_k, MASK)[:, None]).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN) raw scores
-        if KV_FP8:
-            qk = qk * load_scales(ks_base + kn * stride_kst, kn, len_k, MASK)[None, :]  # fp32: q . (k8 * scale)
         if MASK:
             vis = visible(qpos[:, None], kn[None, :], True, kn[None, :] < len_k, window, num_global, CAUSAL,
                            WINDOW, GLOBAL_Q)
@@ -49,11 +49,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, ks_base, 
         acc = acc * alpha[:, None]
         v = load_rows(v_base + kn[:, None] * stride_vt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
                        MASK)
-        if KV_FP8:
-            # dequantise the tile in fp32, then round once to q's dtype for the dot (scaling P's columns instead
-            # would push small probabilities into fp16's subnormals)
-            vsc = load_scales(vs_base + kn * stride_vst, kn, len_k, MASK)
-            v = (v.to(tl.float32) * vsc[:, None]).to(q.dtype)
+        if KV_FP8:  # as K (scaling P's columns instead would push small probabilities into fp16's subnormals)
+            v = (v.to(tl.float32) * load_scales(vs_base + kn * stride_vst, kn, len_k, MASK)[:, None]).to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_ij
     return acc, l_i, m_i
