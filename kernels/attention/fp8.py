@@ -6,6 +6,10 @@ largest finite e4m3fn value, 448; the e4m3 format of Micikevicius et al., 2022, 
 The Triton kernels (forward.py, decode.py) read such a cache directly and dequantise each K/V tile as they load it
 (their KV_FP8 flag); no full-precision copy of the cache is built. `dequantize_kv` is the reference side.
 
+Accuracy, measured on Gaussian q, K, V (D = 64, causal, Lk 200-1100; tests/test_attention_fp8.py): the attention
+output over an fp8 cache is 3.4-3.7% off the unquantised one in relative L2 norm (a bf16 cache: 0.2-0.25%), the LSE
+within 0.012. Sharper attention costs more: with q scaled by 4 (score std 4) 6-8%, the LSE within 0.27.
+
 The kernels take the scales through their strides, so any (B, L, H) view works. A long cache may keep them
 head-major, (B, H, L) passed as `.transpose(1, 2)`: then the scales of a key tile are one contiguous read instead of
 one 4-byte read every H * 4 bytes.
