@@ -1,11 +1,12 @@
 """Compile the attention kernels for sm_90 without a GPU and report what the compiler made of them.
 
 For each kernel and config: registers, stack (spills), shared memory, and counts of the memory instructions in the
-PTX (16-byte `cp.async` / `ld.global.v4` versus 2-byte `ld.global.b16`). This is how the block-size lists in
-`kernels/attention/common.py` were checked for spills and how the head_dim 72 path was found to use 2-byte loads.
+PTX (16-byte `cp.async.cg` / `ld.global.v4` versus 2-byte `ld.global.b16`; `cp.async.ca` copies 4 or 8 bytes). This
+is how the block-size lists in `kernels/attention/common.py` were checked for spills, how the head_dim 72 path was
+found to use 2-byte loads, and how the fp8 K/V loads (--kv-fp8) were found to need a 16-element alignment promise.
 Needs only Triton's bundled ptxas/cuobjdump, so it costs no device time; timings still need the GPU.
 
-Usage: python scripts/attention_ptx_report.py [--head-dim 72] [--causal] [--varlen]
+Usage: python scripts/attention_ptx_report.py [--head-dim 72] [--causal] [--varlen] [--kv-fp8]
        python scripts/attention_ptx_report.py --smoke      # one config of each kernel: checks the script runs
 """
 from __future__ import annotations
@@ -27,19 +28,20 @@ from kernels.attention import backward, common, forward  # noqa: E402
 
 _PTRS = {n: "*bf16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
 _PTRS.update(LSE="*fp32", DELTA="*fp32", cu_seqlens="*i32")
-_OPS = r"((?:cp\.async\.cg\.shared\.global|ld\.global|st\.global|wgmma\.mma_async)[\w\.:]*)"
+_OPS = r"((?:cp\.async\.c[ag]\.shared\.global|ld\.global|st\.global|wgmma\.mma_async)[\w\.:]*)"
 
 
-def compile_report(kernel, consts: dict, num_warps: int, num_stages: int, divisible: set) -> str:
+def compile_report(kernel, consts: dict, num_warps: int, num_stages: int, divisible: set, ptrs: dict = _PTRS) -> str:
     """Compile one specialisation for sm_90 and return a one-line report.
 
     Args:
         kernel: an autotuned or plain @triton.jit kernel of `forward` / `backward`.
         consts: constexpr values (block sizes and flags).
         divisible: argument names the launcher would specialise as divisible by 16 (pointers, strides).
+        ptrs: pointer argument name -> Triton pointer type.
     """
     fn = kernel.fn if hasattr(getattr(kernel, "fn", None), "arg_names") else kernel
-    sig = {n: "constexpr" if n in consts else _PTRS.get(n, "fp32" if n == "sm_scale" else "i32")
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n == "sm_scale" else "i32")
            for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in divisible}
     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -64,6 +66,7 @@ def main():
     ap.add_argument("--varlen", action="store_true")
     ap.add_argument("--unaligned", action="store_true", help="strides not multiples of 8 (ALIGN8 off)")
     ap.add_argument("--global-queries", action="store_true", help="compile with GLOBAL_Q=True")
+    ap.add_argument("--kv-fp8", action="store_true", help="forward kernel over an fp8 e4m3 K/V cache (KV_FP8)")
     ap.add_argument("--smoke", action="store_true", help="only the first config of each kernel")
     args = ap.parse_args()
     block_d = max(16, triton.next_power_of_2(args.head_dim))
@@ -78,8 +81,18 @@ def main():
         divisible = set(_PTRS) | {n for n in names if n.startswith("stride_") and n[-1] in "bt"}
         if args.head_dim % 16 == 0:
             divisible |= {n for n in names if n.startswith("stride_")}
+        consts, ptrs = dict(base), dict(_PTRS)
+        if "KV_FP8" in names:  # the forward kernel: fp8 K/V with fp32 scale pointers, or no scales (None)
+            consts["KV_FP8"] = args.kv_fp8
+            if args.kv_fp8:
+                ptrs.update(K="*fp8e4nv", V="*fp8e4nv", KS="*fp32", VS="*fp32")
+                divisible |= {"KS", "VS"}
+            else:
+                consts.update(KS=None, VS=None)
+        elif args.kv_fp8:
+            continue  # the backward kernels have no fp8 variant
         for cfg in configs[:1] if args.smoke else configs:
-            print(compile_report(kernel, dict(base, **cfg.kwargs), cfg.num_warps, cfg.num_stages, divisible),
+            print(compile_report(kernel, dict(consts, **cfg.kwargs), cfg.num_warps, cfg.num_stages, divisible, ptrs),
                   flush=True)
 
 

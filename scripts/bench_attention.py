@@ -25,7 +25,7 @@ import torch
 import triton
 from _bench import device_name, median_ms
 
-from kernels.attention import attention
+from kernels.attention import attention, quantize_kv
 from kernels.attention import backward, forward
 from kernels.attention.flash import flash_attn_fwd
 
@@ -166,23 +166,29 @@ def check_vs_sdpa(device, dtype, n, hq, hkv, d, causal, frames=0):
 
 
 def bench_decode(device, dtype, rows, lk=32768, batch=4, hq=16, hkv=8, d=128):
-    """Few queries over a long cache: split-KV decode path vs our flash path vs SDPA. Reports us and GB/s of K+V."""
+    """Few queries over a long cache: split-KV decode path (bf16 and fp8 e4m3 cache) vs our flash path vs SDPA.
+    Reports us and GB/s of the K+V bytes read (fp8: the e4m3 values and their fp32 scales); maxdiff is against the
+    first provider, so the fp8 row shows the quantisation error."""
     g = torch.Generator(device=device).manual_seed(1)
     q = torch.randn(batch, 1, hq, d, generator=g, dtype=dtype, device=device)
     k = torch.randn(batch, lk, hkv, d, generator=g, dtype=dtype, device=device)
     v = torch.randn(batch, lk, hkv, d, generator=g, dtype=dtype, device=device)
+    (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
     kv_bytes = 2 * k.numel() * k.element_size()
     scale = d ** -0.5
     fns = {
-        "ours_decode": lambda: attention(q, k, v, causal=True),
-        "ours_flash": lambda: flash_attn_fwd(q, k, v, None, 0, True, 0, 0, scale, False)[0],
+        "ours_decode": (lambda: attention(q, k, v, causal=True), kv_bytes),
+        "ours_decode_fp8": (lambda: attention(q, k8, v8, causal=True, k_scale=ks, v_scale=vs),
+                            2 * (k8.numel() + 4 * ks.numel())),
+        "ours_flash": (lambda: flash_attn_fwd(q, k, v, None, 0, True, 0, 0, scale, False)[0], kv_bytes),
     }
     if device == "cuda":
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
-        fns["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+        fns["sdpa"] = (lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True),
+                       kv_bytes)
     ref = None
     name = f"decode B={batch} Lq=1 Lk={lk}"
-    for prov, fn in fns.items():
+    for prov, (fn, nbytes) in fns.items():
         try:
             with torch.no_grad():
                 out = fn()
@@ -193,8 +199,32 @@ def bench_decode(device, dtype, rows, lk=32768, batch=4, hq=16, hkv=8, d=128):
         out = out if out.shape == q.shape else out.transpose(1, 2)
         ref = out.float() if ref is None else ref
         err = (out.float() - ref).abs().max().item()
-        rows.append((name, prov, t, kv_bytes / t / 1e6, float("nan"), float("nan")))
-        print(f"  {name:34s} {prov:11s} {t * 1e3:8.1f} us  {kv_bytes / t / 1e6:6.0f} GB/s  maxdiff {err:.1e}",
+        rows.append((name, prov, t, nbytes / t / 1e6, float("nan"), float("nan")))
+        print(f"  {name:34s} {prov:11s} {t * 1e3:8.1f} us  {nbytes / t / 1e6:6.0f} GB/s  maxdiff {err:.1e}",
+              flush=True)
+
+
+def bench_chunk(device, dtype, rows, lq=2048, lk=65536, hq=16, hkv=8, d=128):
+    """Chunked prefill: Lq new queries (causal, bottom-right) over a cache of Lk keys, bf16 vs fp8 e4m3 K/V, forward
+    only (our flash path). FLOPs: 4*Hq*D per visible (query, key) pair, sum_i (Lk - Lq + i + 1) pairs per head."""
+    g = torch.Generator(device=device).manual_seed(3)
+    q = torch.randn(1, lq, hq, d, generator=g, dtype=dtype, device=device)
+    k = torch.randn(1, lk, hkv, d, generator=g, dtype=dtype, device=device)
+    v = torch.randn(1, lk, hkv, d, generator=g, dtype=dtype, device=device)
+    (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+    flops = 4.0 * hq * d * (lq * (lk - lq) + lq * (lq + 1) / 2)
+    fns = {"ours": lambda: attention(q, k, v, causal=True),
+           "ours_fp8": lambda: attention(q, k8, v8, causal=True, k_scale=ks, v_scale=vs)}
+    ref = None
+    name = f"chunk Lq={lq} Lk={lk}"
+    for prov, fn in fns.items():
+        with torch.no_grad():
+            out = fn().float()
+            t = _time(fn)
+        ref = out if ref is None else ref
+        rel = ((out - ref).norm() / ref.norm()).item()
+        rows.append((name, prov, t, flops / t / 1e9, float("nan"), float("nan")))
+        print(f"  {name:34s} {prov:11s} fwd {t:8.3f} ms {flops / t / 1e9:6.0f} TFLOP/s  rel L2 vs bf16 {rel:.1e}",
               flush=True)
 
 
@@ -243,6 +273,8 @@ def main():
         run_case(c, dtype, device, rows)
     if not args.only or "decode" in args.only:
         bench_decode(device, dtype, rows, **({} if not args.tiny else dict(lk=1100, batch=1, hq=2, hkv=1, d=16)))
+    if not args.only or "chunk" in args.only:
+        bench_chunk(device, dtype, rows, **({} if not args.tiny else dict(lq=40, lk=100, hq=2, hkv=1, d=16)))
     # autotuner choices (what to keep when trimming the config lists)
     for kern in (forward.fwd_kernel, backward.bwd_dq_kernel, backward.bwd_dkdv_kernel):
         for key, cfg in getattr(kern, "cache", {}).items():
@@ -255,6 +287,8 @@ def main():
     for name, prov, tf, ff, tb, fb in rows:
         if name.startswith("decode"):
             lines.append(f"| {name} | {prov} | {tf * 1e3:.1f} us | {ff:.0f} GB/s (K+V) | - | - |")
+        elif name.startswith("chunk"):  # forward only
+            lines.append(f"| {name} | {prov} | {tf:.3f} | {ff:.0f} | - | - |")
         else:
             lines.append(f"| {name} | {prov} | {tf:.3f} | {ff:.0f} | {tb:.3f} | {fb:.0f} |")
     table = "\n".join(lines)

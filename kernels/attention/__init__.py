@@ -3,8 +3,8 @@
 Layout as flash-attn: q (B, L, Hq, D), k and v (B, L, Hkv, D), or packed (T, H, D) with `cu_seqlens`. The forward
 and backward kernels are in `forward.py` and `backward.py` (FlashAttention-2 structure), their mask helpers in
 `masks.py`, shared launch pieces in `common.py`, the custom ops and autograd in `flash.py`, the long-cache decoding
-path in `decode.py` (flash-decoding), and the fp32 reference the tests use in `naive.py` (visibility from
-model/masks.py, the model's mask description).
+path in `decode.py` (flash-decoding), the fp8 e4m3 KV cache format (quantisation, checks) in `fp8.py`, and the fp32
+reference the tests use in `naive.py` (visibility from model/masks.py, the model's mask description).
 """
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import weakref
 import torch
 
 from .decode import decode_attention
-from .flash import flash_attn_fwd
+from .flash import flash_attn_fwd, flash_attn_fwd_kv8
+from .fp8 import FP8_DTYPE, check_kv8, dequantize_kv, quantize_kv
 from .naive import attention_flops, attention_naive, visibility_mask
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -21,18 +22,25 @@ _DECODE_MIN_KEYS = 1024  # the split-KV path pays off only once the keys outnumb
 _DECODE_MAX_ROWS = 64  # Lq * Hq / Hkv rows per KV head handled by one decode program
 
 
-def _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries=False, max_seqlen=None):
+def _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries=False, max_seqlen=None, k_scale=None,
+           v_scale=None):
     """Validate the inputs of `attention`; returns (packed, max_seqlen)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _DTYPES:
-            raise TypeError(f"attention: {name} has dtype {x.dtype}; expected one of float16, bfloat16, float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    packed = cu_seqlens is not None
+    kv8 = k.dtype == FP8_DTYPE or v.dtype == FP8_DTYPE
+    if not kv8:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dtype not in _DTYPES:
+                raise TypeError(f"attention: {name} has dtype {x.dtype}; expected one of float16, bfloat16, float32 "
+                                f"(or float8_e4m3fn k and v with k_scale, v_scale)")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+        if k_scale is not None or v_scale is not None:
+            raise ValueError(f"attention: k_scale / v_scale are for float8_e4m3fn k and v; got k, v in {k.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    packed = cu_seqlens is not None
     want = 3 if packed else 4
     layout = "(T, H, D) with cu_seqlens" if packed else "(B, L, H, D)"
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -40,6 +48,8 @@ def _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries=False,
             raise ValueError(f"attention: {name} must be {layout}, got shape {tuple(x.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} shapes differ")
+    if kv8:
+        check_kv8(q, k, v, k_scale, v_scale, packed)
     if q.shape[0] != k.shape[0]:
         what = "total tokens T" if packed else "batch size B"
         raise ValueError(f"attention: q and k differ in {what} ({q.shape[0]} vs {k.shape[0]})")
@@ -101,8 +111,9 @@ def _max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, window: int | None = None,
               num_global: int = 0, scale: float | None = None, return_lse: bool = False,
-              global_queries: bool = False):
-    """Exact softmax attention with fp32 accumulation, differentiable in q, k, v.
+              global_queries: bool = False, k_scale: torch.Tensor | None = None,
+              v_scale: torch.Tensor | None = None):
+    """Exact softmax attention with fp32 accumulation, differentiable in q, k, v (except over an fp8 cache).
 
     Key j is visible to query i when (not causal or j <= i) and (window is None or |i - j| < window or
     j < num_global or (global_queries and i < num_global)), positions counted inside each document; with
@@ -110,7 +121,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
     Args:
         q: (B, Lq, Hq, D) or packed (T, Hq, D); fp16, bf16 or fp32; D <= 128 (64, 72, 80, 96, 128 tuned).
-        k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D), Hq % Hkv == 0 (GQA/MQA without repeating K/V).
+        k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D), Hq % Hkv == 0 (GQA/MQA without repeating K/V). q's dtype,
+            or float8_e4m3fn (an fp8 KV cache: (B, Lk, Hkv, D) layout only, with k_scale and v_scale, forward only).
         causal: causal mask (bottom-right aligned).
         cu_seqlens: (num_docs + 1,) int32 boundaries of the packed documents; no attention across documents.
         max_seqlen: the longest document of a packed call, if the caller knows it (as in flash-attn). Eager calls
@@ -122,13 +134,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
             causal=True it changes nothing: such a query's keys j <= i < G are global keys already.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the natural-log log-sum-exp, (B, Hq, Lq) or (Hq, T) fp32 (no gradient).
+        k_scale, v_scale: (B, Lk, Hkv) fp32 scales of fp8 k and v (`quantize_kv`): key j of head h is
+            k[:, j, h].float() * k_scale[:, j, h]. The kernels dequantise each tile as they load it.
     Returns:
         o with q's shape and dtype (contiguous); and lse when return_lse.
 
     torch.compile traces this function: the kernels are the custom ops qwen3vl_lab::flash_attn_fwd / _bwd, one
-    graph node each (no graph break); the split-KV decode path is eager-only.
+    graph node each (no graph break), and qwen3vl_lab::flash_attn_fwd_kv8 over an fp8 cache; the split-KV decode
+    path is eager-only.
     """
-    packed, max_seqlen = _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries, max_seqlen)
+    packed, max_seqlen = _check(q, k, v, cu_seqlens, window, num_global, scale, global_queries, max_seqlen,
+                                k_scale, v_scale)
+    kv8 = k.dtype == FP8_DTYPE
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if window is not None and window >= max(q.shape[-3], k.shape[-3]) + 1 and num_global == 0:
         window = None  # covers everything: the plain path is cheaper
@@ -141,16 +158,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
         lse = torch.full(lse_shape, float("-inf"), device=q.device)
         return (o, lse) if return_lse else o
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                                  for x in (q, k, v, k_scale, v_scale))
+    if kv8 and needs_grad:
+        raise RuntimeError("attention: fp8 K/V is forward only; call it under torch.no_grad() / inference_mode() "
+                           "or detach q")
     group = q.shape[-2] // k.shape[-2]
     if (not packed and not needs_grad and not torch.compiler.is_compiling() and k.shape[1] >= _DECODE_MIN_KEYS
             and q.shape[1] * group <= _DECODE_MAX_ROWS):
         o, lse = decode_attention(q, k, v, causal=causal, window=window, num_global=num_global, scale=scale,
-                                  global_queries=global_queries)
+                                  global_queries=global_queries, k_scale=k_scale, v_scale=v_scale)
+    elif kv8:
+        o, lse = flash_attn_fwd_kv8(q, k, v, k_scale, v_scale, causal, window or 0, num_global, scale,
+                                    global_queries)
     else:
         o, lse = flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, causal, window or 0, num_global, scale,
                                 global_queries)
     return (o, lse) if return_lse else o
 
 
-__all__ = ["attention", "attention_naive", "decode_attention", "visibility_mask", "attention_flops"]
+__all__ = ["attention", "attention_naive", "decode_attention", "visibility_mask", "attention_flops", "quantize_kv",
+           "dequantize_kv"]

@@ -1,8 +1,9 @@
 """Shared pieces of the Triton attention kernels (kernels/attention/forward.py, backward.py, decode.py).
 
 Launch configuration (autotuning lists, tuning key, pruning), the tile helpers every kernel uses (sequence
-bounds, row loads, base offsets), the constants LOG2E / LN2 (the kernels work in base 2: exp(x) = exp2(x * LOG2E)),
-and the host side shared by the launchers: the launch geometry of a call (`Problem`), output allocation, strides.
+bounds, row loads, per-key scales of an fp8 K/V cache, base offsets), the constants LOG2E / LN2 (the kernels work
+in base 2: exp(x) = exp2(x * LOG2E)), and the host side shared by the launchers: the launch geometry of a call
+(`Problem`), output allocation, strides.
 The mask helpers are in kernels/attention/masks.py.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ else:
     DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)]
     DKDV_CONFIGS = [_cfg(32, 64, 8, 3), _cfg(32, 128, 8, 3), _cfg(64, 64, 8, 3)]
 
-# One tuning run per (sequence-length bucket, padded head dim, mask kind, dtype); lengths, GQA group and mask sizes
+# One tuning run per (sequence-length bucket, padded head dim, mask kind, dtypes: the autotuner adds every tensor
+# argument's dtype to the key, so an fp8 K/V cache tunes apart from a bf16 one); lengths, GQA group and mask sizes
 # are not specialised on (they are masked at run time), which keeps the number of compiles small. HEAD_DIM is a
 # constexpr: a compile-time head-dim mask (72, 80, 96 padded to 128) is what lets the masked loads vectorise.
 TUNE_KEY = ["SEQ_BUCKET", "BLOCK_D", "CAUSAL", "WINDOW"]
@@ -92,6 +94,16 @@ def load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM, EVEN_D: tl.constexpr, CHECK_
 
 
 @triton.jit
+def load_scales(ptrs, kn, n_rows, CHECK_ROWS: tl.constexpr):
+    """Per-key fp32 scales of an fp8 K/V tile (kernels/attention/fp8.py); 0 for keys >= n_rows when CHECK_ROWS."""
+    if CHECK_ROWS:
+        s = tl.load(ptrs, mask=kn < n_rows, other=0.0)
+    else:
+        s = tl.load(ptrs)
+    return s
+
+
+@triton.jit
 def tile_offset(b64, stride_b, tok64, stride_t, h, stride_h, ALIGN8: tl.constexpr):
     """Element offset of (sequence b, its first token, head h). With ALIGN8 the host has checked that it is a multiple
     of 8 elements (16 bytes): the promise lets the compiler use 16-byte loads (cp.async) for head_dim 72/80/96."""
@@ -117,12 +129,19 @@ def strides3(x: torch.Tensor, packed: bool):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def scale_strides(s: torch.Tensor | None):
+    """(batch, token, head) strides of an fp8 K/V scale tensor (B, L, H); zeros when the K/V are not fp8."""
+    return (0, 0, 0) if s is None else s.stride()
+
+
 def aligned8(p: "Problem", *tensors: torch.Tensor) -> bool:
     """True when every stride (but the last) is a multiple of 8 elements and every base 16-byte aligned: the kernels
-    may then promise this to the compiler (tl.multiple_of), so loads masked to head_dim (72, 80, 96) vectorise."""
-    if p.head_dim % 8:
+    may then promise this to the compiler (tl.multiple_of), so loads masked to head_dim (72, 80, 96) vectorise.
+    One-byte (fp8) tensors need 16 elements, for the same 16-byte loads (kernels/attention/forward.py)."""
+    if p.head_dim % (16 if any(t.element_size() == 1 for t in tensors) else 8):
         return False
-    return all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in tensors)
+    return all(t.data_ptr() % 16 == 0 and all(st % max(8, 16 // t.element_size()) == 0 for st in t.stride()[:-1])
+               for t in tensors)
 
 
 def _seq_bucket(n: int) -> int:

@@ -5,7 +5,8 @@ For generation with a long KV cache: few queries, very long keys. The keys are s
 (chunk, KV head, sequence) computes a partial softmax over its chunk for all the query heads of its GQA group at
 once (rows = group x queries, so K/V are read once per KV head), and a second kernel combines the partial outputs
 through their log-sum-exps. Forward only (no autograd); the masks of kernels/attention/masks.py and the bottom-right
-alignment of `flash.py`.
+alignment of `flash.py`. K/V may be an fp8 e4m3 cache with per-key scales (kernels/attention/fp8.py), dequantised
+tile by tile as in forward.py (the KV_FP8 flag).
 """
 from __future__ import annotations
 
@@ -15,19 +16,23 @@ import triton.language as tl
 
 from . import common
 from .common import INTERPRET, LN2, LOG2E
+from .fp8 import FP8_DTYPE
 from .masks import visible
 
 
 @triton.jit
-def _decode_partial_kernel(Q, K, V, OP, LP,
+def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                            stride_vb, stride_vt, stride_vh,
+                           stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
                            seqlen_q, seqlen_k, keys_per_split, sm_scale, window, num_global,
                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                           WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, PRECISION: tl.constexpr):
+                           WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, PRECISION: tl.constexpr,
+                           KV_FP8: tl.constexpr):
     """Partial attention of one key chunk. OP: (S, B, Hq, Lq, D) fp32 normalised outputs, LP: (S, B, Hq, Lq) fp32
-    natural-log LSE (-inf where the chunk holds no visible key)."""
+    natural-log LSE (-inf where the chunk holds no visible key). KV_FP8: K, V are float8_e4m3fn with fp32 scales
+    KS, VS (B, Lk, Hkv), dequantised as in forward.py's `_fwd_inner`; otherwise KS, VS are None."""
     s = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -46,6 +51,11 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
     qk_scale = sm_scale * LOG2E
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
+    ks_base = KS
+    vs_base = VS
+    if KV_FP8:
+        ks_base = KS + b * stride_ksb + hk * stride_ksh
+        vs_base = VS + b * stride_vsb + hk * stride_vsh
     start = s * keys_per_split
     end = tl.minimum(start + keys_per_split, seqlen_k)
     # visible keys of all rows: [0, num_global) and [lowest window start, end) when windowed. That covers global
@@ -71,6 +81,9 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
             k_ok = kn < end
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)
+            if KV_FP8:  # dequantise in fp32, round once to q's dtype (as forward.py)
+                ksc = tl.load(ks_base + kn * stride_kst, mask=k_ok, other=0.0)
+                k = (k.to(tl.float32) * ksc[:, None]).to(q.dtype)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             vis = visible(qpos[:, None], kn[None, :], row_ok[:, None], k_ok[None, :], window, num_global, CAUSAL,
                            WINDOW, GLOBAL_Q)
@@ -82,6 +95,9 @@ def _decode_partial_kernel(Q, K, V, OP, LP,
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + kn[:, None] * stride_vt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)
+            if KV_FP8:
+                vsc = tl.load(vs_base + kn * stride_vst, mask=k_ok, other=0.0)
+                v = (v.to(tl.float32) * vsc[:, None]).to(q.dtype)
             acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m_i = m_ij
     empty = l_i == 0.0
@@ -127,15 +143,17 @@ def _num_sms(device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                      window: int | None = None, num_global: int = 0, scale: float | None = None,
-                     num_splits: int | None = None, global_queries: bool = False):
+                     num_splits: int | None = None, global_queries: bool = False,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
     """Split-KV attention for few queries over a long cache (forward only).
 
     Args:
         q: (B, Lq, Hq, D) with small Lq * Hq / Hkv (<= 128 rows per KV head); last dim contiguous.
-        k, v: (B, Lk, Hkv, D), last dim contiguous.
+        k, v: (B, Lk, Hkv, D), last dim contiguous; q's dtype, or float8_e4m3fn with k_scale and v_scale.
         causal, window, num_global, scale: as in `attention` (bottom-right aligned).
         num_splits: key chunks per (sequence, KV head); default fills the GPU about twice.
         global_queries: as in `attention` (queries at key positions < num_global ignore the window).
+        k_scale, v_scale: (B, Lk, Hkv) fp32 scales of an fp8 K/V cache (kernels/attention/fp8.py), else None.
     Returns:
         o (B, Lq, Hq, D) in q's dtype and the natural-log LSE (B, Hq, Lq) fp32.
     """
@@ -145,6 +163,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     rows = group * lq
     if rows > 128:
         raise ValueError(f"decode_attention: Lq * Hq / Hkv = {rows} > 128 rows per KV head; use attention()")
+    kv8 = k.dtype == FP8_DTYPE
+    if kv8 != (k_scale is not None) or kv8 != (v_scale is not None) or v.dtype != k.dtype:
+        raise ValueError(f"decode_attention: k_scale and v_scale go with float8_e4m3fn k and v, and only with them "
+                         f"(k {k.dtype}, v {v.dtype}, k_scale {k_scale is not None}, v_scale {v_scale is not None})")
     scale = d ** -0.5 if scale is None else scale
     block_n = 32 if INTERPRET else 64
     if num_splits is None:
@@ -157,10 +179,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     op = common.empty_output((num_splits, bsz, hq, lq, d), torch.float32, q.device)
     lp = common.empty_output((num_splits, bsz, hq, lq), torch.float32, q.device)
     _decode_partial_kernel[(num_splits, hkv, bsz)](
-        q, k, v, op, lp, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], lq, lk, keys_per_split, scale,
+        q, k, v, op, lp, k_scale, v_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *common.scale_strides(k_scale), *common.scale_strides(v_scale), lq, lk, keys_per_split, scale,
         window or 0, num_global, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
         CAUSAL=causal, WINDOW=window is not None, GLOBAL_Q=bool(global_queries) and window is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv8,
         num_warps=4, num_stages=1 if INTERPRET else (2 if q.dtype == torch.float32 else 3))
     o = common.empty_output(q.shape, q.dtype, q.device)
     lse = common.empty_output((bsz, hq, lq), torch.float32, q.device)

@@ -64,3 +64,20 @@ def _backward(ctx, do, dlse):
 
 
 flash_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Inference over an fp8 e4m3 KV cache (kernels/attention/fp8.py): the forward kernel with KV_FP8, no autograd (a
+# quantised cache is not trained through); `attention` refuses fp8 inputs that require grad before calling it.
+# Layout (B, L, H, D) only: chunked prefill, where the queries are the newest Lq tokens of Lk >= Lq keys.
+@torch.library.custom_op("qwen3vl_lab::flash_attn_fwd_kv8", mutates_args=())
+def flash_attn_fwd_kv8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
+                       v_scale: torch.Tensor, causal: bool, window: int, num_global: int, scale: float,
+                       global_queries: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward over fp8 K/V (B, Lk, Hkv, D), fp32 scales (B, Lk, Hkv): (o with q's shape and dtype, LSE (B, Hq, Lq))."""
+    p = Problem(q, k, None, 0, causal, window or None, num_global, scale, global_queries)
+    return flash_forward(q, k, v, p, k_scale, v_scale)
+
+
+@flash_attn_fwd_kv8.register_fake
+def _(q, k, v, k_scale, v_scale, causal, window, num_global, scale, global_queries):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)

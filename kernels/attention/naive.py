@@ -13,6 +13,8 @@ import torch
 
 from model.masks import AttentionMask  # plain torch: no Triton, no model weights
 
+from .fp8 import dequantize_kv
+
 
 def visibility_mask(lq: int, lk: int, *, causal: bool = False, window: int | None = None, num_global: int = 0,
                     global_queries: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
@@ -41,21 +43,26 @@ def _attend_one(q, k, v, vis, scale):
 
 def attention_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     cu_seqlens: torch.Tensor | None = None, window: int | None = None, num_global: int = 0,
-                    global_queries: bool = False, scale: float | None = None, return_lse: bool = False):
+                    global_queries: bool = False, scale: float | None = None, return_lse: bool = False,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
     """Reference attention in fp32 (differentiable through autograd), same contract as `attention`.
 
     Args:
         q: (B, Lq, Hq, D) or packed (T, Hq, D) with cu_seqlens.
-        k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D); Hq % Hkv == 0.
+        k, v: (B, Lk, Hkv, D) or packed (T, Hkv, D); Hq % Hkv == 0. float8_e4m3fn with k_scale, v_scale: the
+            reference runs on the dequantised values (`dequantize_kv`, fp32).
         cu_seqlens: (num_docs + 1,) int32 document boundaries of the packed layout.
         causal, window, num_global, global_queries: see the module docstring.
         scale: softmax scale, default D ** -0.5.
         return_lse: also return the natural-log LSE, (B, Hq, Lq) or (Hq, T), fp32.
+        k_scale, v_scale: (B, Lk, Hkv) fp32 scales of fp8 k, v (kernels/attention/fp8.py), or None.
     Returns:
         o in q's dtype and layout (and lse in fp32).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf = q.float()
+    kf = k.float() if k_scale is None else dequantize_kv(k, k_scale)  # fp32 values x8 * scale, as the kernels use them
+    vf = v.float() if v_scale is None else dequantize_kv(v, v_scale)
     mask = AttentionMask(causal=causal, window=window, num_global=num_global, global_queries=global_queries)
     if cu_seqlens is None:
         vis = mask.dense(q.shape[1], k.shape[1], q.device)
