@@ -39,9 +39,10 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x8, scale
 
 
-def dequantize_kv(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of `quantize_kv` up to rounding: (..., D) fp8 and (...) fp32 scales -> (..., D) in dtype."""
-    return (x8.float() * scale[..., None]).to(dtype)
+def dequantize_kv(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The inverse of `quantize_kv` up to rounding: (..., D) fp8 and (...) scales -> (..., D) in dtype (the fp32
+    product rounded once; the Triton kernels do the same tile by tile)."""
+    return (x8.float() * scale.float()[..., None]).to(dtype)
 
 
 def config_fingerprint(config) -> str:

@@ -247,3 +247,26 @@ def test_generate_checks_its_arguments_and_grows_its_own_cache(tiny):
     big = KVCache.for_model(tiny, 1, 6 + 1100)
     b = tiny.generate(ids, max_new_tokens=1100, stop_token_ids=(), past_key_values=big)
     assert a.shape == b.shape == (1, 1106) and torch.equal(a, b)
+
+
+_CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton-interpreter test (CPU tensors)")
+
+
+@_CPU_ONLY
+@pytest.mark.parametrize("cache_dtype", [None, FP8], ids=["exact", "fp8"])
+def test_triton_backend_chunked_prefill_and_generation_match_torch(tiny, cache_dtype):
+    """attn_backend triton (the Triton interpreter here): chunked prefill (bottom-right causal chunks over the
+    cache; FP8 dequantised inside the kernels) and generation after it give the torch backend's logits and tokens."""
+    tri = Qwen3VL(tiny.config.replace(attn_backend="triton")).eval()
+    tri.load_state_dict(tiny.state_dict())
+    b = batch([_prompt(7)])
+    b.pop("attention_mask")
+    L = b["input_ids"].shape[1]
+    outs = []
+    for m in (tiny, tri):
+        c = KVCache.for_model(m, 1, L + 8, cache_dtype)
+        logits = m.prefill(b["input_ids"], c, chunk_size=13, **_vision(b)).logits
+        tokens = m.generate(torch.tensor([[1234, 2345]]), past_key_values=c, max_new_tokens=4, stop_token_ids=())
+        outs.append((logits, tokens))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(outs[1][1], outs[0][1])

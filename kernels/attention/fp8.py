@@ -4,47 +4,23 @@ A cache stored as torch.float8_e4m3fn with one fp32 scale per (batch, token, KV 
 bf16 cache. The value of element d is x8[..., d].float() * scale[...] (absmax scaling of each head vector to the
 largest finite e4m3fn value, 448; the e4m3 format of Micikevicius et al., 2022, "FP8 Formats for Deep Learning").
 The Triton kernels (forward.py, decode.py) read such a cache directly and dequantise each K/V tile as they load it
-(their KV_FP8 flag); no full-precision copy of the cache is built. `dequantize_kv` is the reference side.
+(their KV_FP8 flag); no full-precision copy of the cache is built. `quantize_kv` and `dequantize_kv` (the reference
+side) live with the cache that stores the format, model/generation.py's KVCache, and are re-exported here.
 
 Accuracy, measured on Gaussian q, K, V (D = 64, causal, Lk 200-1100; tests/test_attention_fp8.py): the attention
 output over an fp8 cache is 3.4-3.7% off the unquantised one in relative L2 norm (a bf16 cache: 0.2-0.25%), the LSE
 within 0.012. Sharper attention costs more: with q scaled by 4 (score std 4) 6-8%, the LSE within 0.27.
 
-The kernels take the scales through their strides, so any (B, L, H) view works. A long cache may keep them
-head-major, (B, H, L) passed as `.transpose(1, 2)`: then the scales of a key tile are one contiguous read instead of
-one 4-byte read every H * 4 bytes.
+The kernels take the scales through their strides, so any (B, L, H) view works. KVCache keeps them head-major,
+(B, H, L) passed as `.transpose(1, 2)`: the scales of a key tile are then one contiguous read instead of one 4-byte
+read every H * 4 bytes.
 """
 from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0  # largest finite float8_e4m3fn (torch.finfo(torch.float8_e4m3fn).max)
-
-
-def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantise K or V to fp8 e4m3 with one absmax scale per head vector.
-
-    Args:
-        x: (..., D) fp16, bf16 or fp32, e.g. (B, L, Hkv, D).
-    Returns:
-        x8 (..., D) float8_e4m3fn and scale (...) fp32, with x ~= x8.float() * scale[..., None].
-    """
-    # fp32 before dividing: the scale and the scaled values are computed at full precision, then rounded once
-    scale = x.abs().amax(-1).float().clamp(min=1e-12) / FP8_MAX  # all-zero vectors: any positive scale works
-    x8 = (x.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-    return x8, scale
-
-
-def dequantize_kv(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize_kv` (the reference path; the kernels do this tile by tile).
-
-    Args:
-        x8: (..., D) float8_e4m3fn; scale: (...) fp32; dtype: the output dtype.
-    Returns:
-        (..., D) x8.float() * scale[..., None] in dtype.
-    """
-    return (x8.float() * scale.float()[..., None]).to(dtype)  # fp32 product, rounded once to dtype
+from model.generation import FP8 as FP8_DTYPE
+from model.generation import FP8_MAX, dequantize_kv, quantize_kv  # noqa: F401  (re-exported)
 
 
 def check_kv8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale, v_scale, packed: bool) -> None:
