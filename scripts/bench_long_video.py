@@ -105,6 +105,7 @@ def hbm_gbps(device) -> float:
     return 2 * 4 * 2**30 / dt / 1e9
 
 
+@torch.no_grad()
 def decode_ms(model, cache: KVCache, steps: int = 16) -> float:
     """Median ms of one decode step (one new token, logits) at the cache's length; the cache is restored."""
     n0 = cache.length
@@ -143,6 +144,25 @@ def fill_random(cache: KVCache, upto: int, seed: int = 0):
         pos = cache.next_position.view(1, 1, 1) + torch.arange(e - n, device=cache.device).view(1, 1, -1)
         cache.advance(torch.full((1, e - n), 1000), pos.expand(3, 1, -1))
         n = e
+
+
+@torch.no_grad()
+def warmup(model, chunk_size: int):
+    """Compile and autotune the kernels the measured runs use (vision tower, chunked prefill, decode; bf16 and
+    FP8 caches) on throwaway inputs, so the first measured length does not pay for it."""
+    cfg = model.config
+    n = 2 * chunk_size + 16
+    for dtype in (None, FP8):
+        cache = KVCache.for_model(model, 1, n + 8, dtype)
+        ids = torch.randint(1000, 30000, (1, n), device=model.device)
+        ids[0, 10:10 + 64] = cfg.video_token_id
+        px = torch.randn(256, 3 * 2 * 16 * 16, device=model.device, dtype=model.dtype)
+        model.prefill(ids, cache, chunk_size=chunk_size, pixel_values_videos=px,
+                      video_grid_thw=torch.tensor([[1, 16, 16]], device=model.device))
+        model.generate(ids[:, :4], past_key_values=cache, max_new_tokens=3, stop_token_ids=())
+        del cache
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def run_length(model, processor, video, length, args, bw):
@@ -288,6 +308,9 @@ def main():
             write_video(video, args.seconds, 10 if args.smoke else 1, (96, 128) if args.smoke else (480, 640))
             print(f"wrote {video} ({args.seconds} s) in {time.perf_counter() - t0:.1f} s", flush=True)
     bw = hbm_gbps(device)
+    t0 = time.perf_counter()
+    warmup(model, args.chunk_size)
+    print(f"warm-up (kernel compilation and autotuning) {time.perf_counter() - t0:.1f} s", flush=True)
     results = {"device": device_name(device), "preset": args.preset, "hbm_copy_gbps": round(bw, 1),
                "yarn_factor": args.yarn_factor, "chunk_size": args.chunk_size, "runs": [], "transformers": []}
     for length in args.lengths:

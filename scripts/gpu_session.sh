@@ -62,8 +62,12 @@ case "$stage" in
     fi
     ;;
   lv-check)
-    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_attention_fp8.py tests/test_long_context.py \
-      2>&1 | tail -8 | tee "$OUT/lv_tests.txt"
+    [ -z "${SKIP_TESTS:-}" ] && timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_attention_fp8.py \
+      tests/test_long_context.py 2>&1 | tail -8 | tee "$OUT/lv_tests.txt"
+    for c in decode chunk; do
+      timeout 90 python scripts/bench_attention.py --only $c > "$OUT/bench_attention_$c.log" 2>&1
+      grep "^  \(decode\|chunk\)" "$OUT/bench_attention_$c.log"
+    done
     timeout 300 python scripts/bench_long_video.py --preset 2b --lengths 65536 --seconds 600 --hf 65536 \
       --json "$OUT/lv_check.json" > "$OUT/lv_check.log" 2>&1
     echo "bench rc=$?"; grep -v "^ \|^{\|^}" "$OUT/lv_check.log" | tail -5; tail -c 1500 "$OUT/lv_check.json"
