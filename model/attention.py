@@ -23,7 +23,7 @@ from .masks import AttentionMask
 
 BACKENDS = ("torch", "triton", "flex")
 # mask features (AttentionMask.features) each backend lacks
-UNSUPPORTED = {"torch": (), "triton": ("key padding",), "flex": ()}
+UNSUPPORTED = {"torch": (), "triton": ("key padding",), "flex": ("key length",)}
 
 # SDPA's lower-right causal bias takes enable_gqa in recent torch; older ones need repeated K/V for GQA
 _BIAS_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
@@ -55,7 +55,7 @@ def _sdpa(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), a mask without documents -> (B, Lq, Hq, D) through SDPA."""
     lq, lk = q.shape[1], k.shape[1]
     gqa = q.shape[2] != k.shape[2]
-    if mask.window is None and mask.key_padding is None:
+    if mask.window is None and mask.key_padding is None and mask.key_length is None:
         if not mask.causal or lq == lk or lq == 1:
             # SDPA's own (top-left aligned) causal mask is ours when Lq == Lk, and one bottom-right aligned query
             # sees every key; flash / math backends take GQA directly, so no repeated K/V copies are saved for

@@ -61,7 +61,7 @@ def _scale_buffer(shape, device) -> torch.Tensor:
     the keys of one KV head reads their scales contiguously (token-major storage would fetch a 32-byte sector per
     4-byte scale)."""
     B, L, H = shape[:3]
-    return torch.empty(B, H, L, dtype=torch.float32, device=device).transpose(1, 2)
+    return torch.zeros(B, H, L, dtype=torch.float32, device=device).transpose(1, 2)
 
 
 class KVCache:
@@ -89,8 +89,10 @@ class KVCache:
         self.quantized = dtype == FP8
         # what attention computes in when the storage is FP8 (the model's dtype, set by prefill / forward)
         self.compute_dtype = compute_dtype or (torch.bfloat16 if self.quantized else dtype)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # zeros, not empty: a static decode step reads the whole buffer (model/generation.py's StaticDecoder), and
+        # stale NaN bit patterns past the valid length would reach SDPA's output through 0 * NaN
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.k_scale = self.v_scale = None
         if self.quantized:
             self.k_scale = [_scale_buffer(shape, device) for _ in range(num_layers)]
@@ -104,6 +106,7 @@ class KVCache:
         self.next_pos = torch.zeros(batch, max_len, dtype=torch.int64)
         self.key_padding: torch.Tensor | None = None
         self.config_hash: str | None = None
+        self.static_pos: torch.Tensor | None = None  # static (CUDA-graph) decoding: see StaticDecoder
 
     @classmethod
     def for_model(cls, model, batch: int, max_len: int, dtype: torch.dtype | None = None) -> "KVCache":
@@ -118,7 +121,12 @@ class KVCache:
     # ------------------------------------------------------------------ filling
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Append k/v (B, L, Hkv, hd) for `layer`; return the valid prefix including them as (k, v, scales):
-        scales is None, or (k_scale, v_scale) (B, Lk, Hkv) fp32 when the cache is FP8 (k, v then FP8)."""
+        scales is None, or (k_scale, v_scale) (B, Lk, Hkv) fp32 when the cache is FP8 (k, v then FP8).
+
+        In static mode (`StaticDecoder`) one token is written at the device-side position `static_pos` and the
+        whole buffers are returned (the valid length travels in the attention mask's key_length)."""
+        if self.static_pos is not None:
+            return self._static_update(layer, k, v)
         L = k.shape[1]
         end = self.length + L
         if end > self.max_len:
@@ -136,6 +144,20 @@ class KVCache:
         self.v[layer][:, self.length:end] = v
         self._pending = L
         return self.k[layer][:, :end], self.v[layer][:, :end], None
+
+    def _static_update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        idx = self.static_pos  # (1,) long on the device: no host value, so a CUDA graph replays at any length
+        if self.quantized:
+            (k8, ks), (v8, vs) = quantize_kv(k), quantize_kv(v)
+            # FP8 through a byte view (index_copy_ has no float8 kernel); the scales through their strided views
+            self.k[layer].view(torch.uint8).index_copy_(1, idx, k8.view(torch.uint8))
+            self.v[layer].view(torch.uint8).index_copy_(1, idx, v8.view(torch.uint8))
+            self.k_scale[layer].index_copy_(1, idx, ks)
+            self.v_scale[layer].index_copy_(1, idx, vs)
+            return self.k[layer], self.v[layer], (self.k_scale[layer], self.v_scale[layer])
+        self.k[layer].index_copy_(1, idx, k.to(self.dtype))
+        self.v[layer].index_copy_(1, idx, v.to(self.dtype))
+        return self.k[layer], self.v[layer], None
 
     def advance(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None):
@@ -173,7 +195,7 @@ class KVCache:
             new = []
             for buf, sc in ((self.k, self.k_scale), (self.v, self.v_scale)):
                 x = buf[i][:, :n] if sc is None else dequantize_kv(buf[i][:, :n], sc[i][:, :n], self.compute_dtype)
-                out = torch.empty(shape, dtype=dtype, device=self.device)
+                out = torch.zeros(shape, dtype=dtype, device=self.device)
                 scale = _scale_buffer(shape, self.device) if fp8 else None
                 if fp8:
                     out[:, :n], scale[:, :n] = quantize_kv(x)
@@ -195,7 +217,7 @@ class KVCache:
         n = self.length
         for bufs in (self.k, self.v):
             for i, x in enumerate(bufs):
-                y = torch.empty((self.batch, max_len, *x.shape[2:]), dtype=x.dtype, device=x.device)
+                y = torch.zeros((self.batch, max_len, *x.shape[2:]), dtype=x.dtype, device=x.device)
                 y[:, :n] = x[:, :n]
                 bufs[i] = y
         if self.quantized:
@@ -384,6 +406,81 @@ class KVCache:
         return cache
 
 
+class StaticDecoder:
+    """One decode step (one token per sequence) with static shapes, replayed as a CUDA graph on a GPU.
+
+    Eager decoding of a small batch is bound by the host: a 28-layer decoder launches ~1,700 kernels per token, tens
+    of ms of Python and launch overhead, far more than reading the cache. Here the step reads the whole
+    preallocated cache with the valid length on the device (`AttentionMask.key_length`; the Triton split-KV kernel
+    loads it), writes the new K/V at a device-side position (`KVCache.static_pos`), so every launch has the same
+    arguments at every length: the step is captured once and replayed. Dense decoders without padding; the
+    cache's host bookkeeping (ids, positions) is updated after each replay.
+
+    Args:
+        model: Qwen3VL (dense). cache: its KVCache, filled by the prompt.
+        graph: capture a CUDA graph (default: on CUDA devices); False runs the same static step eagerly.
+    """
+
+    def __init__(self, model, cache: KVCache, graph: bool | None = None):
+        dev = cache.device
+        self.model, self.cache = model, cache
+        self.graph = None
+        self.max_len = cache.max_len
+        self.tok = torch.zeros(cache.batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(3, cache.batch, 1, dtype=torch.long, device=dev)
+        cache.static_pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.key_length = torch.zeros(cache.batch, dtype=torch.int32, device=dev)
+        self._set_length()
+        if graph is None:
+            graph = dev.type == "cuda"
+        self.logits = None
+        if graph:
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up outside the graph (kernel compilation, allocator)
+                for _ in range(2):
+                    model._decode_static(self.tok, self.pos, cache, self.key_length)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = model._decode_static(self.tok, self.pos, cache, self.key_length)
+
+    @staticmethod
+    def supported(model, cache: KVCache, attention_mask) -> bool:
+        """Whether generate should decode `model` on `cache` with this class: a dense decoder, no padding, no
+        dynamic (NTK) rope scaling (its tables depend on the host-side maximum position), and the Triton backend
+        (its split-KV kernel reads the valid length on the device; SDPA would get a mask over the whole
+        preallocated cache and repeated K/V, slower than eager decoding)."""
+        return (not model.config.is_moe and attention_mask is None and cache.key_padding is None
+                and model.config.attn_backend == "triton" and model.config.text.rope.rope_type != "dynamic")
+
+    def _set_length(self):
+        self.cache.static_pos.fill_(self.cache.length)  # device writes of host ints: no synchronisation
+        self.key_length.fill_(self.cache.length + 1)
+
+    def step(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) long, position_ids (3, B, 1) -> logits (B, 1, vocab); appends the token to the cache."""
+        c = self.cache
+        if c.length + 1 > c.max_len:
+            raise RuntimeError(f"KV cache full: {c.length + 1} tokens > max_len {c.max_len}")
+        self.tok.copy_(tokens)
+        self.pos.copy_(position_ids)
+        self._set_length()
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self.model._decode_static(self.tok, self.pos, c, self.key_length)
+        c._pending = 1
+        c.advance(tokens, position_ids)
+        return logits
+
+    def close(self):
+        """Leave static mode (the cache goes back to appending through `update`)."""
+        self.cache.static_pos = None
+        self.graph = None
+
+
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Temperature, then top-k, then top-p (nucleus) filtering: (B, V) fp32 logits -> filtered logits."""
     if not 0.0 < top_p <= 1.0:
@@ -413,7 +510,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
              top_p: float = 1.0, stop_token_ids=None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None, past_key_values: KVCache | None = None,
              prefill_chunk_size: int | None = None, cache_dtype: torch.dtype | None = None,
-             **vision_inputs) -> torch.Tensor:
+             static_decode: bool | None = None, **vision_inputs) -> torch.Tensor:
     """Generate up to max_new_tokens after a (left-padded) prompt, or after a cached prefix.
 
     Args:
@@ -427,6 +524,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         prefill_chunk_size: prefill the prompt in chunks of this many tokens (`Qwen3VL.prefill`); None: one pass
             (chunks are always used after a cached prefix, of 8192 tokens by default).
         cache_dtype: storage dtype of a new cache (default the model's; torch.float8_e4m3fn halves it).
+        static_decode: decode with `StaticDecoder` (a CUDA graph per call; default: on CUDA devices when the
+            model and batch allow it), else one eager forward per token.
         vision_inputs: pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw.
     Returns: (B, L + n_new) long token ids (n_new <= max_new_tokens): the new tokens after input_ids.
     """
@@ -465,6 +564,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                     **vision_inputs)
     rope_deltas = cache.rope_deltas
     mask = cache.attention_mask()
+    if static_decode is None:
+        static_decode = cache.device.type == "cuda" and max_new_tokens > 1
+    static = None
+    if static_decode and StaticDecoder.supported(model, cache, mask):
+        if own_cache:  # a graph holds its buffers: size the cache for the whole answer first
+            cache.grow(L + max_new_tokens)
+        static = StaticDecoder(model, cache)
     tokens = [input_ids]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
@@ -484,5 +590,17 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if own_cache and cache.length + 1 > cache.max_len:
             cache.grow(min(2 * cache.max_len, L + max_new_tokens))
         pos = decode_position_ids(cache.length, rope_deltas)  # (3, B, 1)
-        out = model(nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+        if static is not None:
+            out = _Logits(static.step(nxt[:, None], pos))
+        else:
+            out = model(nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+    if static is not None:
+        static.close()
     return torch.cat(tokens, dim=1)
+
+
+class _Logits:
+    """The one field of Qwen3VLOutput the decode loop reads."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits

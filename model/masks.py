@@ -1,6 +1,7 @@
 """Attention masks: one description of which keys each query may see, and its renderings for every backend.
 
-`AttentionMask` names the mask (causal, sliding window, global keys and queries, packed documents, key padding);
+`AttentionMask` names the mask (causal, sliding window, global keys and queries, packed documents, key padding, the
+valid length of a preallocated cache);
 the attention backends of model/attention.py render it: a dense boolean keep-mask for SDPA and the fp32 references
 (`dense`), the arguments of the Triton kernels (`kernel_args`, kernels/attention/), a FlexAttention `mask_mod`.
 All three come from one rule, `AttentionMask.visible`; the Triton kernels evaluate the same rule per tile
@@ -13,6 +14,8 @@ row (`cu_seqlens`, Lq == Lk == T) positions count from the start of each documen
     and (not causal or j <= p)
     and (window is None or |p - j| < window or j < num_global or (global_queries and p < num_global))
     and (key j is real or j == p)      # key padding: a padded query sees itself, so no row is empty (NaN in SDPA)
+    and j < key_length                 # key length: a preallocated cache holds key_length valid keys, and then the
+                                       # queries sit at its end (p = key_length - Lq + i), not at Lk's
 `num_global` and `global_queries` refine the window and change nothing without one (Longformer, Beltagy et al.
 2020: global tokens attend to and are attended by every token).
 
@@ -41,6 +44,8 @@ class AttentionMask:
         cu_seqlens: (n_docs + 1,) int32 document boundaries of a packed row (T, H, D); no attention across them.
         max_seqlen: the longest document, if known (the Triton kernels size their grid with it; no host sync).
         key_padding: (B, Lk) bool, True at real tokens (left padding of a batch, with or without a KV cache).
+        key_length: (B,) int32: row b holds only its first key_length[b] keys (a preallocated KV cache read whole,
+            as a CUDA-graph decode step does); the queries are the last of them.
     """
 
     causal: bool = False
@@ -50,6 +55,7 @@ class AttentionMask:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int | None = None
     key_padding: torch.Tensor | None = None
+    key_length: torch.Tensor | None = None
     # FlexAttention block masks already built for this mask, by (Lq, Lk, device): a model shares one mask object
     # across its layers, so the block mask is built once per forward
     _block_masks: dict = field(default_factory=dict, init=False, repr=False)
@@ -73,6 +79,12 @@ class AttentionMask:
             if self.cu_seqlens is not None:
                 raise ValueError("AttentionMask: cu_seqlens and key_padding cannot be combined (a packed row has "
                                  "no padding between its documents)")
+        if self.key_length is not None:
+            if self.key_length.dtype != torch.int32 or self.key_length.dim() != 1:
+                raise ValueError(f"AttentionMask: key_length must be a (B,) int32 tensor, got "
+                                 f"{self.key_length.dtype} {tuple(self.key_length.shape)}")
+            if self.cu_seqlens is not None:
+                raise ValueError("AttentionMask: cu_seqlens and key_length cannot be combined")
 
     # ------------------------------------------------------------------ what the mask uses
     def features(self) -> tuple[str, ...]:
@@ -81,7 +93,8 @@ class AttentionMask:
         used = {"causal": self.causal, "window": self.window is not None,
                 "global keys": self.window is not None and self.num_global > 0,
                 "global queries": self.window is not None and self.num_global > 0 and self.global_queries,
-                "documents": self.cu_seqlens is not None, "key padding": self.key_padding is not None}
+                "documents": self.cu_seqlens is not None, "key padding": self.key_padding is not None,
+                "key length": self.key_length is not None}
         return tuple(name for name, on in used.items() if on)
 
     def within_document(self) -> AttentionMask:
@@ -100,7 +113,8 @@ class AttentionMask:
             documents: `document_table(T)` of a packed row, computed once by the caller (else here).
         Works on whole grids (`dense`) and on FlexAttention's scalar indices (`mask_mod`, under vmap).
         """
-        p = i + (lk - lq)  # query position in key coordinates
+        end = lk if self.key_length is None else self.key_length[b].long()  # keys of the sequence: [0, end)
+        p = i + (end - lq)  # query position in key coordinates
         p_doc, j_doc = p, j
         if self.cu_seqlens is not None:
             doc, start = self.document_table(lk) if documents is None else documents
@@ -117,6 +131,8 @@ class AttentionMask:
             vis = vis & (doc[p] == doc[j])
         if self.key_padding is not None:
             vis = vis & (self.key_padding[b, j] | (j == p))
+        if self.key_length is not None:
+            vis = vis & (j < end)
         return vis
 
     def document_table(self, total: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +150,8 @@ class AttentionMask:
 
     # ------------------------------------------------------------------ renderings
     def dense(self, lq: int, lk: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Boolean keep-mask for SDPA and the references: (Lq, Lk), or (B, 1, Lq, Lk) with key_padding.
+        """Boolean keep-mask for SDPA and the references: (Lq, Lk), or (B, 1, Lq, Lk) with key_padding or
+        key_length.
 
         Args:
             lq, lk: query and key lengths (with documents, both are the packed length T).
@@ -143,8 +160,9 @@ class AttentionMask:
         i = torch.arange(lq, device=device)[:, None]  # (Lq, 1)
         j = torch.arange(lk, device=device)[None, :]  # (1, Lk)
         b = None
-        if self.key_padding is not None:
-            b = torch.arange(self.key_padding.shape[0], device=device)[:, None, None, None]  # (B, 1, 1, 1)
+        rows = self.key_padding if self.key_padding is not None else self.key_length
+        if rows is not None:
+            b = torch.arange(rows.shape[0], device=device)[:, None, None, None]  # (B, 1, 1, 1)
             i, j = i[None, None], j[None, None]  # (1, 1, Lq, 1), (1, 1, 1, Lk)
         return self.visible(b, i, j, lq, lk)
 
@@ -153,8 +171,11 @@ class AttentionMask:
         no kernel argument (the caller refuses it first, naming the backend)."""
         if self.key_padding is not None:
             raise NotImplementedError("the Triton attention kernels cannot run a mask with key padding")
-        return dict(causal=self.causal, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen,
+        args = dict(causal=self.causal, cu_seqlens=self.cu_seqlens, max_seqlen=self.max_seqlen,
                     window=self.window, num_global=self.num_global, global_queries=self.global_queries)
+        if self.key_length is not None:
+            args["kv_length"] = self.key_length
+        return args
 
     def mask_mod(self, lq: int, lk: int):
         """FlexAttention `mask_mod(b, h, q_idx, kv_idx) -> bool` for Lq queries over Lk keys (torch.nn.attention.

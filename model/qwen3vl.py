@@ -322,6 +322,18 @@ class Qwen3VL(nn.Module):
         return Qwen3VLOutput(logits=logits, last_hidden_state=hidden, rope_deltas=cache.rope_deltas,
                              past_key_values=cache)
 
+    def _decode_static(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache,
+                       key_length: torch.Tensor) -> torch.Tensor:
+        """One decode step with static shapes and no host synchronisation (model/generation.py's StaticDecoder
+        captures it in a CUDA graph): tokens (B, 1), position_ids (3, B, 1), the cache in static mode, key_length
+        (B,) int32 = valid keys after this token. Returns logits (B, 1, vocab)."""
+        lm = self.model.language_model
+        embeds = lm.embed_tokens(tokens)
+        cos, sin = self.rotary(position_ids, embeds.dtype)
+        mask = AttentionMask(causal=True, key_length=key_length)
+        hidden, _ = lm(embeds, cos, sin, mask=mask, cache=cache)
+        return self.lm_head(hidden)
+
     def _warn_long_positions(self, position_ids: torch.Tensor):
         """Warn once when positions pass the native context without long-context rope scaling."""
         t = self.config.text

@@ -106,21 +106,31 @@ def hbm_gbps(device) -> float:
 
 
 @torch.no_grad()
-def decode_ms(model, cache: KVCache, steps: int = 16) -> float:
-    """Median ms of one decode step (one new token, logits) at the cache's length; the cache is restored."""
+def decode_ms(model, cache: KVCache, steps: int = 16, static: bool = True) -> float:
+    """Median ms of one decode step (one new token, logits) at the cache's length; the cache is restored.
+    static: the CUDA-graph step that generate uses on a GPU (model/generation.py's StaticDecoder), else one eager
+    forward per token."""
+    from model.generation import StaticDecoder
+
     n0 = cache.length
     tok = torch.tensor([[1000]], device=model.device)
+    dec = StaticDecoder(model, cache) if static else None
     times = []
     for i in range(steps + 3):
         pos = cache.next_position.view(1, 1, 1).expand(3, 1, 1)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model(tok, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+        if dec is not None:
+            dec.step(tok, pos)
+        else:
+            model(tok, position_ids=pos, past_key_values=cache, logits_to_keep=1)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 3:
             times.append((time.perf_counter() - t0) * 1e3)
+    if dec is not None:
+        dec.close()
     cache.truncate(n0)
     return sorted(times)[len(times) // 2]
 
@@ -222,6 +232,7 @@ def run_length(model, processor, video, length, args, bw):
           "first_answer_s": round(a1.seconds, 3), "follow_up_s": round(a2.seconds, 3)}
     index.cache.truncate(index.info.prefix_len)
     ms = decode_ms(model, index.cache)
+    r[f"decode_ms_{args.cache_dtype}_eager"] = round(decode_ms(model, index.cache, static=False), 3)
     read_ms = index.cache.nbytes() * index.cache.length / index.cache.max_len / (bw * 1e9) * 1e3 if bw else 0.0
     r |= {f"decode_ms_{args.cache_dtype}": round(ms, 3), f"read_ms_{args.cache_dtype}": round(read_ms, 3)}
     if args.cache_dtype != "fp8":

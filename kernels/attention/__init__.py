@@ -112,7 +112,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
               cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, window: int | None = None,
               num_global: int = 0, scale: float | None = None, return_lse: bool = False,
               global_queries: bool = False, k_scale: torch.Tensor | None = None,
-              v_scale: torch.Tensor | None = None):
+              v_scale: torch.Tensor | None = None, kv_length: torch.Tensor | None = None):
     """Exact softmax attention with fp32 accumulation, differentiable in q, k, v (except over an fp8 cache).
 
     Key j is visible to query i when (not causal or j <= i) and (window is None or |i - j| < window or
@@ -136,6 +136,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         return_lse: also return the natural-log log-sum-exp, (B, Hq, Lq) or (Hq, T) fp32 (no gradient).
         k_scale, v_scale: (B, Lk, Hkv) fp32 scales of fp8 k and v (`quantize_kv`): key j of head h is
             k[:, j, h].float() * k_scale[:, j, h]. The kernels dequantise each tile as they load it.
+        kv_length: (B,) int32 on q's device, or None: row b of a preallocated cache holds only its first
+            kv_length[b] keys, and the queries are the last of them (decoding; read on the device, so a CUDA graph
+            of the step replays at any length). Few queries only (the split-KV decode path), no gradient.
     Returns:
         o with q's shape and dtype (contiguous); and lse when return_lse.
 
@@ -164,7 +167,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         raise RuntimeError("attention: fp8 K/V is forward only; call it under torch.no_grad() / inference_mode() "
                            "or detach q")
     group = q.shape[-2] // k.shape[-2]
-    if (not packed and not needs_grad and not torch.compiler.is_compiling() and k.shape[1] >= _DECODE_MIN_KEYS
+    if kv_length is not None:
+        if packed or needs_grad or q.shape[1] * group > 128:
+            raise ValueError("attention: kv_length is for decoding (B, Lq, H, D) queries over a preallocated cache: "
+                             "no cu_seqlens, no gradient, Lq * Hq / Hkv <= 128")
+        o, lse = decode_attention(q, k, v, causal=causal, window=window, num_global=num_global, scale=scale,
+                                  global_queries=global_queries, k_scale=k_scale, v_scale=v_scale,
+                                  kv_length=kv_length)
+    elif (not packed and not needs_grad and not torch.compiler.is_compiling() and k.shape[1] >= _DECODE_MIN_KEYS
             and q.shape[1] * group <= _DECODE_MAX_ROWS):
         o, lse = decode_attention(q, k, v, causal=causal, window=window, num_global=num_global, scale=scale,
                                   global_queries=global_queries, k_scale=k_scale, v_scale=v_scale)

@@ -21,7 +21,7 @@ from .masks import visible
 
 
 @triton.jit
-def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS,
+def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS, KLEN,
                            stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                            stride_vb, stride_vt, stride_vh,
                            stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
@@ -29,7 +29,7 @@ def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS,
                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                            BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                            WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, PRECISION: tl.constexpr,
-                           KV_FP8: tl.constexpr):
+                           KV_FP8: tl.constexpr, DEVICE_LEN: tl.constexpr):
     """Partial attention of one key chunk. OP: (S, B, Hq, Lq, D) fp32 normalised outputs, LP: (S, B, Hq, Lq) fp32
     natural-log LSE (-inf where the chunk holds no visible key). KV_FP8: K, V are float8_e4m3fn with fp32 scales
     KS, VS (B, Lk, Hkv), dequantised as in forward.py's `_fwd_inner`; otherwise KS, VS are None."""
@@ -37,6 +37,8 @@ def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS,
     hk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     n_batch = tl.num_programs(2)
+    if DEVICE_LEN:  # a preallocated cache: sequence b holds KLEN[b] valid keys (read on the device: CUDA graphs)
+        seqlen_k = tl.load(KLEN + b)
     rows = tl.arange(0, BLOCK_R)  # row r = g * Lq + i: query i of query head hk * GROUP + g
     g = rows // seqlen_q
     i = rows % seqlen_q
@@ -144,7 +146,8 @@ def _num_sms(device: torch.device) -> int:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                      window: int | None = None, num_global: int = 0, scale: float | None = None,
                      num_splits: int | None = None, global_queries: bool = False,
-                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None):
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     kv_length: torch.Tensor | None = None):
     """Split-KV attention for few queries over a long cache (forward only).
 
     Args:
@@ -154,6 +157,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
         num_splits: key chunks per (sequence, KV head); default fills the GPU about twice.
         global_queries: as in `attention` (queries at key positions < num_global ignore the window).
         k_scale, v_scale: (B, Lk, Hkv) fp32 scales of an fp8 K/V cache (kernels/attention/fp8.py), else None.
+        kv_length: (B,) int32 on q's device, or None: sequence b holds only its first kv_length[b] keys (a
+            preallocated cache; the queries are the last of them). Read by the kernel, so one launch serves every
+            length: a decode step captured in a CUDA graph replays as the cache grows (model/generation.py).
     Returns:
         o (B, Lq, Hq, D) in q's dtype and the natural-log LSE (B, Hq, Lq) fp32.
     """
@@ -176,14 +182,18 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causa
     num_splits = triton.cdiv(lk, keys_per_split)
     block_d = max(16, triton.next_power_of_2(d))
     block_r = max(16, triton.next_power_of_2(rows))
+    if kv_length is not None and (kv_length.dtype != torch.int32 or tuple(kv_length.shape) != (bsz,)
+                                  or kv_length.device != q.device):
+        raise ValueError(f"decode_attention: kv_length must be a ({bsz},) int32 tensor on {q.device}, got "
+                         f"{kv_length.dtype} {tuple(kv_length.shape)} on {kv_length.device}")
     op = common.empty_output((num_splits, bsz, hq, lq, d), torch.float32, q.device)
     lp = common.empty_output((num_splits, bsz, hq, lq), torch.float32, q.device)
     _decode_partial_kernel[(num_splits, hkv, bsz)](
-        q, k, v, op, lp, k_scale, v_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        q, k, v, op, lp, k_scale, v_scale, kv_length, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *common.scale_strides(k_scale), *common.scale_strides(v_scale), lq, lk, keys_per_split, scale,
         window or 0, num_global, GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_N=block_n,
         CAUSAL=causal, WINDOW=window is not None, GLOBAL_Q=bool(global_queries) and window is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv8,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_FP8=kv8, DEVICE_LEN=kv_length is not None,
         num_warps=4, num_stages=1 if INTERPRET else (2 if q.dtype == torch.float32 else 3))
     o = common.empty_output(q.shape, q.dtype, q.device)
     lse = common.empty_output((bsz, hq, lq), torch.float32, q.device)
