@@ -421,6 +421,7 @@ class StaticDecoder:
         graph: capture a CUDA graph (default: on CUDA devices); False runs the same static step eagerly.
     """
 
+    @torch.no_grad()
     def __init__(self, model, cache: KVCache, graph: bool | None = None):
         dev = cache.device
         self.model, self.cache = model, cache
@@ -458,6 +459,7 @@ class StaticDecoder:
         self.cache.static_pos.fill_(self.cache.length)  # device writes of host ints: no synchronisation
         self.key_length.fill_(self.cache.length + 1)
 
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """tokens (B, 1) long, position_ids (3, B, 1) -> logits (B, 1, vocab); appends the token to the cache."""
         c = self.cache
