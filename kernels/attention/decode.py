@@ -83,13 +83,10 @@ def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS, KLEN,
             k_ok = kn < end
             k = tl.load(k_base + kn[:, None] * stride_kt + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :],
                         other=0.0)
-            if KV_FP8:
-                # the key scale factors out of the dot product: e4m3 values are exact in q's dtype, and the (rows,
-                # keys) scores are scaled in fp32 (BLOCK_R x BLOCK_N products instead of BLOCK_N x D for the tile)
+            if KV_FP8:  # dequantise in fp32, round once to q's dtype (as forward.py)
                 ksc = tl.load(ks_base + kn * stride_kst, mask=k_ok, other=0.0)
-                qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * (qk_scale * ksc[None, :])
-            else:
-                qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+                k = (k.to(tl.float32) * ksc[:, None]).to(q.dtype)
+            qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
             vis = visible(qpos[:, None], kn[None, :], row_ok[:, None], k_ok[None, :], window, num_global, CAUSAL,
                            WINDOW, GLOBAL_Q)
             qk = tl.where(vis, qk, float("-inf"))
@@ -102,14 +99,8 @@ def _decode_partial_kernel(Q, K, V, OP, LP, KS, VS, KLEN,
                         other=0.0)
             if KV_FP8:
                 vsc = tl.load(vs_base + kn * stride_vst, mask=k_ok, other=0.0)
-                if q.dtype == tl.float16:  # p * scale could fall into fp16's subnormals: dequantise the tile
-                    v = (v.to(tl.float32) * vsc[:, None]).to(q.dtype)
-                    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-                else:  # bf16 / fp32 keep fp32's range: fold the value scale into the probabilities
-                    acc = tl.dot((p * vsc[None, :]).to(q.dtype), v.to(q.dtype), acc * alpha[:, None],
-                                 input_precision=PRECISION)
-            else:
-                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+                v = (v.to(tl.float32) * vsc[:, None]).to(q.dtype)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
             m_i = m_ij
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
