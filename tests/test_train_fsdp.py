@@ -35,13 +35,19 @@ def _worker(rank: int, world: int, port: int, cfgs: list, out: str):
     dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_fsdp2_two_processes_match_single_process(tmp_path):
+def _single_process_reference(tmp_path):
+    """The data set, the shared train settings and the single-process losses (4 steps, grad_accum 2) that the
+    two-process runs must reproduce."""
     data = ocr_set(tmp_path / "ocr", n_train=32)
     common = {"steps": 4, "export": False, "save_every": 2}
     with one_thread():
         single = train(small_config(data, tmp_path / "single", train={**common, "grad_accum": 2}))
-    ref = [h["loss"] for h in single["history"]]
+    return data, common, [h["loss"] for h in single["history"]]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_fsdp2_two_processes_match_single_process(tmp_path):
+    data, common, ref = _single_process_reference(tmp_path)
 
     fsdp = {"parallel": {"strategy": "fsdp"}}
     first = small_config(data, tmp_path / "fsdp", train={**common, "grad_accum": 1, "stop_after_steps": 2}, **fsdp)
@@ -94,11 +100,7 @@ def test_sharded_checkpoint_never_unpickles_and_reshards_to_another_world_size(t
 
     from train.checkpoint import write_manifest
 
-    data = ocr_set(tmp_path / "ocr", n_train=32)
-    common = {"steps": 4, "export": False, "save_every": 2}
-    with one_thread():
-        single = train(small_config(data, tmp_path / "single", train={**common, "grad_accum": 2}))
-    ref = [h["loss"] for h in single["history"]]
+    data, common, ref = _single_process_reference(tmp_path)
 
     fsdp = {"parallel": {"strategy": "fsdp"}}
     first = small_config(data, tmp_path / "fsdp", train={**common, "grad_accum": 1, "stop_after_steps": 2}, **fsdp)
