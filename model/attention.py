@@ -12,11 +12,11 @@ Tensors are in flash-attn's layout: (B, L, H, D), or packed (T, H, D) with the m
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .autocast import to_autocast_dtype
 from .masks import AttentionMask
@@ -25,8 +25,6 @@ BACKENDS = ("torch", "triton", "flex")
 # mask features (AttentionMask.features) each backend lacks
 UNSUPPORTED = {"torch": (), "triton": ("key padding",), "flex": ("key length",)}
 
-# SDPA's lower-right causal bias takes enable_gqa in recent torch; older ones need repeated K/V for GQA
-_BIAS_GQA = "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
 _MAX_DOC_CALLS = 16          # more documents than this: use one block-diagonal masked call ...
 _MAX_MASKED_TOKENS = 16384   # ... if the (T, T) boolean mask stays small (<= 256 MB)
 
@@ -51,6 +49,15 @@ def _sdpa_dense(q, k, v, keep: torch.Tensor, scale: float | None) -> torch.Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale).transpose(1, 2)
 
 
+@functools.cache
+def _lower_right_bias():
+    """torch's lower-right causal bias for SDPA, and whether it takes enable_gqa (recent torch; older ones need
+    repeated K/V). Imported on first use: torch.nn.attention.bias pulls in torch._dynamo (~900 modules)."""
+    from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+    return causal_lower_right, "enable_gqa" in inspect.signature(CausalBias._dispatch).parameters
+
+
 def _sdpa(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     """q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), a mask without documents -> (B, Lq, Hq, D) through SDPA."""
     lq, lk = q.shape[1], k.shape[1]
@@ -66,9 +73,10 @@ def _sdpa(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
         if lq < lk:
             # a chunk of queries after a cache (chunked prefill): SDPA's lower-right causal bias, never an (Lq, Lk)
             # mask on the GPU (the memory-efficient kernel takes the alignment natively)
+            causal_lower_right, bias_gqa = _lower_right_bias()
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            kw = {"enable_gqa": gqa} if _BIAS_GQA else {}
-            if gqa and not _BIAS_GQA:
+            kw = {"enable_gqa": gqa} if bias_gqa else {}
+            if gqa and not bias_gqa:
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(lq, lk), scale=scale, **kw)
