@@ -59,7 +59,7 @@ def haystack(n: int, cfg: HaystackConfig, rng: np.random.Generator, proc=None) -
 
 
 def video_frames(path: str, n: int, fps: float, size: int, proc) -> tuple[list[np.ndarray], list[float]]:
-    """The first n frames of `path` sampled at `fps` by the processor's plan, resized to size x size, and their
+    """The first n frames of `path` sampled at `fps` by the processor's plan at its size for size x size, and their
     container times (frame index / stream rate, as the processor times them)."""
     from model.processing.video import plan_video_file
     from model.processing.video_decode import read_frames
@@ -71,7 +71,11 @@ def video_frames(path: str, n: int, fps: float, size: int, proc) -> tuple[list[n
     if len(plan.frame_indices) < n:
         raise ValueError(f"haystack video {path}: {len(plan.frame_indices)} frames at {fps} fps, the cell needs {n}")
     idx = plan.frame_indices[:n]
-    frames = read_frames(str(path), idx, size=(size, size))  # (n, 3, size, size) uint8
+    from model.processing.video import uses_uint8_kernel
+
+    # (n, 3, h, w) uint8 at the planned size (the processor's kernel; size x size raised to its pixel floor), so
+    # the processor's own resize of these frames is a no-op and the rows equal its rows for the file
+    frames = read_frames(str(path), idx, size=plan.size, uint8_kernel=uses_uint8_kernel(proc.video_rule))
     vfps = effective_fps(meta.fps)
     return [f.permute(1, 2, 0).numpy() for f in frames], [i / vfps for i in idx]
 

@@ -89,8 +89,9 @@ def _cell_rng(seed: int, length: int, depth: float) -> np.random.Generator:
 
 
 def task_length(task, proc, length: int, cfg: NeedleConfig) -> int:
-    """The task-unit length (frames) of a cell given in prompt tokens (`length_unit: tokens`): measured from the
-    prompts of the smallest haystack the task accepts and of one more temporal group (tokens grow linearly)."""
+    """The task-unit length (frames) of a cell given in prompt tokens (`length_unit: tokens`): estimated from the
+    prompts of the smallest haystack the task accepts and of one more temporal group, then refined on the prompt
+    itself (the frame count whose prompt is within one temporal group of `length` tokens)."""
     if cfg.length_unit == "task" or task.unit == "tokens":
         return length
 
@@ -107,7 +108,13 @@ def task_length(task, proc, length: int, cfg: NeedleConfig) -> int:
             if base > 1000:
                 raise
     per_group = tokens(base + 2) - t0
-    return base + 2 * max(0, round((length - t0) / per_group))
+    n = base + 2 * max(0, round((length - t0) / per_group))
+    for _ in range(4):  # timestamp text grows with the digits of t: refine on the measured prompt
+        step = 2 * round((length - tokens(n)) / per_group)
+        if step == 0 or n + step < base:
+            break
+        n += step
+    return n
 
 
 def _peak_memory(device) -> tuple[int, str]:
@@ -254,8 +261,7 @@ def plot_heatmap(result: dict, path: Path, ax=None):
     own = ax is None
     if own:
         fig, ax = plt.subplots(figsize=(1.6 + 0.9 * acc.shape[0], 1.5 + 0.5 * acc.shape[1]))
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("lightgrey")
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")
     im = ax.imshow(np.ma.masked_invalid(acc.T), cmap=cmap, vmin=0, vmax=1, aspect="auto", origin="upper")
     toks = [next((t for t in row if t is not None), None) for row in result["tokens"]]
     ax.set_xticks(range(len(result["lengths"])), [f"{n}\n({t} tok)" for n, t in zip(result["lengths"], toks)])
