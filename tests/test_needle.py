@@ -341,3 +341,20 @@ def test_eval_command_writes_json_and_heatmap(task, length, tmp_path):
     assert res["task"] == task and cell["status"] == "ok" and cell["tokens"] > 0
     assert set(cell) >= {"teacher_forced", "generate", "frames", "seconds", "memory_bytes"}
     assert (tmp_path / f"{task}.png").stat().st_size > 1000 and (tmp_path / f"{task}.md").is_file()
+
+
+def test_compare_plots_runs_side_by_side(proc, tmp_path, capsys):
+    from eval.compare import main
+
+    run_needle(Reader(proc), proc, small("temporal", tmp_path / "a", lengths=(6,), depths=(0.0, 1.0)))
+    run_needle(Fixed(proc, "0.5"), proc, small("temporal", tmp_path / "b", lengths=(6,), depths=(0.0, 1.0)))
+    out = tmp_path / "cmp.png"
+    main([str(tmp_path / "a" / "temporal.json"), str(tmp_path / "b" / "temporal.json"), "--out", str(out),
+          "--mode", "generate"])
+    table = capsys.readouterr().out
+    assert "| a/temporal | temporal | 2/2 | 100.0% | 100.0% | 0.00 |" in table
+    assert "| b/temporal | temporal | 2/2 | 50.0% | 50.0% | 2.00 |" in table
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert w > 1.5 * h and out.stat().st_size > 5000
