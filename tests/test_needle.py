@@ -358,3 +358,24 @@ def test_compare_plots_runs_side_by_side(proc, tmp_path, capsys):
 
     w, h = Image.open(out).size
     assert w > 1.5 * h and out.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("protocol, task", [("longva_vniah", "vniah"), ("videorope_vniah_d", "vniah_d"),
+                                            ("qwen3vl_1m", "temporal")])
+def test_protocol_presets_compose(protocol, task):
+    """conf/protocol/<preset>.yaml composes with a task into a typed EvalConfig (unknown keys would fail)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from eval.run import EvalConfig
+    from model.build import config_from_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose("eval", overrides=[f"task={task}", f"protocol={protocol}"])
+    cfg = config_from_dict(OmegaConf.to_container(c, resolve=True), EvalConfig)
+    assert cfg.needle.task == task and cfg.needle.chunk_size == 8192
+    if protocol == "qwen3vl_1m":
+        assert cfg.needle.lengths[-1] == 1048576 and cfg.needle.length_unit == "tokens"
+        assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 4.0}
+    else:
+        assert cfg.needle.lengths[-1] == 3000 and cfg.haystack.fps == 1.0 and len(cfg.needle.depths) == 11
