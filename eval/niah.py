@@ -117,6 +117,10 @@ def task_length(task, proc, length: int, cfg: NeedleConfig) -> int:
     return n
 
 
+def _oom_message(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else "out of memory"
+
+
 def _peak_memory(device) -> tuple[int, str]:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
@@ -136,14 +140,19 @@ def run_cell(model, proc, task, length: int, depth: float, cfg: NeedleConfig) ->
         rec = {"answer": case.answer, "values": case.values, "frames": case.frames,
                "tokens": int(case.inputs["input_ids"].shape[1]),
                "needle_frames": [nd["frame"] for nd in case.needles]}
-        if "teacher_forced" in cfg.scoring:
-            rec["teacher_forced"] = judge_teacher_forced(case, model.answer_hits(case, answer_ids), answer_ids,
-                                                         proc.tokenizer)
-        if "generate" in cfg.scoring:
-            text = model.generate(case, cfg.max_new_tokens)
-            rec["generate"] = {"text": text, **judge(case, text)}
-        trials.append(rec)
         tokens, frames = max(tokens, rec["tokens"]), max(frames, rec["frames"])
+        try:
+            if "teacher_forced" in cfg.scoring:
+                rec["teacher_forced"] = judge_teacher_forced(case, model.answer_hits(case, answer_ids), answer_ids,
+                                                             proc.tokenizer)
+            if "generate" in cfg.scoring:
+                text = model.generate(case, cfg.max_new_tokens)
+                rec["generate"] = {"text": text, **judge(case, text)}
+        except torch.OutOfMemoryError as e:  # the prompt's size is known: record it with the failure
+            del case
+            return {"length": length, "depth": depth, "status": "oom", "error": _oom_message(e), "frames": frames,
+                    "tokens": tokens}
+        trials.append(rec)
     cell = {"length": length, "depth": depth, "status": "ok", "frames": frames, "tokens": tokens}
     for mode in cfg.scoring:
         s = {"accuracy": float(np.mean([t[mode]["correct"] for t in trials]))}
@@ -192,10 +201,9 @@ def run_needle(model, proc, cfg: NeedleConfig) -> dict:
         try:
             cell = run_cell(model, proc, task, n, d, cfg)
         except torch.OutOfMemoryError as e:
-            cell = {"length": n, "depth": d, "status": "oom", "error": str(e).splitlines()[0] if str(e) else "OOM",
-                    "frames": None, "tokens": None}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            cell = {"length": n, "depth": d, "status": "oom", "error": _oom_message(e), "frames": None, "tokens": None}
+        if cell["status"] == "oom" and device.type == "cuda":
+            torch.cuda.empty_cache()
         cell["seconds"] = time.perf_counter() - t0
         cell["memory_bytes"], cell["memory_kind"] = _peak_memory(device)
         cell["scoring"] = list(cfg.scoring)

@@ -225,6 +225,7 @@ def test_out_of_memory_cell_is_recorded_not_raised(proc, tmp_path):
     assert [c["status"] for c in res["cells"]] == ["ok", "ok", "oom", "oom"]
     assert res["accuracy"] == [[1.0, 1.0], [None, None]] and res["mean_accuracy"] == 1.0
     assert "out of memory" in res["cells"][2]["error"]
+    assert res["cells"][2]["tokens"] > 80 and res["cells"][2]["frames"] == 20  # the failed prompt's size is kept
     md = (tmp_path / "vniah.md").read_text()
     assert md.count("| oom |") == 2 and (tmp_path / "vniah.png").stat().st_size > 1000
 
@@ -379,3 +380,32 @@ def test_protocol_presets_compose(protocol, task):
         assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 4.0}
     else:
         assert cfg.needle.lengths[-1] == 3000 and cfg.haystack.fps == 1.0 and len(cfg.needle.depths) == 11
+
+
+def test_teacher_forced_recall_per_needle(proc):
+    """multi_needle under teacher forcing: a wrong token inside the second number fails that needle only."""
+    from eval.scoring import judge_teacher_forced
+    from eval.tasks import Case
+
+    case = Case({}, "4821, 1234, 9876", "numbers", [4821, 1234, 9876])
+    ids = proc.tokenizer.encode(case.answer)
+    spans, text = [], ""
+    for t in ids:
+        text += proc.tokenizer.decode([t])
+        spans.append(len(text))
+    inside = next(i for i, e in enumerate(spans) if e > case.answer.index("1234"))  # first token of "1234"
+    hits = [i != inside for i in range(len(ids))]
+    r = judge_teacher_forced(case, hits, ids, proc.tokenizer)
+    assert r["recall"] == [1.0, 0.0, 1.0] and not r["correct"]
+    r = judge_teacher_forced(case, [True] * len(ids), ids, proc.tokenizer)
+    assert r["recall"] == [1.0, 1.0, 1.0] and r["correct"]
+
+
+def test_needle_image_is_shown_above_the_text(tmp_path):
+    from PIL import Image
+
+    from eval.haystack import text_frame
+
+    Image.fromarray(np.full((10, 10, 3), (200, 30, 30), np.uint8)).save(tmp_path / "logo.png")
+    f = text_frame("THE SECRET NUMBER IS 1234", 64, image=str(tmp_path / "logo.png"))
+    assert (f[:32] == (200, 30, 30)).all() and (f[32:] < 100).any() and (f[32:] == 255).mean() > 0.5
