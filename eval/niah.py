@@ -156,7 +156,7 @@ def run_cell(model, proc, task, length: int, depth: float, cfg: NeedleConfig) ->
     cell = {"length": length, "depth": depth, "status": "ok", "frames": frames, "tokens": tokens}
     for mode in cfg.scoring:
         s = {"accuracy": float(np.mean([t[mode]["correct"] for t in trials]))}
-        if trials[0].get("values") is not None and "recall" in trials[0][mode]:
+        if "recall" in trials[0][mode]:
             s["recall"] = np.mean([t[mode]["recall"] for t in trials], axis=0).tolist()
         if mode == "generate" and any("abs_error" in t[mode] for t in trials):
             errs = [t[mode]["abs_error"] for t in trials]  # MAE over the answers that state a time
@@ -255,7 +255,8 @@ def markdown_table(result: dict) -> str:
         lines.append("| " + " | ".join(str(x) for x in [c["length"], f"{c['depth']:.2f}", c["frames"], c["tokens"],
                                                         *accs, "; ".join(extra), f"{c['seconds']:.1f}",
                                                         f"{c['memory_bytes'] / 2**30:.2f}", c["status"]]) + " |")
-    return f"# needle-{result['task']} ({result['mode']}): mean {result['mean_accuracy']:.1%}\n\n" + "\n".join(lines) + "\n"
+    title = f"# needle-{result['task']} ({result['mode']}): mean {result['mean_accuracy']:.1%}"
+    return title + "\n\n" + "\n".join(lines) + "\n"
 
 
 def plot_heatmap(result: dict, path: Path, ax=None):

@@ -84,19 +84,25 @@ class Qwen3VLNeedleModel:
     def __init__(self, model, tokenizer, chunk_size: int = 0):
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
 
-    def _prefill(self, case, room: int):
+    def _prefill(self, ids: torch.Tensor, inputs: dict, room: int):
+        """A new cache holding `ids` (1, L) (+ `room` free tokens), prefilled in chunks with a token progress bar;
+        returns (cache, last logits (V,))."""
+        from tqdm.auto import tqdm
+
         from model.generation import KVCache
 
-        ids = case.inputs["input_ids"].to(self.model.device)
         cache = KVCache.for_model(self.model, 1, ids.shape[1] + room)
-        out = self.model.prefill(ids, cache, chunk_size=self.chunk_size, **_media(self.model, case.inputs))
+        with tqdm(total=ids.shape[1], unit="tok", unit_scale=True, desc="prefill", leave=False) as bar:
+            out = self.model.prefill(ids, cache, chunk_size=self.chunk_size, progress=bar.update,
+                                     **_media(self.model, inputs))
         return cache, out.logits[0, -1]
 
     @torch.no_grad()
     def answer_hits(self, case, answer_ids: list[int]) -> list[bool]:
         if not self.chunk_size:
             return teacher_forced_hits(self.model, case.inputs, answer_ids).tolist()
-        cache, logits = self._prefill(case, len(answer_ids) + 1)
+        cache, logits = self._prefill(case.inputs["input_ids"].to(self.model.device), case.inputs,
+                                      len(answer_ids) + 1)
         hits = []
         for t in answer_ids:  # the gold token goes in whatever the model predicted (teacher forcing)
             hits.append(int(logits.argmax()) == t)
@@ -111,10 +117,7 @@ class Qwen3VLNeedleModel:
             new = out[0, ids.shape[1]:]
         else:
             # prefill all but the last prompt token, then let generate() continue the cache from that one token
-            from model.generation import KVCache
-
-            cache = KVCache.for_model(self.model, 1, ids.shape[1] + max_new_tokens + 1)
-            self.model.prefill(ids[:, :-1], cache, chunk_size=self.chunk_size, **_media(self.model, case.inputs))
+            cache, _ = self._prefill(ids[:, :-1], case.inputs, max_new_tokens + 1)
             out = self.model.generate(ids[:, -1:], past_key_values=cache, max_new_tokens=max_new_tokens,
                                       prefill_chunk_size=self.chunk_size)
             new = out[0, 1:]
