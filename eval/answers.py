@@ -15,8 +15,8 @@ _CLOCK = re.compile(r"(?<![\d:.])(\d+):([0-5]\d)(?::([0-5]\d(?:\.\d+)?))?(?![\d:
 _UNITS = {"h": 3600.0, "hr": 3600.0, "hrs": 3600.0, "hour": 3600.0, "hours": 3600.0,
           "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
           "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0}
-_UNIT_PART = re.compile(rf"({_NUM})\s*(hours|hour|hrs|hr|h|minutes|minute|mins|min|m|seconds|second|secs|sec|s)\b",
-                        re.IGNORECASE)
+_UNIT_PART = re.compile(rf"({_NUM})\s*(hours|hour|hrs|hr|h|minutes|minute|mins|min|m|seconds|second|secs|sec|s)"
+                        r"(?![a-z])", re.IGNORECASE)
 
 
 def _value(s: str) -> float:

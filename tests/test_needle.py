@@ -110,6 +110,8 @@ def small(task, tmp_path, **kw):
     ("72", 72.0), ("72 s", 72.0), ("4354.5 seconds", 4354.5), ("1:12:34", 4354.0), ("0:45", 45.0),
     ("at 1h 2m", 3720.0), ("1 minute and 5 seconds", 65.0), ("2 min 30 sec", 150.0),
     ("The frame appears at 12.5 seconds.", 12.5), ("3 seconds, i.e. 3 s", 3.0), ("at 1:05:07.5", 3907.5),
+    ("1h2m3s", 3723.0), ("12.5s", 12.5), ("00:01:12", 72.0), ("at 1:05 (65 seconds)", 65.0), ("5 minutes", 300.0),
+    ("1:05 or 2:10", None), ("about 40", 40.0), ("1 hour and 2 minutes, or 2 hours", None),
     ("either 12 or 40", None), ("12 s or 40 s", None), ("no idea", None), ("", None), ("1:75", None)],
     ids=lambda v: repr(v))
 def test_parse_time(text, seconds):
