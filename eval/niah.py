@@ -89,31 +89,37 @@ def _cell_rng(seed: int, length: int, depth: float) -> np.random.Generator:
 
 
 def task_length(task, proc, length: int, cfg: NeedleConfig) -> int:
-    """The task-unit length (frames) of a cell given in prompt tokens (`length_unit: tokens`): estimated from the
-    prompts of the smallest haystack the task accepts and of one more temporal group, then refined on the prompt
-    itself (the frame count whose prompt is within one temporal group of `length` tokens)."""
+    """The frame count of a video cell given in prompt tokens (`length_unit: tokens`).
+
+    Two small prompts (the fewest frames the task accepts, and one temporal group more) give the tokens of the
+    prompt around the video and of a group without its timestamp; groups are then added, each with its own
+    `<t seconds>` text (longer as t grows), while the total gets closer to `length`. No full-size prompt is built.
+    """
     if cfg.length_unit == "task" or task.unit == "tokens":
         return length
+    from model.processing.prompt import timestamp_text
 
     def tokens(n):
         return task.make_case(proc, n, 0.0, _cell_rng(cfg.seed, n, 0.0), cfg).inputs["input_ids"].shape[1]
 
+    def stamp(g):  # timestamp tokens of group g (synthetic timing; a video file's differs by < one interval)
+        t = (2 * g + 0.5) / cfg.haystack.fps
+        return len(proc.tokenizer.encode(timestamp_text(t))) if cfg.timestamps else 0
+
     base = 2
     while True:  # tasks with several needles need a few groups
         try:
-            t0 = tokens(base)
+            total = tokens(base)
             break
         except ValueError:
             base += 2
             if base > 1000:
                 raise
-    per_group = tokens(base + 2) - t0
-    n = base + 2 * max(0, round((length - t0) / per_group))
-    for _ in range(4):  # timestamp text grows with the digits of t: refine on the measured prompt
-        step = 2 * round((length - tokens(n)) / per_group)
-        if step == 0 or n + step < base:
-            break
-        n += step
+    per_group = tokens(base + 2) - total - stamp(base // 2)
+    n = base
+    while abs(total + per_group + stamp(n // 2) - length) < abs(total - length):
+        total += per_group + stamp(n // 2)
+        n += 2
     return n
 
 

@@ -241,13 +241,14 @@ def test_cell_record_fields(proc, tmp_path):
 
 
 def test_lengths_in_tokens(proc, tmp_path):
-    """needle.length_unit=tokens: a video cell is sized to about the asked prompt tokens (within one group)."""
-    cfg = small("vniah", tmp_path, lengths=(150, 300), depths=(0.5,), length_unit="tokens", scoring=("generate",))
+    """needle.length_unit=tokens: a video cell is sized to the asked prompt tokens within half a temporal group
+    (a 32 px frame is raised to the 64 px floor: 4 pads + vision start / end + 6-8 timestamp tokens per group),
+    also where the timestamp text has grown to three digits."""
+    cfg = small("vniah", tmp_path, lengths=(150, 1500), depths=(0.5,), length_unit="tokens", scoring=("generate",))
     res = run_needle(Reader(proc), proc, cfg)
     (t1,), (t2,) = res["tokens"]
-    per_group = (32 // 32) ** 2 + 2 + 6  # 1 pad + vision start / end + about 6 timestamp tokens
-    assert abs(t1 - 150) <= per_group and abs(t2 - 300) <= per_group
-    assert res["frames"][1][0] > res["frames"][0][0]
+    assert abs(t1 - 150) <= 7 and abs(t2 - 1500) <= 7, (t1, t2)
+    assert res["frames"][1][0] > 200 and res["length_unit"] == "tokens"
 
 
 def test_timestamps_ablation_drops_only_the_timestamp_text(proc):
