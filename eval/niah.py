@@ -174,12 +174,14 @@ def run_cell(model, proc, task, length: int, depth: float, cfg: NeedleConfig) ->
     return cell
 
 
-def run_needle(model, proc, cfg: NeedleConfig) -> dict:
+def run_needle(model, proc, cfg: NeedleConfig, run_info: dict | None = None) -> dict:
     """Sweep lengths x depths (resuming out_dir/<task>.json); returns the result dict, written as JSON + PNG + MD.
 
     Args:
         model: a `eval.scoring.NeedleModel`, or a Qwen3VL (wrapped in `Qwen3VLNeedleModel` with cfg.chunk_size).
         proc: the processor (tokenizer, video preprocessing).
+        run_info: what else the cells depend on (model, rope scaling, processor; JSON-able), saved with them: a
+            saved sweep is resumed only when it and `cfg.signature()` are both equal.
     """
     task = get_task(cfg.task)
     if not hasattr(model, "answer_hits"):
@@ -190,7 +192,7 @@ def run_needle(model, proc, cfg: NeedleConfig) -> dict:
     done = {}
     if path.is_file():
         old = json.loads(path.read_text())
-        if old.get("config") == cfg.signature():
+        if old.get("config") == cfg.signature() and old.get("run") == json.loads(json.dumps(run_info or {})):
             done = {(c["length"], c["depth"]): c for c in old["cells"]}
         else:
             print(f"needle-{cfg.task}: {path} holds another configuration; starting afresh")
@@ -215,15 +217,15 @@ def run_needle(model, proc, cfg: NeedleConfig) -> dict:
         cell["scoring"] = list(cfg.scoring)
         cells.append(cell)
         bar.set_postfix(length=n, depth=d, tokens=cell["tokens"], s=f"{cell['seconds']:.1f}", status=cell["status"])
-        _write(path, _result(cfg, task, cells))
-    result = _result(cfg, task, cells)
+        _write(path, _result(cfg, task, cells, run_info))
+    result = _result(cfg, task, cells, run_info)
     _write(path, result)
     plot_heatmap(result, out / f"{cfg.task}.png")
     (out / f"{cfg.task}.md").write_text(markdown_table(result))
     return result
 
 
-def _result(cfg: NeedleConfig, task, cells: list[dict]) -> dict:
+def _result(cfg: NeedleConfig, task, cells: list[dict], run_info: dict | None) -> dict:
     """The JSON: per-cell records plus length x depth grids of the first scoring mode (NaN where not run / OOM)."""
     mode = cfg.scoring[0]
     by = {(c["length"], c["depth"]): c for c in cells}
@@ -232,6 +234,7 @@ def _result(cfg: NeedleConfig, task, cells: list[dict]) -> dict:
     vals = [a for row in acc for a in row if a is not None]
     return {"task": cfg.task, "unit": task.unit, "length_unit": cfg.length_unit, "lengths": list(cfg.lengths),
             "depths": list(cfg.depths), "scoring": list(cfg.scoring), "mode": mode, "config": cfg.signature(),
+            "run": json.loads(json.dumps(run_info or {})),
             "accuracy": acc, "tokens": grid(lambda c: c["tokens"] if c else None),
             "frames": grid(lambda c: c["frames"] if c else None),
             "mean_accuracy": float(np.mean(vals)) if vals else float("nan"), "cells": cells}

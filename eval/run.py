@@ -44,7 +44,8 @@ def run(cfg: EvalConfig) -> dict:
     if proc_path is None and cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
         proc_path = cfg.model.path
     proc = load_processor(proc_path)
-    result = run_needle(model, proc, dataclasses.replace(cfg.needle, haystack=cfg.haystack))
+    info = {"model": dataclasses.asdict(cfg.model), "rope_scaling": cfg.rope_scaling, "processor": proc_path}
+    result = run_needle(model, proc, dataclasses.replace(cfg.needle, haystack=cfg.haystack), info)
     print(markdown_table(result))
     print(f"json, heatmap and table in {cfg.needle.out_dir}/{result['task']}.{{json,png,md}}")
     return result

@@ -208,6 +208,11 @@ def test_resumed_sweep_equals_uninterrupted(proc, tmp_path):
     other = run_needle(Reader(proc), proc, small("multi_needle", tmp_path / "b", lengths=(8, 10),
                                                  depths=(0.0, 1.0), trials=1))
     assert all(len(c["trials"]) == 1 for c in other["cells"])
+    # ... and so does another model (what `python -m eval` passes as run_info)
+    calls = Interrupting(proc, stop_at=-1)
+    run_needle(calls, proc, small("multi_needle", tmp_path / "b", lengths=(8, 10), depths=(0.0, 1.0), trials=1),
+               run_info={"model": {"preset": "2b"}})
+    assert calls.calls == 4
 
 
 class OOMAbove(Reader):
