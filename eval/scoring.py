@@ -126,6 +126,8 @@ class Qwen3VLNeedleModel:
 
 def judge(case, text: str) -> dict:
     """Score a generated answer: {"correct": bool, "parsed": value(s), + "abs_error" (time) / "recall" (numbers)}."""
+    if case.kind == "text":
+        return {"correct": " ".join(text.split()) == " ".join(case.answer.split()), "parsed": text}
     if case.kind == "number":
         v = parse_number(text)
         return {"correct": v is not None and v == case.values[0], "parsed": v}

@@ -417,3 +417,21 @@ def test_needle_image_is_shown_above_the_text(tmp_path):
     Image.fromarray(np.full((10, 10, 3), (200, 30, 30), np.uint8)).save(tmp_path / "logo.png")
     f = text_frame("THE SECRET NUMBER IS 1234", 64, image=str(tmp_path / "logo.png"))
     assert (f[:32] == (200, 30, 30)).all() and (f[32:] < 100).any() and (f[32:] == 255).mean() > 0.5
+
+
+@pytest.mark.parametrize("kind, gold, values, said, correct", [
+    ("number", "4821", [4821], "The secret number is 4,821.", True),
+    ("number", "4821", [4821], "4821 or 1234", False),
+    ("time", "12.5", [12.5], "at 0:13", True),          # 0.5 s off, tolerance 1 s
+    ("time", "12.5", [12.5], "14 seconds", False),      # 1.5 s off
+    ("numbers", "1, 2", [1111, 2222], "2222 and 1111", True),
+    ("numbers", "1, 2", [1111, 2222], "1111", False),
+    ("text", "hello  world", ["hello  world"], " hello world\n", True),
+    ("text", "hello world", ["hello world"], "hello", False)],
+    ids=["number", "number-hedged", "time-within", "time-outside", "numbers-any-order", "numbers-missing", "text",
+         "text-wrong"])
+def test_judge(kind, gold, values, said, correct):
+    from eval.scoring import judge
+    from eval.tasks import Case
+
+    assert judge(Case({}, gold, kind, values, tolerance=1.0), said)["correct"] is correct

@@ -13,7 +13,8 @@ the gold answer (text to teacher-force) and how a generated answer is judged:
 and write conf/task/mytask.yaml (`python -m eval task=mytask`). Every module in this folder that registers a task
 is imported here, so the file is the whole registration. Answer kinds (`Case.kind`): "number" (the one number
 stated equals the gold one), "time" (seconds, within `Case.tolerance`), "numbers" (multi-needle: every gold number
-stated; recall per needle).
+stated; recall per needle), "text" (the stripped answer equals the gold one; a task returning a plain
+(inputs, answer) pair gets this kind).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class Case:
     Args:
         inputs: processor output for ONE prompt ending with the generation prompt (input_ids (1, P), pixels ...).
         answer: gold answer text, teacher-forced after the prompt ("4821", "12.5", "4821, 1234").
-        kind: "number" | "time" | "numbers" (how a generated answer is parsed and judged; module docstring).
+        kind: "number" | "time" | "numbers" | "text" (how a generated answer is parsed and judged; module docstring).
         values: gold values: [number], [seconds] or the k needle numbers in the order of `answer`.
         tolerance: "time" only: largest |error| in seconds still counted correct.
         frames: haystack frames in the prompt (0 for text tasks).
