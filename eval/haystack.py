@@ -14,7 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from model.processing.prompt import timestamp_text
+from model.processing.video_sampling import group_timestamps
 
 
 @dataclass
@@ -142,27 +146,25 @@ def video_case(proc, n_frames: int, rng: np.random.Generator, cfg, needles: list
     from .tasks import Case
 
     frames, times = haystack(n_frames, cfg.haystack, rng, proc)
-    for nd in needles:
-        frames[nd["slot"]] = frames[nd["slot"] + 1] = nd["image"]
+    h, w = frames[0].shape[:2]
+    for nd in needles:  # at the haystack's size (a video file's frames come at the processor's planned size)
+        img = nd["image"] if nd["image"].shape[:2] == (h, w) else np.array(Image.fromarray(nd["image"]).resize((w, h)))
+        frames[nd["slot"]] = frames[nd["slot"] + 1] = img
     s = cfg.haystack.frame_size
     item = {"type": "video", "video": frames, "timestamps": times, "resized_height": s, "resized_width": s}
     conv = [{"role": "user", "content": [item, {"type": "text", "text": question}]}]
     inputs = proc(messages=[conv], add_generation_prompt=True)
     # the processor's per-group times (the batch drops them): the mean of each group's first and last frame time
-    from model.processing.video_sampling import group_timestamps
-
     inputs["video_timestamps"] = [group_timestamps(times, proc.video_config.temporal_patch_size)]
     if not timestamps:
         inputs = strip_timestamps(inputs, proc)
     recorded = [{"frame": nd["slot"], "group": nd["slot"] // 2, "value": nd["value"], "target": nd["target"],
-                 "image": nd["image"]} for nd in needles]
+                 "image": frames[nd["slot"]]} for nd in needles]
     return Case(inputs, answer, kind, values, tolerance, n_frames, recorded)
 
 
 def strip_timestamps(inputs: dict, proc) -> dict:
     """The same prompt without the `<t seconds>` text before each video group (release layout)."""
-    from model.processing.prompt import timestamp_text
-
     ids = inputs["input_ids"][0].tolist()
     out, g = [], 0
     stamps = [proc.tokenizer.encode(timestamp_text(t)) for t in inputs["video_timestamps"][0]]
@@ -177,6 +179,4 @@ def strip_timestamps(inputs: dict, proc) -> dict:
         i += 1
     if g != len(stamps):
         raise ValueError(f"found {g} of {len(stamps)} video timestamps in the prompt")
-    import torch
-
     return {**inputs, "input_ids": torch.tensor([out]), "attention_mask": torch.ones(1, len(out), dtype=torch.long)}
