@@ -435,3 +435,18 @@ def test_judge(kind, gold, values, said, correct):
     from eval.tasks import Case
 
     assert judge(Case({}, gold, kind, values, tolerance=1.0), said)["correct"] is correct
+
+
+@pytest.mark.parametrize("timestamps", [True, False], ids=["timestamps", "no-timestamps"])
+def test_temporal_in_the_transformers5_layout(tmp_path, timestamps):
+    """The prompt layout with an outer <|vision_start|> ... <|vision_end|> around the groups: the reader still
+    scores 100% with MAE 0, and the ablation removes every timestamp."""
+    p5 = load_processor(None, video_layout="transformers5")
+    res = run_needle(Reader(p5), p5, small("temporal", tmp_path, lengths=(8,), depths=(0.0, 1.0),
+                                           timestamps=timestamps))
+    assert res["mean_accuracy"] == 1.0 and all(c["generate"]["mae"] == 0.0 for c in res["cells"])
+    from eval.tasks.temporal import temporal_case
+
+    case = temporal_case(p5, 8, 0.5, np.random.default_rng(0), small("temporal", tmp_path, timestamps=timestamps))
+    text = p5.decode(case.inputs["input_ids"][0])
+    assert text.count(" seconds>") == (4 if timestamps else 0) and text.count("<|vision_start|>") == 5
