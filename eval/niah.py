@@ -41,7 +41,7 @@ class NeedleConfig:
     max_new_tokens: int = 24                 # generate mode's answer budget
     chunk_size: int = 0                      # 0: one forward per prompt; > 0: chunked prefill into a KV cache
     timestamps: bool = True                  # False: drop the `<t seconds>` text of video prompts (ablation)
-    haystack: HaystackConfig = field(default_factory=HaystackConfig)
+    haystack: HaystackConfig = field(default_factory=HaystackConfig)  # `python -m eval` fills it from `haystack.*`
     seed: int = 0
     out_dir: str = "eval_out"
     question: str = "What is the secret number shown in one of the frames? Answer with the number only."
