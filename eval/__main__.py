@@ -1,13 +1,14 @@
-"""`python -m eval [task=<name>] [key=value ...]`: long-context needle evaluations with Hydra.
+"""`python -m eval [task=<name>] [protocol=<preset>] [key=value ...]`: long-context needle evaluations with Hydra.
 
-Tasks are registered in eval/tasks/ (vniah: needle in a video haystack, passkey: text passkey); `task=<name>`
-picks conf/task/<name>.yaml, which sets `needle.task` and the task's options. Examples:
-    python -m eval                                                   # tiny random model, vniah: a pipeline check
-    python -m eval model.path=/ckpt/Qwen3-VL-8B-Instruct model.dtype=bfloat16 \\
-        task=vniah needle.lengths=[200,400,800] needle.depths=[0,0.25,0.5,0.75,1] needle.trials=5
-    python -m eval model.path=/ckpt task=passkey needle.lengths=[4000,32000,128000]
-    python -m eval task=passkey model.preset=tiny needle.lengths=[200,400] needle.depths=[0,1] needle.out_dir=out
-Writes needle_<task>.json (accuracy per length x depth) and needle_<task>.png (heatmap) to needle.out_dir.
+Tasks are registered in eval/tasks/ (vniah, vniah_d, temporal, multi_needle, passkey); `task=<name>` picks
+conf/task/<name>.yaml; `protocol=<preset>` a published sweep (conf/protocol/: longva_vniah, videorope_vniah_d,
+qwen3vl_1m). Examples (docs/needle.md has more):
+    python -m eval task=vniah model.preset=tiny needle.lengths=[8,16] needle.depths=[0,1] needle.out_dir=out
+    python -m eval task=temporal model.path=/ckpt/Qwen3-VL-8B-Instruct model.dtype=bfloat16 \\
+        haystack.video=talk.mp4 haystack.fps=1 needle.lengths=[200,400] needle.trials=5
+    python -m eval task=passkey model.path=/ckpt needle.lengths=[4000,32000,128000] needle.chunk_size=8192
+Writes <task>.json (per cell: accuracy per scoring mode, tokens, frames, seconds, memory), <task>.png (heatmap) and
+<task>.md (table) to needle.out_dir; a rerun resumes from <task>.json.
 """
 import os
 

@@ -1,42 +1,51 @@
 """Evaluation run: build the model and processor once, then sweep the needle task (eval/niah.py, eval/tasks/)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from model.build import ModelSpec, build_model
 
+from .haystack import HaystackConfig
 from .niah import NeedleConfig, run_needle
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """model: which model (model.build.ModelSpec: preset or checkpoint path); needle: the sweep;
-    processor: checkpoint dir with tokenizer/preprocessor files (None: the model path if it has them, else the
-    embedded default); device: "auto" = cuda when available."""
+    """model: which model (model.build.ModelSpec: preset or checkpoint path); needle: the sweep; haystack: where
+    video haystack frames come from (eval/haystack.py); processor: checkpoint dir with tokenizer/preprocessor files
+    (None: the model path if it has them, else the embedded default); device: "auto" = cuda when available;
+    rope_scaling: e.g. {"rope_type": "yarn", "factor": 4.0} (Qwen3VL.set_rope_scaling) for sweeps past the
+    trained context."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
+    haystack: HaystackConfig = field(default_factory=HaystackConfig)
     processor: str | None = None
     device: str = "auto"
+    rope_scaling: dict = field(default_factory=dict)
 
 
 def run(cfg: EvalConfig) -> dict:
-    """Build, sweep, print a summary table; returns the result dict."""
+    """Build, sweep, print the markdown table; returns the result dict."""
     from pathlib import Path
 
     from model import load_processor
 
+    from .niah import markdown_table
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     model = build_model(cfg.model, device).eval()
+    if cfg.rope_scaling:
+        model.set_rope_scaling(**cfg.rope_scaling)
     proc_path = cfg.processor
     if proc_path is None and cfg.model.path and (Path(cfg.model.path) / "tokenizer.json").is_file():
         proc_path = cfg.model.path
     proc = load_processor(proc_path)
-    result = run_needle(model, proc, cfg.needle)
-    print(f"needle-{result['task']}: mean accuracy {result['mean_accuracy']:.1%} "
-          f"(json + heatmap in {cfg.needle.out_dir})")
-    for n, row, toks in zip(result["lengths"], result["accuracy"], result["tokens"]):
-        print(f"  length {n:>7} ({toks[0]} tokens): " + "  ".join(f"{a:.0%}" for a in row))
+    info = {"model": dataclasses.asdict(cfg.model), "rope_scaling": cfg.rope_scaling, "processor": proc_path}
+    result = run_needle(model, proc, dataclasses.replace(cfg.needle, haystack=cfg.haystack), info)
+    print(markdown_table(result))
+    print(f"json, heatmap and table in {cfg.needle.out_dir}/{result['task']}.{{json,png,md}}")
     return result

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from eval.niah import NeedleConfig, run_needle
+from eval.haystack import HaystackConfig
 from eval.tasks.passkey import passkey_case
-from eval.tasks.vniah import video_case
+from eval.tasks.vniah import vniah_case
 from eval.scoring import teacher_forced_correct
 from model import load_processor
 
@@ -60,23 +61,27 @@ def test_teacher_forcing_alignment():
     assert not ok and frac == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("depth, n", [(0.0, 8), (0.5, 10), (1.0, 8)])
-def test_video_needle_sits_at_its_depth(proc, depth, n):
-    cfg = NeedleConfig(frame_size=64)
-    inputs, answer = video_case(proc, n, depth, np.random.default_rng(0), cfg)
-    assert answer.isdigit() and len(answer) == 4
+@pytest.mark.parametrize("depth, n, group", [(0.0, 8, 0), (0.5, 10, 2), (0.3, 10, 1), (1.0, 8, 3), (1.0, 9, 3)])
+def test_video_needle_sits_at_its_depth(proc, depth, n, group):
+    """The needle is a pair of frames filling one whole temporal group, at round(depth * (groups - 1))."""
+    cfg = NeedleConfig(haystack=HaystackConfig(frame_size=64))
+    case = vniah_case(proc, n, depth, np.random.default_rng(0), cfg)
+    inputs, answer = case.inputs, case.answer
+    assert answer.isdigit() and len(answer) == 4 and case.values == [int(answer)]
     t, h, w = inputs["video_grid_thw"][0].tolist()
-    assert t == n // 2
-    # the needle frame is mostly white (+1 after normalisation); haystack frames average near 0
+    assert t == (n + 1) // 2
+    # both needle frames are mostly white (+1 after normalisation); a group with one haystack frame averages lower
     group_mean = inputs["pixel_values_videos"].view(t, h * w, -1).mean(dim=(1, 2))
-    assert int(group_mean.argmax()) == round(depth * (n - 1)) // 2
+    assert int(group_mean.argmax()) == group and case.needles[0]["frame"] == 2 * group
+    assert group_mean[group] > 0.8 and (group_mean[torch.arange(t) != group] < 0.5).all()
     text = proc.decode(inputs["input_ids"][0])
     assert text.count("<|vision_start|>") == t and "<0.5 seconds>" in text  # 1 fps: group 0 at mean(0, 1) s
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.3, 0.8])
 def test_passkey_at_depth(proc, depth):
-    inputs, answer = passkey_case(proc, 600, depth, np.random.default_rng(1), NeedleConfig(task="passkey"))
+    case = passkey_case(proc, 600, depth, np.random.default_rng(1), NeedleConfig(task="passkey"))
+    inputs, answer = case.inputs, case.answer
     text = proc.decode(inputs["input_ids"][0])
     assert 500 < inputs["input_ids"].shape[1] < 800
     start = text.index("There is important info")
@@ -86,13 +91,15 @@ def test_passkey_at_depth(proc, depth):
 
 
 def test_sweep_scores_and_writes_results(proc, tmp_path):
-    cfg = NeedleConfig(task="passkey", lengths=(200, 400), depths=(0.0, 1.0), trials=2, out_dir=str(tmp_path))
+    cfg = NeedleConfig(task="passkey", lengths=(200, 400), depths=(0.0, 1.0), trials=2, out_dir=str(tmp_path / "a"),
+                       scoring=("teacher_forced",))
     good = run_needle(NextTokenFake(), proc, cfg)
     assert good["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and good["mean_accuracy"] == 1.0
+    cfg.out_dir = str(tmp_path)
     bad = run_needle(NextTokenFake(wrong_at=[1]), proc, cfg)
     assert bad["mean_accuracy"] == 0.0
-    saved = json.loads((tmp_path / "needle_passkey.json").read_text())
-    assert saved["accuracy"] == bad["accuracy"] and (tmp_path / "needle_passkey.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "passkey.json").read_text())
+    assert saved["accuracy"] == bad["accuracy"] and (tmp_path / "passkey.png").stat().st_size > 1000
     assert saved["tokens"][1][0] > saved["tokens"][0][0]
 
 
@@ -119,16 +126,17 @@ def test_a_registered_task_runs_through_the_sweep(proc, tmp_path, monkeypatch):
         answer = str(rng.integers(100, 1000))
         text = f"{cfg.extra['word']} " * length + f"The code is {answer}. What is the code?"
         return proc_(messages=[[{"role": "user", "content": [{"type": "text", "text": text}]}]],
-                     add_generation_prompt=True), answer
+                     add_generation_prompt=True), answer  # a plain pair is judged as text
 
     with pytest.raises(ValueError, match="registered twice"):
         tasks.register("toy", unit="words")(toy_case)
-    cfg = NeedleConfig(task="toy", lengths=(3, 9), depths=(0.0, 1.0), out_dir=str(tmp_path), extra={"word": "tree"})
+    cfg = NeedleConfig(task="toy", lengths=(3, 9), depths=(0.0, 1.0), out_dir=str(tmp_path), extra={"word": "tree"},
+                       scoring=("teacher_forced",))
     res = run_needle(NextTokenFake(), proc, cfg)
     assert seen == [(3, 0.0, "tree"), (3, 1.0, "tree"), (9, 0.0, "tree"), (9, 1.0, "tree")]
     assert res["accuracy"] == [[1.0, 1.0], [1.0, 1.0]] and res["unit"] == "words"
     assert res["tokens"][1][0] - res["tokens"][0][0] == 6  # " tree" is one token
-    assert json.loads((tmp_path / "needle_toy.json").read_text())["task"] == "toy"
+    assert json.loads((tmp_path / "toy.json").read_text())["task"] == "toy"
     with pytest.raises(ValueError, match="unknown needle task 'nope'"):
         run_needle(NextTokenFake(), proc, NeedleConfig(task="nope", out_dir=str(tmp_path)))
 
@@ -137,13 +145,14 @@ def test_eval_imports_nothing_from_train():
     import subprocess
     import sys
 
-    code = ("import sys, eval.run, eval.niah, eval.generate, eval.metrics, eval.tasks; "
+    code = ("import sys, eval.run, eval.niah, eval.generate, eval.metrics, eval.tasks, eval.compare; "
             "print(sorted(m for m in sys.modules if m == 'train' or m.startswith('train.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
-@pytest.mark.parametrize("task, lengths", [("vniah", (8, 16)), ("passkey", (200, 400))])
+@pytest.mark.parametrize("task, lengths", [("vniah", (8, 16)), ("vniah_d", (8, 16)), ("temporal", (8, 16)),
+                                           ("multi_needle", (8, 16)), ("passkey", (200, 400))])
 def test_task_group_selects_the_task(task, lengths, tmp_path):
     """`python -m eval task=<name> model.preset=tiny needle.lengths=[...] needle.out_dir=DIR` composes to a typed
     EvalConfig whose needle.task is the registered task (conf/task/<name>.yaml)."""
@@ -169,12 +178,16 @@ def test_task_group_selects_the_task(task, lengths, tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("lengths", (16, 0), r"needle.lengths"), ("lengths", (), r"needle.lengths"), ("lengths", (8.5,), r"needle.lengths"),
     ("depths", (0.0, 1.5), r"needle.depths"), ("depths", (-0.1,), r"needle.depths"), ("depths", (), r"needle.depths"),
-    ("trials", 0, r"needle.trials"), ("fps", 0.0, r"needle.fps"), ("fps", -1.0, r"needle.fps"),
-    ("frame_size", 0, r"needle.frame_size")],
-    ids=["length-0", "no-lengths", "length-float", "depth-1.5", "depth-negative", "no-depths", "trials-0", "fps-0",
-         "fps-negative", "frame-size-0"])
+    ("trials", 0, r"needle.trials"), ("scoring", ("greedy",), r"needle.scoring"), ("chunk_size", -1, "chunk_size"),
+    ("length_unit", "seconds", "length_unit"), ("fps", 0.0, r"haystack.fps"), ("fps", -1.0, r"haystack.fps"),
+    ("frame_size", 0, r"haystack.frame_size")],
+    ids=["length-0", "no-lengths", "length-float", "depth-1.5", "depth-negative", "no-depths", "trials-0",
+         "scoring-unknown", "chunk-negative", "unit-seconds", "fps-0", "fps-negative", "frame-size-0"])
 def test_needle_config_rejects_values_that_fail_late(field, value, message):
     from model.config import ConfigError
 
     with pytest.raises(ConfigError, match=message):
-        NeedleConfig(**{field: value})
+        if field in ("fps", "frame_size"):
+            HaystackConfig(**{field: value})
+        else:
+            NeedleConfig(**{field: value})

@@ -1,29 +1,57 @@
 """The registry of needle tasks: name -> `Task`. A task is one file in this folder plus its conf/task/<name>.yaml.
 
-A task turns one cell of the length x depth sweep (eval/niah.py) into processor inputs and a gold answer:
+A task turns one cell of the length x depth sweep (eval/niah.py) into a `Case`: the processor inputs of one prompt,
+the gold answer (text to teacher-force) and how a generated answer is judged:
 
-    from . import register
+    from . import Case, register
 
     @register("mytask", unit="tokens")           # unit: what `needle.lengths` counts, for the heatmap's axis
     def mytask_case(proc, length, depth, rng, cfg):
         ...                                       # cfg: eval.niah.NeedleConfig (task options in cfg.extra)
-        return proc(messages=[conv], add_generation_prompt=True), answer
+        return Case(proc(messages=[conv], add_generation_prompt=True), answer)
 
-and write conf/task/mytask.yaml (`python -m eval task=mytask`). Every module in this folder is imported here, so
-the file is the whole registration.
+and write conf/task/mytask.yaml (`python -m eval task=mytask`). Every module in this folder that registers a task
+is imported here, so the file is the whole registration. Answer kinds (`Case.kind`): "number" (the one number
+stated equals the gold one), "time" (seconds, within `Case.tolerance`), "numbers" (multi-needle: every gold number
+stated; recall per needle), "text" (the stripped answer equals the gold one; a task returning a plain
+(inputs, answer) pair gets this kind).
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
+
+
+@dataclass
+class Case:
+    """One prompt of a needle cell.
+
+    Args:
+        inputs: processor output for ONE prompt ending with the generation prompt (input_ids (1, P), pixels ...).
+        answer: gold answer text, teacher-forced after the prompt ("4821", "12.5", "4821, 1234").
+        kind: "number" | "time" | "numbers" | "text" (how a generated answer is parsed and judged; module docstring).
+        values: gold values: [number], [seconds] or the k needle numbers in the order of `answer`.
+        tolerance: "time" only: largest |error| in seconds still counted correct.
+        frames: haystack frames in the prompt (0 for text tasks).
+        needles: per inserted needle-like frame: {"frame": index, "group": temporal group, "value": its number or
+            time, "target": whether the question asks for it, "image": (H, W, 3) uint8} -- what a transparent
+            oracle (tests) looks for in the pixels; not saved in the JSON.
+    """
+
+    inputs: dict
+    answer: str
+    kind: str = "number"
+    values: list = field(default_factory=list)
+    tolerance: float = 0.0
+    frames: int = 0
+    needles: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class Task:
-    """make_case(proc, length, depth, rng, cfg) -> (processor inputs for one prompt, gold answer str);
-    unit: what a sweep length counts ("frames", "tokens")."""
+    """make_case(proc, length, depth, rng, cfg) -> Case; unit: what a sweep length counts ("frames", "tokens")."""
     name: str
     make_case: Callable
     unit: str

@@ -1,11 +1,11 @@
 """Passkey retrieval (Mohtashami & Jaggi 2023): a 5-digit key hidden at a relative depth in repeated filler text.
-Sweep lengths count (approximate) prompt tokens.
+Sweep lengths count (approximate) prompt tokens; a 1M-token cell needs the chunked path (needle.chunk_size).
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import register
+from . import Case, register
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ")
 
@@ -21,4 +21,4 @@ def passkey_case(proc, n_tokens: int, depth: float, rng: np.random.Generator, cf
     text = ("There is important info hidden inside a lot of irrelevant text. Find it and memorize it. "
             + FILLER * cut + needle + FILLER * (reps - cut) + "What is the pass key? Answer with the number only.")
     conv = [{"role": "user", "content": [{"type": "text", "text": text}]}]
-    return proc(messages=[conv], add_generation_prompt=True), answer
+    return Case(proc(messages=[conv], add_generation_prompt=True), answer, "number", [int(answer)])

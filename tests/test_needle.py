@@ -1,0 +1,452 @@
+"""The needle suite (eval/niah.py, eval/tasks/, eval/answers.py, eval/haystack.py) against transparent fake models.
+
+The fakes implement eval.scoring.NeedleModel (answer_hits, generate) and answer from what they can see:
+- `Reader` finds which temporal groups hold a needle by comparing the prompt's pixel rows with each needle image
+  preprocessed alone, then answers the number of the needle it wants (the asked one, or a distractor), or the time
+  of its group as the prompt states it (the `<t seconds>` text, or counted from the sampling rate the question
+  gives when the prompt has no timestamps); a passkey it reads from the prompt text.
+- `Fixed` always answers the same string.
+So the expected scores (100%, 0%, chance) follow from the prompts alone, not from the code under test.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.answers import parse_number, parse_time
+from eval.haystack import HaystackConfig
+from eval.niah import NeedleConfig, run_needle
+from model import load_processor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def proc():
+    return load_processor(None)
+
+
+class _Fake:
+    """A NeedleModel that answers `self.say(case)`; teacher forcing checks its answer's tokens against the gold."""
+
+    def __init__(self, proc):
+        self.proc = proc
+
+    def answer_hits(self, case, answer_ids):
+        mine = self.proc.tokenizer.encode(self.say(case, teacher_forced=True))
+        return [i < len(mine) and mine[i] == a for i, a in enumerate(answer_ids)]
+
+    def generate(self, case, max_new_tokens):
+        return self.say(case, teacher_forced=False)
+
+
+class Reader(_Fake):
+    """Reads the pixels (and the prompt text) to answer; `want`: "target" (the asked needle) or "distractor"."""
+
+    def __init__(self, proc, want="target"):
+        super().__init__(proc)
+        self.want = want
+
+    def needle_groups(self, case):
+        """{group index: needle record} for every needle whose image is found in the prompt's pixel rows."""
+        x = case.inputs
+        t, h, w = x["video_grid_thw"][0].tolist()
+        rows = x["pixel_values_videos"].view(t, h * w, -1)
+        side = h * self.proc.video_config.patch_size
+        found = {}
+        for nd in case.needles:
+            ref = self.proc.process_video([nd["image"], nd["image"]], {"resized_height": side, "resized_width": side,
+                                                                       "sample_fps": 1.0}).pixel_values
+            hits = [g for g in range(t) if torch.allclose(rows[g], ref)]
+            assert len(hits) == 1, "a needle image is in exactly one temporal group"
+            found[hits[0]] = nd
+        return found
+
+    def group_time(self, case, g):
+        text = self.proc.decode(case.inputs["input_ids"][0])
+        stamps = re.findall(r"<(\d+\.\d) seconds><\|vision_start\|>", text)
+        if stamps:
+            return float(stamps[g])
+        fps = float(re.search(r"sampled at ([\d.]+) frames per second", text).group(1))
+        return (2 * g + 0.5) / fps  # the group's two frames are at 2g / fps and (2g + 1) / fps
+
+    def say(self, case, teacher_forced):
+        if not case.needles:  # passkey: read the prompt
+            return re.search(r"The pass key is (\d+)", self.proc.decode(case.inputs["input_ids"][0])).group(1)
+        found = self.needle_groups(case)
+        if case.kind == "time":
+            (g,) = found
+            t = self.group_time(case, g)
+            return f"{t:.1f}" if teacher_forced else f"It appears at {t:.1f} seconds."
+        if case.kind == "numbers":
+            return ", ".join(str(found[g]["value"]) for g in sorted(found))
+        wanted = [nd for nd in found.values() if nd["target"] == (self.want == "target")]
+        return str(wanted[0]["value"])
+
+
+class Fixed(_Fake):
+    def __init__(self, proc, text):
+        super().__init__(proc)
+        self.text = text
+
+    def say(self, case, teacher_forced):
+        return self.text
+
+
+def small(task, tmp_path, **kw):
+    kw.setdefault("haystack", HaystackConfig(frame_size=32))
+    return NeedleConfig(task=task, out_dir=str(tmp_path), **kw)
+
+
+# ----------------------------------------------------------------------------------------------- answers
+@pytest.mark.parametrize("text, seconds", [
+    ("72", 72.0), ("72 s", 72.0), ("4354.5 seconds", 4354.5), ("1:12:34", 4354.0), ("0:45", 45.0),
+    ("at 1h 2m", 3720.0), ("1 minute and 5 seconds", 65.0), ("2 min 30 sec", 150.0),
+    ("The frame appears at 12.5 seconds.", 12.5), ("3 seconds, i.e. 3 s", 3.0), ("at 1:05:07.5", 3907.5),
+    ("1h2m3s", 3723.0), ("12.5s", 12.5), ("00:01:12", 72.0), ("at 1:05 (65 seconds)", 65.0), ("5 minutes", 300.0),
+    ("1:05 or 2:10", None), ("about 40", 40.0), ("1 hour and 2 minutes, or 2 hours", None),
+    ("either 12 or 40", None), ("12 s or 40 s", None), ("no idea", None), ("", None), ("1:75", None)],
+    ids=lambda v: repr(v))
+def test_parse_time(text, seconds):
+    assert parse_time(text) == seconds
+
+
+@pytest.mark.parametrize("text, number", [
+    ("4821", 4821), ("The number is 4821.", 4821), ("4,821", 4821), ("4821 ... yes, 4821", 4821), ("-3", -3),
+    ("12.5", 12.5), ("4821 or 4822", None), ("none", None), ("abc123", None), ("version 2.0.1", None)],
+    ids=lambda v: repr(v))
+def test_parse_number(text, number):
+    assert parse_number(text) == number
+
+
+# ----------------------------------------------------------------------------------------------- fake models
+@pytest.mark.parametrize("task, timestamps", [("vniah", True), ("vniah_d", True), ("temporal", True),
+                                              ("temporal", False), ("multi_needle", True), ("passkey", True)],
+                         ids=["vniah", "vniah_d", "temporal", "temporal-no-timestamps", "multi_needle", "passkey"])
+def test_reader_scores_100_percent(proc, tmp_path, task, timestamps):
+    lengths = (120, 240) if task == "passkey" else (8, 14)
+    cfg = small(task, tmp_path, lengths=lengths, depths=(0.0, 0.4, 1.0), trials=2, timestamps=timestamps)
+    res = run_needle(Reader(proc), proc, cfg)
+    for cell in res["cells"]:
+        for mode in ("teacher_forced", "generate"):
+            assert cell[mode]["accuracy"] == 1.0, (cell["length"], cell["depth"], mode, cell["trials"])
+        if task == "temporal":
+            assert cell["generate"]["mae"] == 0.0
+        if task == "multi_needle":
+            assert cell["generate"]["recall"] == [1.0, 1.0, 1.0] == cell["teacher_forced"]["recall"]
+    assert res["mean_accuracy"] == 1.0
+
+
+def test_distractor_answers_score_zero_on_vniah_d(proc, tmp_path):
+    cfg = small("vniah_d", tmp_path, lengths=(8, 12), depths=(0.0, 0.5, 1.0), trials=2)
+    res = run_needle(Reader(proc, want="distractor"), proc, cfg)
+    assert all(c[m]["accuracy"] == 0.0 for c in res["cells"] for m in ("teacher_forced", "generate"))
+    # and the distractors really are in the prompt: the reader found 1 + 2 needle groups per prompt
+    assert all(len(t["needle_frames"]) == 3 for c in res["cells"] for t in c["trials"])
+
+
+def test_fixed_time_scores_at_chance(proc, tmp_path):
+    """8 frames at 1 fps = 4 groups at 0.5, 2.5, 4.5, 6.5 s, 2 s apart (> the 1 s tolerance); one needle per depth
+    0, 1/3, 2/3, 1 puts it once in each group, so always answering 2.5 is right in exactly 1 of 4 cells."""
+    cfg = small("temporal", tmp_path, lengths=(8,), depths=(0.0, 1 / 3, 2 / 3, 1.0))
+    res = run_needle(Fixed(proc, "2.5"), proc, cfg)
+    assert [c["trials"][0]["values"][0] for c in res["cells"]] == [0.5, 2.5, 4.5, 6.5]
+    for mode in ("teacher_forced", "generate"):
+        assert [c[mode]["accuracy"] for c in res["cells"]] == [0.0, 1.0, 0.0, 0.0]
+    assert res["mean_accuracy"] == 0.25
+    assert [c["generate"]["mae"] for c in res["cells"]] == [2.0, 0.0, 2.0, 4.0]
+
+
+def test_fixed_number_scores_at_chance_on_vniah(proc, tmp_path):
+    """Secret numbers are uniform over 1000..9999: a fixed guess is right with probability 1/9000, here 0 of 12."""
+    cfg = small("vniah", tmp_path, lengths=(6,), depths=(0.0, 0.5, 1.0), trials=4)
+    res = run_needle(Fixed(proc, "5000"), proc, cfg)
+    golds = [t["values"][0] for c in res["cells"] for t in c["trials"]]
+    assert len(set(golds)) > 1 and 5000 not in golds and res["mean_accuracy"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------- the sweep
+class Interrupting(Reader):
+    """Stops the sweep (KeyboardInterrupt) at its `stop_at`-th prompt."""
+
+    def __init__(self, proc, stop_at):
+        super().__init__(proc)
+        self.calls, self.stop_at = 0, stop_at
+
+    def answer_hits(self, case, answer_ids):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return super().answer_hits(case, answer_ids)
+
+
+def _strip(res):
+    return [{k: v for k, v in c.items() if k not in ("seconds", "memory_bytes")} for c in res["cells"]]
+
+
+def test_resumed_sweep_equals_uninterrupted(proc, tmp_path):
+    whole = run_needle(Reader(proc), proc, small("multi_needle", tmp_path / "a", lengths=(8, 10),
+                                                 depths=(0.0, 1.0), trials=2))
+    cfg = small("multi_needle", tmp_path / "b", lengths=(8, 10), depths=(0.0, 1.0), trials=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_needle(Interrupting(proc, stop_at=6), proc, cfg)  # cells 1 and 2 done, stopped in cell 3
+    saved = json.loads((tmp_path / "b" / "multi_needle.json").read_text())
+    assert len(saved["cells"]) == 2
+    counting = Interrupting(proc, stop_at=-1)
+    resumed = run_needle(counting, proc, cfg)
+    assert counting.calls == 4  # only cells 3 and 4 ran again
+    assert _strip(resumed) == _strip(whole)
+    assert resumed["accuracy"] == whole["accuracy"] and resumed["tokens"] == whole["tokens"]
+    # another configuration in the same folder starts afresh instead of mixing cells
+    other = run_needle(Reader(proc), proc, small("multi_needle", tmp_path / "b", lengths=(8, 10),
+                                                 depths=(0.0, 1.0), trials=1))
+    assert all(len(c["trials"]) == 1 for c in other["cells"])
+    # ... and so does another model (what `python -m eval` passes as run_info)
+    calls = Interrupting(proc, stop_at=-1)
+    run_needle(calls, proc, small("multi_needle", tmp_path / "b", lengths=(8, 10), depths=(0.0, 1.0), trials=1),
+               run_info={"model": {"preset": "2b"}})
+    assert calls.calls == 4
+
+
+class OOMAbove(Reader):
+    def __init__(self, proc, max_tokens):
+        super().__init__(proc)
+        self.max_tokens = max_tokens
+
+    def answer_hits(self, case, answer_ids):
+        if case.inputs["input_ids"].shape[1] > self.max_tokens:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return super().answer_hits(case, answer_ids)
+
+
+def test_out_of_memory_cell_is_recorded_not_raised(proc, tmp_path):
+    cfg = small("vniah", tmp_path, lengths=(6, 20), depths=(0.0, 1.0))
+    res = run_needle(OOMAbove(proc, max_tokens=80), proc, cfg)
+    assert [c["status"] for c in res["cells"]] == ["ok", "ok", "oom", "oom"]
+    assert res["accuracy"] == [[1.0, 1.0], [None, None]] and res["mean_accuracy"] == 1.0
+    assert "out of memory" in res["cells"][2]["error"]
+    assert res["cells"][2]["tokens"] > 80 and res["cells"][2]["frames"] == 20  # the failed prompt's size is kept
+    md = (tmp_path / "vniah.md").read_text()
+    assert md.count("| oom |") == 2 and (tmp_path / "vniah.png").stat().st_size > 1000
+
+
+def test_cell_record_fields(proc, tmp_path):
+    res = run_needle(Reader(proc), proc, small("temporal", tmp_path, lengths=(6,), depths=(0.5,)))
+    cell = res["cells"][0]
+    assert {"accuracy", "mae", "unparsed"} <= set(cell["generate"]) and cell["teacher_forced"]["accuracy"] == 1.0
+    assert cell["frames"] == 6 and cell["tokens"] == res["tokens"][0][0] > 6
+    assert cell["seconds"] > 0 and cell["memory_bytes"] > 0 and cell["scoring"] == ["teacher_forced", "generate"]
+
+
+def test_lengths_in_tokens(proc, tmp_path):
+    """needle.length_unit=tokens: a video cell is sized to the asked prompt tokens within half a temporal group
+    (a 32 px frame is raised to the 64 px floor: 4 pads + vision start / end + 6-8 timestamp tokens per group),
+    also where the timestamp text has grown to three digits."""
+    cfg = small("vniah", tmp_path, lengths=(150, 1500), depths=(0.5,), length_unit="tokens", scoring=("generate",))
+    res = run_needle(Reader(proc), proc, cfg)
+    (t1,), (t2,) = res["tokens"]
+    assert abs(t1 - 150) <= 7 and abs(t2 - 1500) <= 7, (t1, t2)
+    assert res["frames"][1][0] > 200 and res["length_unit"] == "tokens"
+
+
+def test_timestamps_ablation_drops_only_the_timestamp_text(proc):
+    from eval.tasks.temporal import temporal_case
+
+    cfg = NeedleConfig(task="temporal", haystack=HaystackConfig(frame_size=32))
+    with_t = temporal_case(proc, 8, 0.5, np.random.default_rng(3), cfg)
+    cfg.timestamps = False
+    without = temporal_case(proc, 8, 0.5, np.random.default_rng(3), cfg)
+    a, b = proc.decode(with_t.inputs["input_ids"][0]), proc.decode(without.inputs["input_ids"][0])
+    assert a.count(" seconds><|vision_start|>") == 4 and "seconds><|vision_start|>" not in b
+    assert re.sub(r"<\d+\.\d seconds>", "", a) == b and with_t.values == without.values
+
+
+# ----------------------------------------------------------------------------------------------- haystacks
+def test_video_file_haystack_has_the_processors_timestamps(proc, tmp_path):
+    """An mp4 written with PyAV at 4 fps, sampled at 1 fps: the prompt's `<t seconds>` equal the processor's own
+    timestamps for that file and sampling, and the needle replaces one whole group of decoded frames."""
+    import av
+
+    path = tmp_path / "talk.mp4"
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=4)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(48):  # 12 s
+            for pkt in s.encode(av.VideoFrame.from_ndarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    from eval.tasks.temporal import temporal_case
+
+    cfg = NeedleConfig(task="temporal", haystack=HaystackConfig(video=str(path), fps=1.0, frame_size=32))
+    case = temporal_case(proc, 10, 0.5, np.random.default_rng(0), cfg)
+    ref = proc.process_video(str(path), {"fps": 1.0, "max_frames": 1 << 30, "resized_height": 32,
+                                         "resized_width": 32})
+    text = proc.decode(case.inputs["input_ids"][0])
+    stamps = [float(t) for t in re.findall(r"<(\d+\.\d) seconds>", text)]
+    assert stamps == [round(t, 1) for t in ref.timestamps[:5]] and case.inputs["video_timestamps"][0] == \
+        ref.timestamps[:5]
+    g = case.needles[0]["group"]
+    assert case.values == [ref.timestamps[g]]
+    rows = case.inputs["pixel_values_videos"].view(5, -1, ref.pixel_values.shape[1])
+    other = [k for k in range(5) if k != g]
+    assert torch.allclose(rows[other], ref.pixel_values.view(-1, rows.shape[1], rows.shape[2])[other], atol=0.05)
+    with pytest.raises(ValueError, match="the cell needs 40"):
+        temporal_case(proc, 40, 0.5, np.random.default_rng(0), cfg)
+
+
+def test_frames_dir_haystack(proc, tmp_path):
+    from PIL import Image
+
+    from eval.haystack import haystack
+
+    for i in range(3):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(tmp_path / f"f{i}.png")
+    frames, times = haystack(5, HaystackConfig(frames_dir=str(tmp_path), fps=2.0, frame_size=16),
+                             np.random.default_rng(0))
+    assert [int(f.mean()) for f in frames] == [0, 40, 80, 0, 40] and times == [0, 0.5, 1.0, 1.5, 2.0]
+
+
+# ----------------------------------------------------------------------------------------------- real model paths
+def test_chunked_prefill_scores_like_one_forward(proc):
+    """needle.chunk_size > 0 (prefill into a KV cache, then teacher forcing / generate on it) gives the same
+    per-token hits and the same greedy answer as one forward, on a tiny random Qwen3VL."""
+    from eval.scoring import Qwen3VLNeedleModel
+    from eval.tasks.vniah import vniah_case
+    from model.build import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(preset="tiny")).eval()
+    case = vniah_case(proc, 6, 0.5, np.random.default_rng(0), NeedleConfig(haystack=HaystackConfig(frame_size=32)))
+    one, chunked = Qwen3VLNeedleModel(model, proc.tokenizer), Qwen3VLNeedleModel(model, proc.tokenizer, 7)
+    # a gold answer the model partly predicts: its own greedy continuation with one token changed
+    x = case.inputs
+    greedy = model.generate(x["input_ids"], max_new_tokens=4, pixel_values_videos=x["pixel_values_videos"],
+                            video_grid_thw=x["video_grid_thw"])[0, x["input_ids"].shape[1]:].tolist()
+    assert len(greedy) == 4
+    gold = greedy[:2] + [13] + greedy[3:]
+    hits = one.answer_hits(case, gold)
+    assert hits == chunked.answer_hits(case, gold) and hits[:2] == [True, True] and hits[2] is False
+    assert one.generate(case, 6) == chunked.generate(case, 6)
+
+
+@pytest.mark.parametrize("task, length", [("vniah", 6), ("vniah_d", 6), ("temporal", 6), ("multi_needle", 6),
+                                          ("passkey", 100)])
+def test_eval_command_writes_json_and_heatmap(task, length, tmp_path):
+    """The issue's command on the tiny preset (CPU): DIR/<task>.json with accuracy and tokens, DIR/<task>.png."""
+    cmd = [sys.executable, "-m", "eval", f"task={task}", "model.preset=tiny", f"needle.lengths=[{length}]",
+           "needle.depths=[0.5]", f"needle.out_dir={tmp_path}", "device=cpu"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    res = json.loads((tmp_path / f"{task}.json").read_text())
+    cell = res["cells"][0]
+    assert res["task"] == task and cell["status"] == "ok" and cell["tokens"] > 0
+    assert set(cell) >= {"teacher_forced", "generate", "frames", "seconds", "memory_bytes"}
+    assert (tmp_path / f"{task}.png").stat().st_size > 1000 and (tmp_path / f"{task}.md").is_file()
+
+
+def test_compare_plots_runs_side_by_side(proc, tmp_path, capsys):
+    from eval.compare import main
+
+    run_needle(Reader(proc), proc, small("temporal", tmp_path / "a", lengths=(6,), depths=(0.0, 1.0)))
+    run_needle(Fixed(proc, "0.5"), proc, small("temporal", tmp_path / "b", lengths=(6,), depths=(0.0, 1.0)))
+    out = tmp_path / "cmp.png"
+    main([str(tmp_path / "a" / "temporal.json"), str(tmp_path / "b" / "temporal.json"), "--out", str(out),
+          "--mode", "generate"])
+    table = capsys.readouterr().out
+    assert "| a/temporal | temporal | 2/2 | 100.0% | 100.0% | 0.00 |" in table
+    assert "| b/temporal | temporal | 2/2 | 50.0% | 50.0% | 2.00 |" in table
+    from PIL import Image
+
+    w, h = Image.open(out).size
+    assert w > 1.5 * h and out.stat().st_size > 5000
+
+
+@pytest.mark.parametrize("protocol, task", [("longva_vniah", "vniah"), ("videorope_vniah_d", "vniah_d"),
+                                            ("qwen3vl_1m", "temporal")])
+def test_protocol_presets_compose(protocol, task):
+    """conf/protocol/<preset>.yaml composes with a task into a typed EvalConfig (unknown keys would fail)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from eval.run import EvalConfig
+    from model.build import config_from_dict
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = compose("eval", overrides=[f"task={task}", f"protocol={protocol}"])
+    cfg = config_from_dict(OmegaConf.to_container(c, resolve=True), EvalConfig)
+    assert cfg.needle.task == task and cfg.needle.chunk_size == 8192
+    if protocol == "qwen3vl_1m":
+        assert cfg.needle.lengths[-1] == 1048576 and cfg.needle.length_unit == "tokens"
+        assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 4.0}
+    else:
+        assert cfg.needle.lengths[-1] == 3000 and cfg.haystack.fps == 1.0 and len(cfg.needle.depths) == 11
+
+
+def test_teacher_forced_recall_per_needle(proc):
+    """multi_needle under teacher forcing: a wrong token inside the second number fails that needle only."""
+    from eval.scoring import judge_teacher_forced
+    from eval.tasks import Case
+
+    case = Case({}, "4821, 1234, 9876", "numbers", [4821, 1234, 9876])
+    ids = proc.tokenizer.encode(case.answer)
+    spans, text = [], ""
+    for t in ids:
+        text += proc.tokenizer.decode([t])
+        spans.append(len(text))
+    inside = next(i for i, e in enumerate(spans) if e > case.answer.index("1234"))  # first token of "1234"
+    hits = [i != inside for i in range(len(ids))]
+    r = judge_teacher_forced(case, hits, ids, proc.tokenizer)
+    assert r["recall"] == [1.0, 0.0, 1.0] and not r["correct"]
+    r = judge_teacher_forced(case, [True] * len(ids), ids, proc.tokenizer)
+    assert r["recall"] == [1.0, 1.0, 1.0] and r["correct"]
+
+
+def test_needle_image_is_shown_above_the_text(tmp_path):
+    from PIL import Image
+
+    from eval.haystack import text_frame
+
+    Image.fromarray(np.full((10, 10, 3), (200, 30, 30), np.uint8)).save(tmp_path / "logo.png")
+    f = text_frame("THE SECRET NUMBER IS 1234", 64, image=str(tmp_path / "logo.png"))
+    assert (f[:32] == (200, 30, 30)).all() and (f[32:] < 100).any() and (f[32:] == 255).mean() > 0.5
+
+
+@pytest.mark.parametrize("kind, gold, values, said, correct", [
+    ("number", "4821", [4821], "The secret number is 4,821.", True),
+    ("number", "4821", [4821], "4821 or 1234", False),
+    ("time", "12.5", [12.5], "at 0:13", True),          # 0.5 s off, tolerance 1 s
+    ("time", "12.5", [12.5], "14 seconds", False),      # 1.5 s off
+    ("numbers", "1, 2", [1111, 2222], "2222 and 1111", True),
+    ("numbers", "1, 2", [1111, 2222], "1111", False),
+    ("text", "hello  world", ["hello  world"], " hello world\n", True),
+    ("text", "hello world", ["hello world"], "hello", False)],
+    ids=["number", "number-hedged", "time-within", "time-outside", "numbers-any-order", "numbers-missing", "text",
+         "text-wrong"])
+def test_judge(kind, gold, values, said, correct):
+    from eval.scoring import judge
+    from eval.tasks import Case
+
+    assert judge(Case({}, gold, kind, values, tolerance=1.0), said)["correct"] is correct
+
+
+@pytest.mark.parametrize("timestamps", [True, False], ids=["timestamps", "no-timestamps"])
+def test_temporal_in_the_transformers5_layout(tmp_path, timestamps):
+    """The prompt layout with an outer <|vision_start|> ... <|vision_end|> around the groups: the reader still
+    scores 100% with MAE 0, and the ablation removes every timestamp."""
+    p5 = load_processor(None, video_layout="transformers5")
+    res = run_needle(Reader(p5), p5, small("temporal", tmp_path, lengths=(8,), depths=(0.0, 1.0),
+                                           timestamps=timestamps))
+    assert res["mean_accuracy"] == 1.0 and all(c["generate"]["mae"] == 0.0 for c in res["cells"])
+    from eval.tasks.temporal import temporal_case
+
+    case = temporal_case(p5, 8, 0.5, np.random.default_rng(0), small("temporal", tmp_path, timestamps=timestamps))
+    text = p5.decode(case.inputs["input_ids"][0])
+    assert text.count(" seconds>") == (4 if timestamps else 0) and text.count("<|vision_start|>") == 5
