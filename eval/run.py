@@ -17,7 +17,7 @@ class EvalConfig:
     """model: which model (model.build.ModelSpec: preset or checkpoint path); needle: the sweep; haystack: where
     video haystack frames come from (eval/haystack.py); processor: checkpoint dir with tokenizer/preprocessor files
     (None: the model path if it has them, else the embedded default); device: "auto" = cuda when available;
-    rope_scaling: e.g. {"rope_type": "yarn", "factor": 4.0} (Qwen3VL.set_rope_scaling) for sweeps past the
+    rope_scaling: e.g. {"rope_type": "yarn", "factor": 3.0} (Qwen3VL.set_rope_scaling) for sweeps past the
     trained context."""
 
     model: ModelSpec = field(default_factory=ModelSpec)

@@ -385,7 +385,7 @@ def test_protocol_presets_compose(protocol, task):
     assert cfg.needle.task == task and cfg.needle.chunk_size == 8192
     if protocol == "qwen3vl_1m":
         assert cfg.needle.lengths[-1] == 1048576 and cfg.needle.length_unit == "tokens"
-        assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 4.0}
+        assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 3.0}
     else:
         assert cfg.needle.lengths[-1] == 3000 and cfg.haystack.fps == 1.0 and len(cfg.needle.depths) == 11
 
