@@ -7,7 +7,10 @@ picks conf/task/<name>.yaml, which sets `needle.task` and the task's options. Ex
         task=vniah needle.lengths=[200,400,800] needle.depths=[0,0.25,0.5,0.75,1] needle.trials=5
     python -m eval model.path=/ckpt task=passkey needle.lengths=[4000,32000,128000]
     python -m eval task=passkey model.preset=tiny needle.lengths=[200,400] needle.depths=[0,1] needle.out_dir=out
-Writes needle_<task>.json (accuracy per length x depth) and needle_<task>.png (heatmap) to needle.out_dir.
+    python -m eval task=ocr ocr.checkpoints=[base,runs/ocr_demo/final] ocr.data=val.jsonl ocr.out_dir=out
+Writes needle_<task>.json (accuracy per length x depth) and needle_<task>.png (heatmap) to needle.out_dir;
+task=ocr (eval/ocr.py) writes results.json, results.md (base vs fine-tuned table) and report.html (worst samples)
+to ocr.out_dir.
 """
 import os
 
