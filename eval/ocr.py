@@ -50,6 +50,7 @@ class OCRConfig:
             trainer's `train.eval_max_new_tokens`: a model that does not stop is cut at the same place).
         do_sample / temperature / top_k / top_p / seed: sampling instead of greedy decoding.
         precision: auto (bf16 autocast on CUDA, fp32 on CPU, as training) | fp32 | bf16.
+        dtype: weights' dtype: float32 (as training's master weights, with autocast) | bfloat16 (half the memory).
         max_seq_len: longer samples are skipped, as in training (`data.max_seq_len`).
         system_prompt: prepended as in training's `data.system_prompt`.
         n_boot: bootstrap resamples (0: no intervals); worst: samples shown in report.html.
@@ -68,6 +69,7 @@ class OCRConfig:
     top_p: float = 1.0
     seed: int = 0
     precision: str = "auto"
+    dtype: str = "float32"
     max_seq_len: int = 4096
     system_prompt: str | None = None
     n_boot: int = 1000
@@ -86,6 +88,8 @@ class OCRConfig:
             raise ConfigError(f"ocr.names has {len(self.names)} entries for {len(self.checkpoints)} checkpoints")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"ocr.precision must be auto | fp32 | bf16, got {self.precision!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"ocr.dtype must be float32 | bfloat16, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.limit < 0:
             raise ConfigError("ocr.batch_size and ocr.max_new_tokens must be >= 1, ocr.limit >= 0")
 
@@ -165,7 +169,7 @@ def run_ocr(cfg: OCRConfig, device: str | torch.device = "cpu") -> dict:
     names = list(cfg.names) or [checkpoint_name(c) for c in cfg.checkpoints]
     columns, refs, images, scripts = [], None, None, None
     for name, ckpt in zip(names, cfg.checkpoints):
-        model = load_pretrained(ckpt, device=device, progress=False).eval()
+        model = load_pretrained(ckpt, dtype=getattr(torch, cfg.dtype), device=device, progress=False).eval()
         ds, proc, budgets = eval_dataset(ckpt, model.config, cfg)
         preds = predict(model, ds, proc.tokenizer, cfg, device)
         n = len(preds)
@@ -181,7 +185,8 @@ def run_ocr(cfg: OCRConfig, device: str | torch.device = "cpu") -> dict:
     result = {"data": str(cfg.data), "n": len(refs), "references": refs, "scripts": scripts, "images": images,
               "generation": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
                              "do_sample": cfg.do_sample, "temperature": cfg.temperature, "top_k": cfg.top_k,
-                             "top_p": cfg.top_p, "seed": cfg.seed, "precision": cfg.precision},
+                             "top_p": cfg.top_p, "seed": cfg.seed, "precision": cfg.precision,
+                             "dtype": cfg.dtype},
               "n_boot": cfg.n_boot, "checkpoints": columns}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

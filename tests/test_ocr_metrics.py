@@ -95,6 +95,9 @@ def test_bootstrap_is_seeded_and_brackets_the_estimate():
         lo, hi = a[k]
         assert lo <= m[k] <= hi and lo < hi
     assert bootstrap_ci(scores, n_boot=200, seed=4) != a
+    # identical samples: every resample gives the same corpus value, so the interval is that point
+    same = bootstrap_ci([score_sample("1x", "12")] * 7, n_boot=50)
+    assert same["cer"] == (0.5, 0.5) and same["anls"] == (0.0, 0.0)  # NL = 1/2 is at the threshold: ANLS 0
 
 
 @pytest.mark.parametrize("text,script", [("12 34", "Common"), ("word 12", "Latin"), ("λόγος", "Greek"),
