@@ -6,8 +6,8 @@ reference), read by the training's own `SFTDataset`, so prompts are built exactl
 is preprocessed with the pixel budgets its export wrote (preprocessor_config.json, train/export.py), which are the
 budgets it was trained with; a base checkpoint uses its own files. Answers are generated in left-padded batches
 (eval/generate.py), greedy by default, the way the trainer's validation does (train/step.py `evaluate`: batches of
-32, `train.eval_max_new_tokens`, bf16 autocast on CUDA for precision auto), so the CPU demo's export on its validation set
-gives the CER the trainer logged at the last step (`metrics.raw.cer_codepoints`, the trainer's code-point CER, to
+32, `train.eval_max_new_tokens`, bf16 autocast on CUDA for precision auto), so the CPU demo's export on its validation
+set gives the CER the trainer logged at the last step (`metrics.raw.cer_codepoints`, the trainer's code-point CER, to
 the last bit; `metrics.raw.cer` counts grapheme clusters and equals it unless a prediction or reference holds a
 multi-code-point grapheme; tests/test_ocr_eval.py).
 
@@ -255,6 +255,11 @@ def _png_data_uri(path: str | None, max_side: int = 800) -> str | None:
         return None
 
 
+def _code(text: str) -> str:
+    """Text as an HTML <code> element; dir=auto lays right-to-left text out as such."""
+    return f"<code dir='auto'>{html.escape(text)}</code>"
+
+
 def html_report(result: dict, worst: int) -> str:
     """A self-contained HTML page: the side-by-side table and the `worst` samples by the last checkpoint's CER
     (raw), each with its image, the reference and every checkpoint's prediction and CER."""
@@ -265,15 +270,15 @@ def html_report(result: dict, worst: int) -> str:
     for i in order:
         uri = _png_data_uri(result["images"][i])
         img = f'<img src="{uri}">' if uri else "(no image)"
-        preds = "".join(f"<tr><td>{html.escape(c['name'])}</td><td><code>{html.escape(c['predictions'][i])}"
-                        f"</code></td><td>{c['samples'][i]['raw']['cer']:.3f}</td></tr>" for c in cols)
+        preds = "".join(f"<tr><td>{html.escape(c['name'])}</td><td>{_code(c['predictions'][i])}</td>"
+                        f"<td>{c['samples'][i]['raw']['cer']:.3f}</td></tr>" for c in cols)
         rows.append(f"<div class='s'><h3>#{i} ({html.escape(result['scripts'][i])})</h3>{img}<table>"
-                    f"<tr><td>reference</td><td><code>{html.escape(result['references'][i])}</code></td><td>CER</td>"
-                    f"</tr>{preds}</table></div>")
+                    f"<tr><td>reference</td><td>{_code(result['references'][i])}</td><td>CER</td></tr>{preds}"
+                    f"</table></div>")
     table = html.escape(markdown_table(result))
     return ("<!doctype html><html><head><meta charset='utf-8'><title>OCR evaluation</title><style>"
             "body{font-family:sans-serif} .s{border-top:1px solid #ccc;padding:8px} td{padding:2px 8px}"
-            "img{max-width:800px;border:1px solid #888}</style></head><body>"
+            "img{max-width:800px;border:1px solid #888} code{white-space:pre-wrap}</style></head><body>"
             f"<h1>OCR evaluation</h1><pre>{table}</pre><h2>Worst {len(order)} samples (by the CER of "
             f"{html.escape(cols[-1]['name'])})</h2>{''.join(rows)}</body></html>")
 

@@ -14,8 +14,8 @@ seeded bootstrap confidence intervals.
   NL >= 0.5 (the threshold tau = 0.5); the corpus score is the mean. DocVQA lower-cases and strips; here that is
   the `normalise` choice of the caller (the "docvqa" variant).
 - Normalisation variants (NORMALISERS): raw; nfkc (Unicode NFKC: full-width and ligature forms fold);
-  case (casefold); whitespace (collapse runs, strip); punct (drop Unicode P* characters; symbols S* such as $ + = stay); all (nfkc + case +
-  punct + whitespace).
+  case (casefold); whitespace (collapse runs, strip); punct (drop Unicode P* characters; symbols S* such as
+  $ + = stay); all (nfkc + case + punct + whitespace).
 """
 from __future__ import annotations
 
