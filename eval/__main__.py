@@ -8,7 +8,10 @@ qwen3vl_1m). Examples (docs/needle.md has more):
         haystack.video=talk.mp4 haystack.fps=1 needle.lengths=[200,400] needle.trials=5
     python -m eval task=passkey model.path=/ckpt needle.lengths=[4000,32000,128000] needle.chunk_size=8192
 Writes <task>.json (per cell: accuracy per scoring mode, tokens, frames, seconds, memory), <task>.png (heatmap) and
-<task>.md (table) to needle.out_dir; a rerun resumes from <task>.json.
+<task>.md (table) to needle.out_dir; a rerun resumes from <task>.json. The OCR evaluation:
+    python -m eval task=ocr ocr.checkpoints=[base,runs/ocr_demo/final] ocr.data=val.jsonl ocr.out_dir=out
+task=ocr (eval/ocr.py) writes results.json, results.md (base vs fine-tuned table) and report.html (worst samples)
+to ocr.out_dir.
 """
 import os
 

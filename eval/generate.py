@@ -11,14 +11,16 @@ MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_gr
 
 
 @torch.no_grad()
-def generate_batch(model, prompts: list, tokenizer, max_new_tokens: int, device, return_ids: bool = False) -> list:
-    """Greedy answers for encoded prompts, as one left-padded batch.
+def generate_batch(model, prompts: list, tokenizer, max_new_tokens: int, device, return_ids: bool = False,
+                   **sampling) -> list:
+    """Greedy (default) or sampled answers for encoded prompts, as one left-padded batch.
 
     Args:
         model: Qwen3VL.  prompts: objects with `input_ids` (P_i,) long and the media tensors `pixel_values`,
             `image_grid_thw`, `pixel_values_videos`, `video_grid_thw` (or None), e.g. train.data.Encoded.
         tokenizer: with `pad_token_id` and `batch_decode`.  max_new_tokens: answer budget.  device: the model's.
         return_ids: return the new token ids (pads dropped) instead of stripped strings.
+        sampling: `model.generate` options (do_sample, temperature, top_k, top_p, generator); none = greedy.
     Returns: one answer per prompt, in order. Autocast, if any, is the caller's context.
     """
     L = max(p.input_ids.numel() for p in prompts)
@@ -34,7 +36,7 @@ def generate_batch(model, prompts: list, tokenizer, max_new_tokens: int, device,
         if parts:
             kw[key] = torch.cat(parts).to(device)
     out = model.generate(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None,
-                         max_new_tokens=max_new_tokens, pad_token_id=pad, **kw)
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling, **kw)
     new = out[:, L:].cpu()
     if return_ids:
         return [[t for t in row.tolist() if t != pad] for row in new]

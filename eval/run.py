@@ -10,6 +10,7 @@ from model.build import ModelSpec, build_model
 
 from .haystack import HaystackConfig
 from .niah import NeedleConfig, run_needle
+from .ocr import OCRConfig
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,8 @@ class EvalConfig:
     video haystack frames come from (eval/haystack.py); processor: checkpoint dir with tokenizer/preprocessor files
     (None: the model path if it has them, else the embedded default); device: "auto" = cuda when available;
     rope_scaling: e.g. {"rope_type": "yarn", "factor": 3.0} (Qwen3VL.set_rope_scaling) for sweeps past the
-    trained context."""
+    trained context; ocr: set by `task=ocr` (conf/task/ocr.yaml), which runs the OCR evaluation
+    of eval/ocr.py on ocr.checkpoints instead of a needle sweep (model is then unused)."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
@@ -26,6 +28,7 @@ class EvalConfig:
     processor: str | None = None
     device: str = "auto"
     rope_scaling: dict = field(default_factory=dict)
+    ocr: OCRConfig | None = None
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -37,6 +40,13 @@ def run(cfg: EvalConfig) -> dict:
     from .niah import markdown_table
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if cfg.ocr is not None:
+        from .ocr import print_summary, run_ocr
+
+        result = run_ocr(cfg.ocr, device)
+        print_summary(result)
+        print(f"results.json, results.md and report.html in {cfg.ocr.out_dir}")
+        return result
     model = build_model(cfg.model, device).eval()
     if cfg.rope_scaling:
         model.set_rope_scaling(**cfg.rope_scaling)

@@ -27,7 +27,7 @@ class OCRGenConfig:
     n_train: int = 2000
     n_val: int = 64
     seed: int = 0
-    charset: str = "digits"          # digits | words | mixed
+    charset: str = "digits"          # digits | words | mixed | multilingual (train/ocr_scripts.py)
     min_len: int = 3
     max_len: int = 8
     height: int = 32
@@ -41,6 +41,12 @@ class OCRGenConfig:
     fonts: tuple = ()                # font file names to use (e.g. [DejaVuSans.ttf]); () = every DejaVu face
     font_dir: Optional[str] = None   # folder of .ttf files; None = matplotlib's fonts/ttf
     prompt: str = "Read the text in the image."
+    scripts: tuple = ()              # multilingual: names in train/ocr_scripts.SCRIPT_WORDS; () = all covered
+    mix: float = 0.0                 # multilingual: probability that a line mixes scripts (and numbers)
+    lines: tuple = (1, 1)            # lines per image (min, max); > 1: documents, `height` per line
+    layout: str = "left"             # documents: left | center | right | random (one per page)
+    blur: float = 0.0                # max Gaussian blur radius (px), uniform per image; 0 = none
+    low_contrast: float = 0.0        # probability that text and background differ by only 25-60 gray levels
 
 
 @dataclass(frozen=True)
@@ -244,8 +250,16 @@ class Config:
                "none | fsdp")
         _check(self.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
                self.logging.wandb_mode, "online | offline | disabled")
-        _check(self.data.ocr.charset in ("digits", "words", "mixed"), "data.ocr.charset", self.data.ocr.charset,
-               "digits | words | mixed")
+        ocr = self.data.ocr
+        _check(ocr.charset in ("digits", "words", "mixed", "multilingual"), "data.ocr.charset", ocr.charset,
+               "digits | words | mixed | multilingual")
+        _check(ocr.layout in ("left", "center", "right", "random"), "data.ocr.layout", ocr.layout,
+               "left | center | right | random")
+        _check(len(ocr.lines) == 2 and 1 <= ocr.lines[0] <= ocr.lines[1], "data.ocr.lines", ocr.lines,
+               "[min, max] with 1 <= min <= max")
+        for name in ("mix", "low_contrast"):
+            _check(0.0 <= getattr(ocr, name) <= 1.0, f"data.ocr.{name}", getattr(ocr, name), "in [0, 1]")
+        _check(ocr.blur >= 0, "data.ocr.blur", ocr.blur, ">= 0")
         _check(self.data.ocr.align in ("random", "left"), "data.ocr.align", self.data.ocr.align, "random | left")
         _check(self.data.ocr.colors in ("random", "fixed"), "data.ocr.colors", self.data.ocr.colors, "random | fixed")
         for k in self.optim.module_lr:

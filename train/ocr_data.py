@@ -1,10 +1,14 @@
 """Synthetic OCR data: random text lines rendered with PIL into images + JSONL (messages format).
 
 No downloads: fonts are the DejaVu faces matplotlib ships (`matplotlib.get_data_path()/fonts/ttf`), falling back
-to PIL's built-in bitmap font. Text is digits, words, or mixed scripts (Latin, Greek, Cyrillic words where the
-chosen font has every glyph, checked against its cmap). Each line gets a random font, size, gray levels,
-offset, small rotation and Gaussian pixel noise. Deterministic for a given seed; train and val use disjoint
-random streams. Driven by `scripts/make_ocr_data.py` and by `python -m train experiment=ocr_demo`.
+to PIL's built-in bitmap font. Text is digits, words, mixed scripts (Latin, Greek, Cyrillic words where the
+chosen font has every glyph, checked against its cmap) or multilingual: common words of every script a shipped
+font covers (train/ocr_scripts.py lists them and the scripts not covered), one script per line or, with
+probability `mix`, mixed-script lines. Each line gets a random font, size, gray levels, offset, small rotation
+and Gaussian pixel noise; optionally Gaussian blur and low contrast (the "low light, blur, tilt" cases).
+`lines` > 1 makes documents of several lines (reference lines joined by "\n") laid out left, centred or right.
+Deterministic for a given seed; train and val use disjoint random streams. Driven by
+`scripts/make_ocr_data.py` and by `python -m train experiment=ocr_demo`.
 """
 from __future__ import annotations
 
@@ -15,23 +19,12 @@ import random
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .config import OCRGenConfig
 
-WORDS_LATIN = (
-    "the of and to in is you that it he was for on are as with his they at be this have from or one had by "
-    "word but not what all were we when your can said there use an each which she do how their if will up "
-    "other about out many then them these so some her would make like him into time has look two more write "
-    "go see number no way could people my than first water been call who oil its now find long down day did "
-    "get come made may part over new sound take only little work know place year live me back give most very "
-    "after thing our just name good sentence man think say great where help through much before line right "
-    "too mean old any same tell boy follow came want show also around form three small set put end does "
-    "another well large must big even such because turn here why ask went men read need land different home "
-    "us move try kind hand picture again change off play spell air away animal house point page letter mother"
-).split()
-WORDS_GREEK = "και του της το να είναι για με από στο την που ένα θα δεν λόγος νερό ήλιος άνθρωπος".split()
-WORDS_CYRILLIC = "и в не на я быть он с что а по это она этот к но они мы как из у который то за свой".split()
+from .ocr_scripts import (NOT_COVERED, RTL_SCRIPTS, SCRIPT_WORDS, WORDS_CYRILLIC, WORDS_GREEK,  # noqa: F401
+                          WORDS_LATIN, rtl_layout_available)
 
 
 def font_paths(font_dir: str | None = None) -> list[str]:
@@ -72,13 +65,48 @@ class OCRRenderer:
             raise ValueError(f"none of the fonts {list(cfg.fonts)} found ({font_paths(cfg.font_dir)})")
         self.cmaps = _font_cmaps(self.fonts)
         self._cache: dict = {}
+        self.scripts = list(cfg.scripts) or list(SCRIPT_WORDS)
+        if cfg.charset == "multilingual":
+            self._check_scripts()
+
+    def _check_scripts(self):
+        """Every requested script has a font drawing all its words (and RTL layout when it needs one)."""
+        for sc in self.scripts:
+            if sc not in SCRIPT_WORDS:
+                raise ValueError(f"unknown script {sc!r}: have {sorted(SCRIPT_WORDS)} (no font for {NOT_COVERED})")
+            if sc in RTL_SCRIPTS and not rtl_layout_available():
+                raise ValueError(f"{sc} needs PIL built with libraqm (right-to-left layout, joined letters)")
+            if not any(self._covers(p, "".join(SCRIPT_WORDS[sc])) for p in self.fonts):
+                raise ValueError(f"no font in {self.fonts or 'PIL default'} draws every {sc} word")
+
+    def _covers(self, path, text: str) -> bool:
+        return self.cmaps[path] is None or all(ord(ch) in self.cmaps[path] for ch in text if ch != "\n")
 
     def random_text(self, rng: random.Random) -> str:
-        """A random line: digits, Latin words, or (mixed) digits/words/Greek/Cyrillic tokens."""
+        """A random line, or `cfg.lines` lines joined by "\\n"."""
+        lo, hi = self.cfg.lines
+        if hi <= 1:
+            return self.random_line(rng)
+        return "\n".join(self.random_line(rng) for _ in range(rng.randint(lo, hi)))
+
+    def random_line(self, rng: random.Random) -> str:
+        """One line: digits, Latin words, (mixed) digits/words/Greek/Cyrillic tokens, or (multilingual) words of one
+        script, or with probability `mix` of random scripts."""
         c = self.cfg
+        if c.charset == "multilingual":
+            if c.mix > 0 and rng.random() < c.mix:
+                pools = [SCRIPT_WORDS[sc] for sc in self.scripts] + [None]
+            else:
+                pools = [SCRIPT_WORDS[rng.choice(self.scripts)]]
+            return self._words(rng, pools)
         if c.charset == "digits":
             return "".join(rng.choice("0123456789") for _ in range(rng.randint(c.min_len, c.max_len)))
         pools = [WORDS_LATIN] if c.charset == "words" else [WORDS_LATIN, WORDS_GREEK, WORDS_CYRILLIC, None]
+        return self._words(rng, pools)
+
+    def _words(self, rng: random.Random, pools: list) -> str:
+        """Space-separated tokens from random pools (None: a number) until min_len characters (max max_len)."""
+        c = self.cfg
         out = ""
         while len(out) < c.min_len:
             pool = rng.choice(pools)
@@ -95,35 +123,82 @@ class OCRRenderer:
             self._cache[key] = ImageFont.truetype(path, size) if path else ImageFont.load_default()
         return self._cache[key]
 
-    def render(self, text: str, rng: random.Random) -> Image.Image:
-        """Render `text` on a (height, width) canvas with random font, size, colours, rotation and noise."""
+    def _pick_font(self, text: str, rng: random.Random):
+        usable = [p for p in self.fonts if self._covers(p, text)]
+        if not usable and self.cfg.charset == "multilingual":
+            raise ValueError(f"no font draws {text!r}")
+        return rng.choice(usable) if usable else None
+
+    def _colors(self, rng: random.Random) -> tuple[int, int]:
+        """(background, text) gray levels; with probability `low_contrast` they differ by only 25-60 levels."""
         c = self.cfg
-        usable = [p for p in self.fonts if self.cmaps[p] is None or all(ord(ch) in self.cmaps[p] for ch in text)]
-        path = rng.choice(usable) if usable else None
-        size = rng.randint(int(c.font_size[0]), int(c.font_size[1]))
-        # Shrink until the text fits with a small margin (long lines, wide fonts).
-        while True:
-            font = self._font(path, size)
-            x0, y0, x1, y1 = font.getbbox(text)
-            if (x1 - x0 <= c.width - 4 and y1 - y0 <= c.height - 2) or size <= 8 or path is None:
-                break
-            size -= 1
         bg = rng.randint(170, 255) if c.colors == "random" else 255
         fg = rng.randint(0, max(0, bg - 120)) if c.colors == "random" else 0
-        img = Image.new("L", (c.width, c.height), color=bg)
-        draw = ImageDraw.Draw(img)
-        free_x, free_y = max(0, c.width - (x1 - x0) - 2), max(0, c.height - (y1 - y0) - 1)
-        tx = rng.randint(0, free_x if c.align == "random" else min(c.jitter, free_x)) - x0
-        ty = rng.randint(0, free_y) - y0
-        draw.text((tx, ty), text, fill=fg, font=font)
+        if c.low_contrast > 0 and rng.random() < c.low_contrast:
+            fg = bg - rng.randint(25, 60)
+        return bg, fg
+
+    def _finish(self, img: Image.Image, bg: int, rng: random.Random) -> Image.Image:
+        """Rotation, blur and pixel noise (each only when configured, so the random stream of older sets holds)."""
+        c = self.cfg
         if c.rotation > 0:
             img = img.rotate(rng.uniform(-c.rotation, c.rotation), resample=Image.BILINEAR, fillcolor=bg)
+        if c.blur > 0:
+            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, c.blur)))
         arr = np.asarray(img, dtype=np.float32) / 255.0
         if c.noise > 0:
             nrng = np.random.default_rng(rng.getrandbits(32))
             arr = arr + nrng.normal(0.0, c.noise, size=arr.shape).astype(np.float32)
         arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
+
+    def _fit(self, text: str, path, size: int, width: int, height: int):
+        """The font at the largest size <= `size` at which `text` fits (width - 4, height - 2); and its bbox."""
+        while True:
+            font = self._font(path, size)
+            x0, y0, x1, y1 = font.getbbox(text)
+            if (x1 - x0 <= width - 4 and y1 - y0 <= height - 2) or size <= 8 or path is None:
+                return font, (x0, y0, x1, y1)
+            size -= 1
+
+    def render(self, text: str, rng: random.Random) -> Image.Image:
+        """Render `text` on a (height, width) canvas with random font, size, colours, rotation and noise; text with
+        several lines goes to `render_document`."""
+        if "\n" in text:
+            return self.render_document(text.split("\n"), rng)
+        c = self.cfg
+        path = self._pick_font(text, rng)
+        size = rng.randint(int(c.font_size[0]), int(c.font_size[1]))
+        # Shrink until the text fits with a small margin (long lines, wide fonts).
+        font, (x0, y0, x1, y1) = self._fit(text, path, size, c.width, c.height)
+        bg, fg = self._colors(rng)
+        img = Image.new("L", (c.width, c.height), color=bg)
+        draw = ImageDraw.Draw(img)
+        free_x, free_y = max(0, c.width - (x1 - x0) - 2), max(0, c.height - (y1 - y0) - 1)
+        tx = rng.randint(0, free_x if c.align == "random" else min(c.jitter, free_x)) - x0
+        ty = rng.randint(0, free_y) - y0
+        draw.text((tx, ty), text, fill=fg, font=font)
+        return self._finish(img, bg, rng)
+
+    def render_document(self, lines: list[str], rng: random.Random) -> Image.Image:
+        """Several lines on a (height * n, width) canvas, one line per `height` band, one font and size for the
+        page, aligned left, centre or right (`layout`; random picks one per page)."""
+        c = self.cfg
+        path = self._pick_font("".join(lines), rng)
+        size = rng.randint(int(c.font_size[0]), int(c.font_size[1]))
+        fits = [self._fit(line, path, size, c.width, c.height) for line in lines]
+        font = min((f for f, _ in fits), key=lambda f: getattr(f, "size", 0))  # the smallest fitting size
+        layout = rng.choice(["left", "center", "right"]) if c.layout == "random" else c.layout
+        bg, fg = self._colors(rng)
+        img = Image.new("L", (c.width, c.height * len(lines)), color=bg)
+        draw = ImageDraw.Draw(img)
+        for k, line in enumerate(lines):
+            x0, y0, x1, y1 = font.getbbox(line)
+            free_x, free_y = max(0, c.width - (x1 - x0) - 2), max(0, c.height - (y1 - y0) - 1)
+            jitter = rng.randint(0, min(c.jitter, free_x))
+            tx = {"left": jitter, "center": free_x // 2, "right": free_x - jitter}[layout] - x0
+            draw.text((tx, k * c.height + rng.randint(0, free_y) - y0), line, fill=fg, font=font)
+        return self._finish(img, bg, rng)
 
 
 def ocr_record(image_rel: str, text: str, prompt: str) -> dict:
@@ -146,7 +221,7 @@ def generate_ocr_dataset(cfg: OCRGenConfig, out_dir: str | None = None, force: b
     """
     out = Path(out_dir or cfg.out_dir)
     meta = {"generator": "train/ocr_data.py", "version": 1, **dataclasses.asdict(cfg)}
-    meta["font_size"], meta["fonts"] = list(meta["font_size"]), list(meta["fonts"])
+    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}  # as JSON reads them back
     meta.pop("out_dir")
     meta.pop("font_dir")
     paths = {"train": str(out / "train.jsonl"), "val": str(out / "val.jsonl")}
