@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from model.generation import KVCache, config_fingerprint
+from model.generation import KVCache
 from model.processing.stream import VideoStream
 
 INDEX_FILE = "video.json"
@@ -172,8 +172,3 @@ class VideoIndex:
         step = ts[1] - ts[0] if len(ts) > 1 else 0.0
         return (f"{len(ts)} temporal groups, timestamps <{ts[0]:.1f} seconds> ... <{ts[-1]:.1f} seconds> "
                 f"(every {step:.1f} s), {self.info.prefix_len} prompt tokens")
-
-
-def fingerprint(model) -> str:
-    """The configuration fingerprint a cache records (model/generation.py's config_fingerprint)."""
-    return config_fingerprint(model.config)

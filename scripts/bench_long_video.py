@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import resource
-import sys
 import threading
 import time
 from pathlib import Path
