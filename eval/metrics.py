@@ -5,6 +5,8 @@ characters, over the whole corpus, the usual OCR metric.
 """
 from __future__ import annotations
 
+from .ocr_metrics import levenshtein
+
 
 def character_error_rate(predictions: list[str], references: list[str]) -> float:
     """Corpus CER: total Levenshtein edits / total reference characters.
@@ -14,15 +16,6 @@ def character_error_rate(predictions: list[str], references: list[str]) -> float
     """
     if len(predictions) != len(references):
         raise ValueError(f"CER: {len(predictions)} predictions vs {len(references)} references")
-    edits = sum(_levenshtein(p, r) for p, r in zip(predictions, references))
+    edits = sum(levenshtein(p, r) for p, r in zip(predictions, references))
     return edits / max(1, sum(len(r) for r in references))
 
-
-def _levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
