@@ -15,7 +15,7 @@ from model.config import ConfigError
 from train.export import export
 from train.trainer import train
 
-from .test_train_common import ocr_set, small_config
+from .test_train_common import chatty_model, ocr_set, small_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -83,12 +83,7 @@ def test_ocr_eval_equals_the_trainers_validation_on_nonempty_answers(tmp_path):
 
     data = ocr_set(tmp_path, n_train=4, n_val=5, seed=2)
     cfg = small_config(data, tmp_path / "run", train={"eval_samples": 5, "eval_max_new_tokens": 6})
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    with torch.no_grad():  # larger random weights: a fresh model answers "\n" to everything
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.15)
+    model = chatty_model(cfg)
     proc = load_processor(None)
     val = SFTDataset(data["val"], ChatEncoder(proc, model.config, cfg.data))
     want = evaluate(model, val, cfg, "cpu", proc.tokenizer)

@@ -72,3 +72,18 @@ def params_snapshot(model) -> dict[str, torch.Tensor]:
     """Detached clones of every parameter, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
+
+def chatty_model(cfg):
+    """The config's random model (seed 0, eval mode) with larger weights: a fresh model answers "\n" to everything,
+    this one answers varied text, so CER comparisons have something to compare."""
+    import torch
+
+    from model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.15)
+    return model

@@ -17,7 +17,7 @@ from train.optim import build_optimizer, lr_at
 from train.step import forward_losses
 from train.trainer import train
 
-from .test_train_common import params_snapshot, small_config
+from .test_train_common import chatty_model, params_snapshot, small_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -195,12 +195,7 @@ def test_batched_generation_matches_one_by_one(data, tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     cfg = small_config(data, tmp_path, train={"eval_max_new_tokens": 6})
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
-    with torch.no_grad():  # larger random weights: a fresh model answers "\n" to everything
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.15)
+    model = chatty_model(cfg)
     tok = load_processor(None).tokenizer
     ds = SFTDataset(str(path), ChatEncoder(load_processor(None), model.config, cfg.data),
                     root=os.path.dirname(data["val"]))
