@@ -29,3 +29,15 @@ def data(tmp_path_factory):
     from .test_train_common import ocr_set
 
     return ocr_set(tmp_path_factory.mktemp("ocr"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, so a failure reproduces with `pytest -k NAME`."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

@@ -33,7 +33,7 @@ def test_processor_to_model_matches_transformers(models, hf_proc, tmp_path, layo
     hf, ours = models
     proc = Qwen3VLProcessor(load_processor(None).tokenizer, video_layout=layout)
     img_path = tmp_path / "page.png"
-    Image.fromarray(np.random.default_rng().integers(0, 256, (77, 131, 3), dtype=np.uint8)).save(img_path)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (77, 131, 3), dtype=np.uint8)).save(img_path)
     vid_path = write_video(tmp_path / "clip.mp4", 90, 58, 25, 2.2, "libx264")
     conv = [{"role": "user", "content": [
         {"type": "image", "image": str(img_path)},

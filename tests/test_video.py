@@ -34,7 +34,7 @@ def write_video(path, w, h, fps, seconds, codec, gop=None):
     """A moving random texture (fresh each run), so every frame differs."""
     import av
 
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     base = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=fps)
@@ -187,7 +187,7 @@ def test_sparse_reader_returns_the_same_frames(tmp_path, gop):
 
 
 def test_frame_list_with_explicit_timestamps():
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8) for _ in range(5)]
     feats = preprocess_video(frames, OFFICIAL_VIDEO_CONFIG, options={"timestamps": [0.0, 0.4, 0.9, 1.5, 2.1]})
     assert feats.grid_thw[0] == 3  # 5 frames -> padded to 6 -> 3 temporal groups
