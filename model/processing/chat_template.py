@@ -2,7 +2,8 @@
 
 A checkpoint's template is taken, by priority, from chat_template.jinja, chat_template.json or tokenizer_config.json
 (transformers' order); without one the built-in `chat_template.jinja` beside this file is used (it renders the same
-text as the official Qwen3-VL Instruct template). Templates are compiled with the Jinja2 options transformers'
+text as the official Qwen3-VL Instruct template). `chat_template_thinking.jinja` is the official template of the
+Thinking checkpoints (reasoning in `<think>`, generation prompt opening it), selected by `builtin_template(True)`. Templates are compiled with the Jinja2 options transformers'
 `apply_chat_template` uses (sandboxed, trim_blocks, lstrip_blocks, `tojson`, `raise_exception`, `strftime_now`).
 """
 from __future__ import annotations
@@ -11,6 +12,12 @@ import json
 from pathlib import Path
 
 BUILTIN_CHAT_TEMPLATE = Path(__file__).with_name("chat_template.jinja")
+BUILTIN_THINKING_TEMPLATE = Path(__file__).with_name("chat_template_thinking.jinja")
+
+
+def builtin_template(thinking: bool = False) -> str:
+    """Source of the built-in template: the Instruct one, or the official Thinking one (`thinking=True`)."""
+    return (BUILTIN_THINKING_TEMPLATE if thinking else BUILTIN_CHAT_TEMPLATE).read_text(encoding="utf-8")
 
 
 def read_chat_template(ckpt: Path, config: dict) -> str | None:

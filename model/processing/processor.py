@@ -12,7 +12,9 @@ The counterpart of transformers' `Qwen3VLProcessor` (+ qwen-vl-utils' `process_v
 - batching: left or right padding with <|endoftext|>, attention_mask, labels padded with -100;
 - `count_tokens`: the exact length of a conversation from image headers and video metadata, without decoding pixels;
 - `save_preprocessor_configs`: writes preprocessor_config.json / video_preprocessor_config.json from the config
-  objects, so that `load_processor` (and transformers' processors) read back the same geometry and budgets.
+  objects, so that `load_processor` (and transformers' processors) read back the same geometry and budgets;
+- `parse_response`: a generated turn read back into content, reasoning, tool calls and grounding boxes / points
+  (model/processing/responses.py), `grounding_to_pixels` / `draw_grounding` for the original image.
 
 Batch keys match `Qwen3VL.forward`: input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
 video_grid_thw (+ labels when asked, + mm_token_type_ids when asked).
@@ -26,12 +28,14 @@ from pathlib import Path
 import torch
 
 from ..config import IGNORE_INDEX
+from .chat_template import builtin_template
 from .config import (DEFAULT_FPS, DEFAULT_MAX_FRAMES, DEFAULT_MIN_FRAMES, OFFICIAL_IMAGE_CONFIG,
                      OFFICIAL_VIDEO_CONFIG, RULES, VisionPreprocessConfig)
 from .geometry import plan_frame_list, plan_image
 from .image import image_size, load_image, preprocess_image
 from .media import item_kind, item_options, local_path, media_source
 from .prompt import IMAGE_PAD, LAYOUTS, VIDEO_PAD, VISION_END, VISION_START, expand_placeholders
+from .responses import draw_grounding, grounding_to_pixels, parse_response
 from .tokenizer import Tokenizer
 from .video import VideoFeatures, plan_video_file, preprocess_video
 
@@ -81,6 +85,9 @@ class Qwen3VLProcessor:
         if len(self._assistant_id) != 1:
             raise ValueError("the tokenizer does not encode 'assistant' as one token; labels cannot find the turns")
         self._assistant_id = self._assistant_id[0]
+        # Thinking templates open the reasoning in the generation prompt: generated text then starts inside it.
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=True)
+        self.thinking = probe.endswith("<think>\n")
 
     # --- media -----------------------------------------------------------------------------------------------------
     def process_image(self, image, options: dict | None = None, name: str | None = None):
@@ -362,6 +369,33 @@ class Qwen3VLProcessor:
                     nested[key] = {**old, **d}
             _write_json(dst / NESTED_CONFIG_FILE, nested)
 
+    # --- answers ---------------------------------------------------------------------------------------------------
+    def parse_response(self, text: str, *, strict: bool = False) -> dict:
+        """One generated turn (decoded text) -> {"content", "reasoning", "tool_calls", "boxes", "points", "errors"}.
+
+        Grounding coordinates stay as written (0..1000, relative to the image); `grounding_to_pixels` maps them.
+        With a Thinking template (`self.thinking`) a turn without `</think>` is reasoning cut short. `strict=True`
+        raises ValueError on any unreadable tool call or grounding object instead of listing it under "errors".
+        See model/processing/responses.py.
+        """
+        return parse_response(text, thinking_prompt=self.thinking, strict=strict)
+
+    def grounding_to_pixels(self, parsed: dict, image) -> dict:
+        """`parse_response` boxes / points in pixels (floats) of the original `image` (path: header only; PIL, array,
+        tensor; or its (height, width)). Qwen3-VL's coordinates are relative to the whole image, so the processor's
+        resize does not enter: x_pixel = x / 1000 * width."""
+        if isinstance(image, (tuple, list)) and len(image) == 2:
+            h, w = image
+        elif isinstance(image, (str, os.PathLike)):
+            h, w = image_size(image)
+        else:
+            h, w = load_image(image).shape[-2:]
+        return grounding_to_pixels(parsed, int(w), int(h))
+
+    def draw_grounding(self, image, parsed: dict, path=None):
+        """Draw `parse_response`'s boxes and points on `image` (PIL image or path); saved to `path` if given."""
+        return draw_grounding(image, parsed, path)
+
     # --- decoding --------------------------------------------------------------------------------------------------
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of one id sequence."""
@@ -390,16 +424,20 @@ def _vision_config(d: dict, default: VisionPreprocessConfig, what: str) -> Visio
         raise ValueError(f"{what}: {e}") from e
 
 
-def load_processor(path: str | os.PathLike | None = None, **kwargs) -> Qwen3VLProcessor:
+def load_processor(path: str | os.PathLike | None = None, *, thinking: bool | None = None,
+                   **kwargs) -> Qwen3VLProcessor:
     """Processor for a checkpoint directory (tokenizer + preprocessor configs), or the embedded default (None).
 
     Args:
         path: directory with tokenizer.json, tokenizer_config.json, preprocessor_config.json,
             video_preprocessor_config.json (or transformers 5's nested processor_config.json); None: the embedded
             Qwen3-VL tokenizer and the official preprocessing values.
+        thinking: chat template. None: the checkpoint's own (a Thinking checkpoint ships the Thinking one), else the
+            built-in Instruct one; True: the official Thinking template (chat_template_thinking.jinja); False: the
+            built-in Instruct one. An explicit True / False replaces the checkpoint's template.
         kwargs: Qwen3VLProcessor options (video_rule, video_layout, fps, min_frames, max_frames).
     """
-    tokenizer = Tokenizer.from_pretrained(path)
+    tokenizer = Tokenizer.from_pretrained(path, None if thinking is None else builtin_template(thinking))
     image_cfg, video_cfg = OFFICIAL_IMAGE_CONFIG, OFFICIAL_VIDEO_CONFIG
     if path is not None:
         ckpt = Path(path)

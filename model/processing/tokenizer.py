@@ -224,19 +224,24 @@ class Tokenizer:
         self._text_tok = None  # a copy with special-token matching off (transformers' split_special_tokens)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None) -> "Tokenizer":
-        """Load from a checkpoint directory (tokenizer.json, tokenizer_config.json, chat template); None = embedded."""
+    def from_pretrained(cls, path: str | os.PathLike | None = None, chat_template: str | None = None) -> "Tokenizer":
+        """Load from a checkpoint directory (tokenizer.json, tokenizer_config.json, chat template); None = embedded.
+
+        Args:
+            chat_template: Jinja source used instead of the checkpoint's own template (or the built-in one).
+        """
         from tokenizers import Tokenizer as HFTokenizer
 
         if path is None:
-            return cls(HFTokenizer.from_file(str(default_tokenizer_json_path())))
+            return cls(HFTokenizer.from_file(str(default_tokenizer_json_path())), chat_template)
         ckpt = Path(path)
         if not (ckpt / "tokenizer.json").exists():
             raise FileNotFoundError(f"no tokenizer.json in checkpoint directory {ckpt}")
         config = {}
         if (ckpt / "tokenizer_config.json").exists():
             config = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))
-        return cls(HFTokenizer.from_file(str(ckpt / "tokenizer.json")), read_chat_template(ckpt, config), config)
+        return cls(HFTokenizer.from_file(str(ckpt / "tokenizer.json")), chat_template or read_chat_template(ckpt, config),
+                   config)
 
     # --- ids <-> text -------------------------------------------------------------------------------------------
     @property
@@ -308,6 +313,8 @@ class Tokenizer:
                 m = {**m, "content": self.escape_text(c)}
             elif isinstance(c, list):
                 m = {**m, "content": [esc(it) for it in c]}
+            if isinstance(m, dict) and isinstance(m.get("reasoning_content"), str):  # Thinking template's field
+                m = {**m, "reasoning_content": self.escape_text(m["reasoning_content"])}
             msgs.append(m)
         return self.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, **kwargs)
 
