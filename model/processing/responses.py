@@ -89,7 +89,7 @@ class ParsedResponse:
                 "points": [p.to_dict() for p in self.points], "errors": list(self.errors)}
 
 
-# --- reasoning ---------------------------------------------------------------------------------------------------------
+# --- reasoning --------------------------------------------------------------------------------------------------------
 def split_reasoning(text: str, thinking_prompt: bool = False) -> tuple[str | None, str]:
     """(reasoning, rest) of one generated turn, split at the first `</think>`.
 
@@ -111,7 +111,7 @@ def split_reasoning(text: str, thinking_prompt: bool = False) -> tuple[str | Non
     return head.strip("\n"), tail.lstrip("\n")
 
 
-# --- tool calls --------------------------------------------------------------------------------------------------------
+# --- tool calls -------------------------------------------------------------------------------------------------------
 def _excerpt(s: str, n: int = 60) -> str:
     s = s.strip()
     return repr(s if len(s) <= n else s[:n] + "...")
@@ -170,7 +170,7 @@ def extract_tool_calls(text: str) -> tuple[list[ToolCall], str, list[str]]:
     return calls, "".join(kept), errors
 
 
-# --- grounding ---------------------------------------------------------------------------------------------------------
+# --- grounding --------------------------------------------------------------------------------------------------------
 def _match_object(text: str, start: int) -> tuple[int | None, bool]:
     """(index of the `}` closing the `{` at `start` or None if it never closes, whether a grounding key is one of
     this object's own keys); braces inside strings do not count."""
@@ -276,7 +276,7 @@ def extract_grounding(text: str) -> tuple[list[Box], list[Point], list[str]]:
     return boxes, points, errors
 
 
-# --- one call ----------------------------------------------------------------------------------------------------------
+# --- one call ---------------------------------------------------------------------------------------------------------
 def parse(text: str, *, thinking_prompt: bool = False) -> ParsedResponse:
     """Read one generated assistant turn (decoded text) into a ParsedResponse; see the module docstring."""
     if not isinstance(text, str):
@@ -308,7 +308,7 @@ def parse_response(text: str, *, thinking_prompt: bool = False, strict: bool = F
     return result.to_dict()
 
 
-# --- coordinates -------------------------------------------------------------------------------------------------------
+# --- coordinates ------------------------------------------------------------------------------------------------------
 def to_pixels(coords, width: int, height: int) -> list[float]:
     """0..1000 coordinates [x1, y1, x2, y2] or [x, y] -> pixels of an image of width x height: x / 1000 * width.
 
@@ -339,7 +339,7 @@ def grounding_to_pixels(parsed: dict, width: int, height: int) -> dict:
             "points": [{**p, "point_2d": to_pixels(p["point_2d"], width, height)} for p in parsed.get("points", [])]}
 
 
-# --- drawing -----------------------------------------------------------------------------------------------------------
+# --- drawing ----------------------------------------------------------------------------------------------------------
 _COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#9a6324"]
 
 

@@ -240,8 +240,8 @@ class Tokenizer:
         config = {}
         if (ckpt / "tokenizer_config.json").exists():
             config = json.loads((ckpt / "tokenizer_config.json").read_text(encoding="utf-8"))
-        return cls(HFTokenizer.from_file(str(ckpt / "tokenizer.json")), chat_template or read_chat_template(ckpt, config),
-                   config)
+        template = chat_template or read_chat_template(ckpt, config)
+        return cls(HFTokenizer.from_file(str(ckpt / "tokenizer.json")), template, config)
 
     # --- ids <-> text -------------------------------------------------------------------------------------------
     @property
