@@ -77,6 +77,13 @@ GROUNDING_CASES = [
      [B(1, 2, 3, 4, "car", attrs={"color": "red"})], [], []),
     ("mixed-two-fences", '```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}]\n```\nand\n```\n'
      '[{"point_2d": [9, 8], "label": "b"}]\n```', [B(1, 2, 3, 4, "a")], [P(9, 8, "b")], []),
+    ("python-dict-quotes", "[{'bbox_2d': [12, 34, 56, 78], 'label': \"dog's bowl\"}]", [B(12, 34, 56, 78, "dog's bowl")],
+     [], []),
+    ("other-fence-and-bare-json", '```python\nprint({1: 2})\n```\n[{"point_2d": [3, 4], "label": "p"}]', [],
+     [P(3, 4, "p")], []),
+    ("cut-fence-then-fence", '```json\n[{"bbox_2d": [5, 6\n```\nretry:\n```json\n[{"bbox_2d": [1, 2, 3, 4]}]\n```',
+     [B(1, 2, 3, 4)], [], ["grounding object 1: cut off before its closing brace"]),
+    ("one-line-fence", '```json[{"bbox_2d": [1, 2, 3, 4], "label": "a"}]```', [B(1, 2, 3, 4, "a")], [], []),
     ("plain-answer", "There are no cats in this image.", [], [], []),
     ("prose-braces-only", 'Use {"key": 1} and {x}.', [], [], []),
 ]

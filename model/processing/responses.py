@@ -23,6 +23,7 @@ the same messages instead.
 """
 from __future__ import annotations
 
+import ast
 import json
 import math
 import re
@@ -32,8 +33,8 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
 END_TOKENS = ("<|im_end|>", "<|endoftext|>")  # may end a turn decoded with skip_special_tokens=False
 COORD_SCALE = 1000  # Qwen3-VL grounding coordinates: 0..1000 of the image width / height
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\n?(.*?)(?:```|\Z)", re.S)
-_GROUNDING_QUOTED = ('"bbox_2d"', '"point_2d"')
+_FENCE = re.compile(r"```[\w+-]*[ \t]*\n?(.*?)(?:```|\Z)", re.S)  # ```json ... ```; an unclosed one runs to the end
+_GROUNDING_QUOTED = ('"bbox_2d"', '"point_2d"', "'bbox_2d'", "'point_2d'")
 _TRAILING_COMMA = re.compile(r",\s*([\]}])")
 
 
@@ -184,8 +185,8 @@ def _match_object(text: str, start: int) -> tuple[int | None, bool]:
                 esc = True
             elif c == '"':
                 in_str = False
-        elif c == '"':
-            in_str = True
+        elif c in "\"'":  # single quotes: a Python-style dict; not tracked as strings (apostrophes in prose)
+            in_str = c == '"'
             direct = direct or (depth == 1 and text.startswith(_GROUNDING_QUOTED, j))
         elif c == "{":
             depth += 1
@@ -212,13 +213,17 @@ def _objects(text: str):
 
 
 def _load_object(src: str):
-    """json.loads, then once more with trailing commas removed (a common slip); None if both fail."""
+    """json.loads, then with trailing commas removed, then as a Python literal (single-quoted keys); None if all
+    fail. Only literals are evaluated (`ast.literal_eval`), never code."""
     for s in (src, _TRAILING_COMMA.sub(r"\1", src)):
         try:
             return json.loads(s)
         except json.JSONDecodeError:
             pass
-    return None
+    try:
+        return ast.literal_eval(src)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
 
 
 def _coords(value, n: int, key: str) -> list:
@@ -253,10 +258,16 @@ def grounding_from_object(obj: dict) -> Box | Point:
 def extract_grounding(text: str) -> tuple[list[Box], list[Point], list[str]]:
     """Boxes and points in `text`: JSON objects with a `bbox_2d` or `point_2d` key, alone or in a list, bare or in
     ```json fences (an unclosed fence runs to the end). Returns (boxes, points, errors)."""
-    fences = [m.group(1) for m in _FENCE.finditer(text)]
+    # Fence bodies and the prose between them are scanned apart, so that an object cut off inside one fence
+    # does not swallow the next fence's objects.
+    parts, pos = [], 0
+    for m in _FENCE.finditer(text):
+        parts += [text[pos:m.start()], m.group(1)]
+        pos = m.end()
+    parts.append(text[pos:])
     boxes, points, errors = [], [], []
     k = 0
-    for part in fences or [text]:
+    for part in parts:
         for start, src in _objects(part):
             k += 1
             if src is None:
