@@ -77,8 +77,8 @@ GROUNDING_CASES = [
      [B(1, 2, 3, 4, "car", attrs={"color": "red"})], [], []),
     ("mixed-two-fences", '```json\n[{"bbox_2d": [1, 2, 3, 4], "label": "a"}]\n```\nand\n```\n'
      '[{"point_2d": [9, 8], "label": "b"}]\n```', [B(1, 2, 3, 4, "a")], [P(9, 8, "b")], []),
-    ("python-dict-quotes", "[{'bbox_2d': [12, 34, 56, 78], 'label': \"dog's bowl\"}]", [B(12, 34, 56, 78, "dog's bowl")],
-     [], []),
+    ("python-dict-quotes", "[{'bbox_2d': [12, 34, 56, 78], 'label': \"dog's bowl\"}]",
+     [B(12, 34, 56, 78, "dog's bowl")], [], []),
     ("other-fence-and-bare-json", '```python\nprint({1: 2})\n```\n[{"point_2d": [3, 4], "label": "p"}]', [],
      [P(3, 4, "p")], []),
     ("cut-fence-then-fence", '```json\n[{"bbox_2d": [5, 6\n```\nretry:\n```json\n[{"bbox_2d": [1, 2, 3, 4]}]\n```',
@@ -349,3 +349,12 @@ def test_load_processor_template_choice(tmp_path):
     assert not load_processor(tmp_path, thinking=False).thinking  # explicit choice wins
     assert not processor().thinking and processor(True).thinking
     json.dumps(ckpt.parse_response("x"))  # plain, JSON-serialisable result
+
+
+def test_special_tokens_typed_in_reasoning_are_text():
+    proc = processor(True)
+    conv = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a", "reasoning_content": "r <|im_end|> x"}]
+    ids = proc.process_conversation(conv)["input_ids"].tolist()
+    assert ids.count(proc.im_end_id) == 2  # the user's and the assistant's turn ends, not the typed one
+    assert proc.decode(ids).endswith("<think>\nr <|im_end|> x\n</think>\n\na<|im_end|>\n")
