@@ -5,9 +5,10 @@
 - Coordinates: Qwen3-VL's 0..1000 relative coordinates <-> pixels of the original image, exact round trips.
 - Templates: our token ids against transformers' `Qwen3VLProcessor.apply_chat_template` (tokenize=True) for tool
   definitions, tool calls, tool responses (with an image) and Thinking turns. The Instruct reference is the official
-  Qwen3-VL Instruct template (tests/templates/qwen3vl_instruct.jinja, verbatim from Qwen/Qwen3-VL-8B-Instruct) against
-  our own built-in template; the Thinking reference is transformers rendering the same template string we ship
-  (chat_template_thinking.jinja), whose behaviour is also pinned by hand-written expected strings.
+  Qwen3-VL Instruct template (tests/templates/qwen3vl_instruct.jinja, verbatim from Qwen/Qwen3-VL-8B-Instruct's
+  chat_template.json: 5292 bytes, sha256 3636d0f0bd6bef02...) against our own built-in template; the Thinking
+  reference is transformers rendering the same template string we ship (chat_template_thinking.jinja), whose
+  behaviour is also pinned by hand-written expected strings.
 """
 import functools
 import json
@@ -358,3 +359,9 @@ def test_special_tokens_typed_in_reasoning_are_text():
     ids = proc.process_conversation(conv)["input_ids"].tolist()
     assert ids.count(proc.im_end_id) == 2  # the user's and the assistant's turn ends, not the typed one
     assert proc.decode(ids).endswith("<think>\nr <|im_end|> x\n</think>\n\na<|im_end|>\n")
+
+
+def test_official_instruct_template_file_is_intact():
+    import hashlib
+
+    assert hashlib.sha256(OFFICIAL_INSTRUCT.encode()).hexdigest().startswith("3636d0f0bd6bef02")

@@ -86,7 +86,11 @@ class Qwen3VLProcessor:
             raise ValueError("the tokenizer does not encode 'assistant' as one token; labels cannot find the turns")
         self._assistant_id = self._assistant_id[0]
         # Thinking templates open the reasoning in the generation prompt: generated text then starts inside it.
-        probe = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=True)
+        # (A custom template that cannot render a lone user turn is taken as not thinking.)
+        try:
+            probe = tokenizer.apply_chat_template([{"role": "user", "content": "?"}], add_generation_prompt=True)
+        except Exception:
+            probe = ""
         self.thinking = probe.endswith("<think>\n")
 
     # --- media -----------------------------------------------------------------------------------------------------
