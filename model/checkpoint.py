@@ -45,6 +45,8 @@ from .rope import TextRotary
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _EXPERT_RE = re.compile(r"\.mlp\.experts\.(gate_up_proj|down_proj)$")
+# one expert's projection, as the official FP8 MoE checkpoints store experts (per expert, nn.Linear [out, in])
+_PER_EXPERT_RE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 FP8_MODES = ("dequantize", "keep")
 
 
@@ -151,8 +153,53 @@ class _Scales:
             raise CheckpointError(f"{self.path / self.where[sname]}: {sname}: {e}") from None
 
 
+class _PerExpert:
+    """Assembles per-expert tensors (`experts.{e}.gate_proj.weight` [I, H], `up_proj` [I, H], `down_proj` [H, I])
+    into our fused `experts.gate_up_proj` [E, H, 2I] and `experts.down_proj` [E, I, H], piece by piece."""
+
+    def __init__(self, model, params, expected, dtype, device):
+        self.model, self.params, self.expected, self.dtype, self.device = model, params, expected, dtype, device
+        self.filled: dict[str, set[tuple[int, str]]] = defaultdict(set)
+
+    def target(self, name: str) -> tuple[str, int, str] | None:
+        """(fused parameter name, expert index, projection) when `name` is a per-expert tensor of ours."""
+        m = _PER_EXPERT_RE.match(name)
+        if not m:
+            return None
+        fused = f"{m.group(1)}.{'down_proj' if m.group(3) == 'down_proj' else 'gate_up_proj'}"
+        if fused not in self.expected or int(m.group(2)) >= self.expected[fused][0]:
+            return None
+        return fused, int(m.group(2)), m.group(3)
+
+    def put(self, name: str, fused: str, e: int, proj: str, t: torch.Tensor):
+        """Copy one expert's projection (transposed to our layout) into the fused parameter."""
+        E, rows, cols = self.expected[fused]
+        want = (cols // 2, rows) if proj != "down_proj" else (cols, rows)  # nn.Linear [out, in]
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"{name}: shape {tuple(t.shape)}, expected {want} for {fused} {(E, rows, cols)}")
+        mod_name, _, attr = fused.rpartition(".")
+        mod = self.model.get_submodule(mod_name)
+        if not self.filled[fused]:  # first piece: materialise the fused parameter from the meta device
+            setattr(mod, attr, torch.nn.Parameter(torch.empty((E, rows, cols), dtype=self.dtype, device=self.device),
+                                                  requires_grad=self.params[fused].requires_grad))
+        dst = getattr(mod, attr).data[e]
+        if proj == "gate_proj":
+            dst = dst[:, : cols // 2]
+        elif proj == "up_proj":
+            dst = dst[:, cols // 2:]
+        with torch.no_grad():
+            dst.copy_(t.T)
+        self.filled[fused].add((e, proj))
+
+    def complete(self) -> set[str]:
+        """The fused parameters every piece of which arrived; the others stay missing."""
+        need = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+        return {f for f, got in self.filled.items()
+                if got == {(e, p) for e in range(self.expected[f][0]) for p in need[f.rpartition(".")[2]]}}
+
+
 def _load_shard(path: Path, names, model, params, expected, optional, moe_layout, dtype, device,
-                seen, unexpected, misshaped, scales: _Scales):
+                seen, unexpected, misshaped, scales: _Scales, per_expert: _PerExpert):
     """Stream one safetensors file into the meta-built model, tensor by tensor."""
     with _open_shard(path) as f:
         keys = list(f.keys())
@@ -160,9 +207,16 @@ def _load_shard(path: Path, names, model, params, expected, optional, moe_layout
             missing_in_file = sorted(set(names) - set(keys))[:5]
             raise CheckpointError(f"{path}: index lists {missing_in_file} but the file does not hold them")
         for name in keys:
+            if (piece := per_expert.target(name)) is not None:
+                t = _read(f, path, name)
+                if t.dtype == FP8_DTYPE:
+                    t = scales.dequantize(f, path.name, name, t)
+                per_expert.put(name, *piece, t)
+                continue
             if name not in expected:
                 # an FP8 scale is consumed with its weight (fp8="dequantize"), if that weight is ours
-                if not (name.endswith(SCALE_SUFFIX) and weight_name(name) in expected):
+                if not (name.endswith(SCALE_SUFFIX) and (weight_name(name) in expected
+                                                         or per_expert.target(weight_name(name)))):
                     unexpected.append(name)
                 continue
             if name in optional:
@@ -257,14 +311,16 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     params = dict(model.named_parameters(remove_duplicate=False))
 
     scales = _Scales(path, where, quant)
+    per_expert = _PerExpert(model, params, expected, dtype, device)
     seen: set[str] = set()
     unexpected, misshaped = [], []
     bar = tqdm(total=len(files), desc=f"loading {path.name}", unit="shard", disable=not progress or len(files) < 2)
     for fname, names in files.items():
         _load_shard(path / fname, names, model, params, expected, optional, moe_layout, dtype, device,
-                    seen, unexpected, misshaped, scales)
+                    seen, unexpected, misshaped, scales, per_expert)
         bar.update(1)
     bar.close()
+    seen |= per_expert.complete()
     missing = sorted(set(expected) - seen - optional)
     problems = []
     if missing:
@@ -298,13 +354,14 @@ def _fp8_state_dict(model: Qwen3VL, quant: FP8Config, dtype: torch.dtype | None
     """The state dict in the fine-grained FP8 layout, and the quantization_config that describes it.
 
     Quantised: the weight of every nn.Linear that `quant.converts` (the MoE router, `mlp.gate`, never: transformers
-    keeps it a plain router) and the fused MoE expert tensors, when their last two dims are multiples of the block;
+    keeps it a plain router) and the MoE experts, written per expert (`experts.{e}.{gate,up,down}_proj.weight`, the
+    official FP8 MoE layout), when the quantised matrices' dims are multiples of the block;
     like transformers' `Fp8Quantize`, other weights stay unquantised and their modules join `modules_to_not_convert`.
     FP8Linear modules are written as they are. Tensors are quantised one at a time (fp32 transient per tensor).
     """
     block = quant.weight_block_size
     skipped = set()
-    targets: dict[str, str] = {}  # parameter name -> module name, for the tensors to quantise
+    targets: set[str] = set()  # parameter names to quantise
     for mod_name, mod in model.named_modules():
         if isinstance(mod, FP8Linear):
             if mod.block != block:
@@ -313,21 +370,35 @@ def _fp8_state_dict(model: Qwen3VL, quant: FP8Config, dtype: torch.dtype | None
         if mod_name == "lm_head" and model.config.text.tie_word_embeddings:
             continue  # tied to the (unquantised) embeddings; not written
         if type(mod) is torch.nn.Linear:
-            names = [f"{mod_name}.weight"]
+            shapes = {f"{mod_name}.weight": tuple(mod.weight.shape)}
         elif mod_name.endswith(".mlp.experts") and hasattr(mod, "gate_up_proj"):
-            names = [f"{mod_name}.gate_up_proj", f"{mod_name}.down_proj"]
+            E, H, I2 = mod.gate_up_proj.shape
+            # quantised per expert as nn.Linear weights [out, in]: gate / up [I, H], down [H, I]
+            shapes = {f"{mod_name}.gate_up_proj": (I2 // 2, H), f"{mod_name}.down_proj": (H, I2 // 2)}
         else:
             continue
-        params = [model.get_parameter(n) for n in names]
-        divisible = all(p.shape[-2] % block[0] == 0 and p.shape[-1] % block[1] == 0 for p in params)
+        divisible = all(n % block[0] == 0 and k % block[1] == 0 for n, k in shapes.values())
         if mod_name.endswith(".mlp.gate") or not quant.converts(mod_name) or not divisible:
             skipped.add(mod_name)
         else:
-            targets.update((n, mod_name) for n in names)
+            targets.update(shapes)
     sd = {}
     for name, t in model.state_dict().items():
         t = t.detach()
-        if name in targets:
+        if name in targets and _EXPERT_RE.search(name):
+            # the official FP8 MoE layout: one FP8 nn.Linear weight (+ scale) per expert and projection
+            prefix, _, kind = name.rpartition(".")
+            for e in range(t.shape[0]):
+                if kind == "down_proj":
+                    pieces = {"down_proj": t[e].T}                                     # [H, I]
+                else:
+                    gate, up = t[e].chunk(2, dim=-1)                                     # [H, I] each
+                    pieces = {"gate_proj": gate.T, "up_proj": up.T}
+                for proj, w in pieces.items():
+                    q, s = quantize_blockwise(w, block)
+                    wname = f"{prefix}.{e}.{proj}.weight"
+                    sd[wname], sd[scale_name(wname)] = q.cpu(), s.cpu()
+        elif name in targets:
             q, s = quantize_blockwise(t, block)
             sd[name], sd[scale_name(name)] = q.cpu(), s.cpu()
         elif t.dtype == FP8_DTYPE or name.endswith(SCALE_SUFFIX):
