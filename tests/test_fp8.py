@@ -431,3 +431,60 @@ def test_transformers_fp8_linear_on_cuda_runs_our_checkpoint(tmp_path):
         a, b = hf(input_ids=IDS.cuda()).logits.float(), ours(IDS.cuda()).logits.float()
     # transformers also quantises the activations to FP8 per 1 x 128 group: ~2^-4 relative error per matmul
     assert (a - b).abs().max() <= 0.1 * b.abs().max()
+
+
+# ----------------------------------------------------------------------------------------- Triton W8A16 kernel
+# Tolerances: fp32 ~1e-5 relative (accumulation order only: both sides use the same dequantised fp32 weight);
+# fp16 ~2e-3 relative (the output is rounded to fp16; the weight is rounded to fp16 on both sides).
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-2)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m,n,k,block", [(1, 40, 56, (16, 24)), (19, 64, 128, (32, 32)), (33, 72, 100, (128, 128))],
+                         ids=["decode-partial-blocks", "prefill-even", "one-partial-block"])
+def test_fp8_linear_kernel_matches_reference(dtype, m, n, k, block):
+    from kernels.fp8_linear import fp8_linear, fp8_linear_ref
+
+    q, s = ref_quantize(torch.randn(n, k) * torch.logspace(-2, 1, k), *block)
+    x, bias = torch.randn(2, m, k).to(dtype), torch.randn(n)
+    y = fp8_linear(x, q, s, block, bias)
+    assert y.dtype == dtype and y.shape == (2, m, n)
+    # the reference: the weight dequantised in fp32 and rounded to the activation dtype, as the kernel does
+    w = ref_dequantize(q, s, *block).to(dtype)
+    torch.testing.assert_close(y.float(), x.float() @ w.float().T + bias, **TOL[dtype])
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, fp8_linear_ref(x, q, s, block, bias), **TOL[dtype])
+
+
+def test_fp8_linear_kernel_input_gradient():
+    from kernels.fp8_linear import fp8_linear, fp8_linear_ref
+
+    q, s = ref_quantize(torch.randn(48, 40), 16, 16)
+    x = torch.randn(5, 40, requires_grad=True)
+    dy = torch.randn(5, 48)
+    (gx,) = torch.autograd.grad(fp8_linear(x, q, s, (16, 16)), x, dy)
+    xr = x.detach().clone().requires_grad_()
+    (rx,) = torch.autograd.grad(fp8_linear_ref(xr, q, s, (16, 16)), xr, dy)
+    torch.testing.assert_close(gx, rx, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_linear_kernel_rejects_bad_input():
+    from kernels.fp8_linear import fp8_linear
+
+    q, s = ref_quantize(torch.randn(32, 32), 16, 16)
+    with pytest.raises(ValueError, match=r"weight_scale_inv \(2, 3\) does not fit weight \(32, 32\).*\(2, 2\)"):
+        fp8_linear(torch.randn(2, 32), q, torch.ones(2, 3), (16, 16))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_linear(torch.randn(2, 32), q.float(), s, (16, 16))
+    with pytest.raises(ValueError, match="x has 31 features"):
+        fp8_linear(torch.randn(2, 31), q, s, (16, 16))
+
+
+def test_keep_fp8_with_triton_backend(dense):
+    """load_pretrained(fp8="keep", fp8_backend="triton"): every FP8 linear through the kernel; the logits within
+    fp32 accumulation-order error of the dequantised model's."""
+    d, config, real = dense
+    model = load_pretrained(d, fp8="keep", fp8_backend="triton", progress=False)
+    assert model.model.language_model.layers[0].mlp.up_proj.backend == "triton"
+    ids = IDS[:1, :6]
+    torch.testing.assert_close(_logits(model, ids), _logits(_reference(config, real), ids), rtol=1e-4, atol=1e-4)
