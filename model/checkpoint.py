@@ -191,11 +191,19 @@ class _PerExpert:
             dst.copy_(t.T)
         self.filled[fused].add((e, proj))
 
+    def _absent(self, fused: str) -> list[str]:
+        need = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}[fused.rpartition(".")[2]]
+        prefix = fused.rpartition(".")[0]
+        return [f"{prefix}.{e}.{p}.weight" for e in range(self.expected[fused][0]) for p in need
+                if (e, p) not in self.filled[fused]]
+
     def complete(self) -> set[str]:
         """The fused parameters every piece of which arrived; the others stay missing."""
-        need = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
-        return {f for f, got in self.filled.items()
-                if got == {(e, p) for e in range(self.expected[f][0]) for p in need[f.rpartition(".")[2]]}}
+        return {f for f in self.filled if not self._absent(f)}
+
+    def missing_pieces(self) -> list[str]:
+        """The per-expert tensors absent from fused parameters that some pieces did arrive for."""
+        return [n for f in sorted(self.filled) for n in self._absent(f)]
 
 
 def _load_shard(path: Path, names, model, params, expected, optional, moe_layout, dtype, device,
@@ -327,6 +335,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         problems.append(f"missing keys ({len(missing)}): {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {sorted(unexpected)[:10]}")
+    if pieces := per_expert.missing_pieces():
+        problems.append(f"missing expert tensors ({len(pieces)}): {pieces[:10]}")
     if misshaped:
         problems.append(f"shape mismatches ({len(misshaped)}): {misshaped[:10]}")
     if problems:

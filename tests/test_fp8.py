@@ -177,34 +177,38 @@ def test_official_fp8_keep_matches_dequantized_model(dense, dtype):
     torch.testing.assert_close(_logits(model, IDS), _logits(ref, IDS), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("moe", ["per_expert", "fused_transformers"])
-def test_official_fp8_moe_experts(tmp_path, moe):
+@pytest.fixture(scope="module")
+def moe_per_expert(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fp8_moe")
     torch.manual_seed(0)
     m = Qwen3VL(small("tiny-moe")).eval()
-    real = write_official_fp8(m, tmp_path, block=(16, 16), moe=moe)
+    return d, m.config, write_official_fp8(m, d, block=(16, 16), moe="per_expert")
+
+
+@pytest.mark.parametrize("moe", ["per_expert", "fused_transformers"])
+def test_official_fp8_moe_experts(moe_per_expert, tmp_path, moe):
+    if moe == "per_expert":
+        d, config, real = moe_per_expert
+    else:
+        torch.manual_seed(0)
+        m = Qwen3VL(small("tiny-moe")).eval()
+        d, config, real = tmp_path, m.config, write_official_fp8(m, tmp_path, block=(16, 16), moe=moe)
     layout = None if moe == "per_expert" else "transformers"  # tiny-moe has H == 2I: the shapes cannot tell
-    model = load_pretrained(tmp_path, moe_layout=layout, progress=False)
+    model = load_pretrained(d, moe_layout=layout, progress=False)
     got = model.state_dict()
     for name in ("model.language_model.layers.1.mlp.experts.gate_up_proj",
                  "model.language_model.layers.1.mlp.experts.down_proj"):
         torch.testing.assert_close(got[name], real[name], rtol=0, atol=0)
-    torch.testing.assert_close(_logits(model, IDS), _logits(_reference(m.config, real), IDS), rtol=0, atol=0)
+    torch.testing.assert_close(_logits(model, IDS), _logits(_reference(config, real), IDS), rtol=0, atol=0)
 
 
-def test_missing_expert_piece_is_named(tmp_path):
-    torch.manual_seed(0)
-    write_official_fp8(Qwen3VL(small("tiny-moe")), tmp_path, block=(16, 16))
+def test_missing_expert_piece_is_named(moe_per_expert, tmp_path):
+    d = _copy(moe_per_expert[0], tmp_path / "c")
     key = "model.language_model.layers.2.mlp.experts.3.up_proj.weight"
-    for f in tmp_path.glob("*.safetensors"):
-        sd = load_file(f)
-        if sd.pop(key, None) is not None:
-            sd.pop(key + "_scale_inv", None)
-            save_file(sd, f, metadata={"format": "pt"})
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith(key)}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=r"missing keys.*layers\.2\.mlp\.experts\.gate_up_proj"):
-        load_pretrained(tmp_path, progress=False)
+    _edit(d, key, lambda sd: (sd.pop(key), sd.pop(key + "_scale_inv")))
+    with pytest.raises(CheckpointError, match=r"(?s)missing keys.*layers\.2\.mlp\.experts\.gate_up_proj.*"
+                                              r"missing expert tensors \(1\).*layers\.2\.mlp\.experts\.3\.up_proj"):
+        load_pretrained(d, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
