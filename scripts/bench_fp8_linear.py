@@ -43,7 +43,10 @@ def main():
     args = ap.parse_args()
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    shapes, rows, block = (SHAPES_8B, args.rows, tuple(args.block)) if not args.smoke else (SHAPES_SMOKE, [1, 5], (16, 16))
+    if args.smoke:
+        shapes, rows, block = SHAPES_SMOKE, [1, 5], (16, 16)
+    else:
+        shapes, rows, block = SHAPES_8B, args.rows, tuple(args.block)
     reps, warmup = (50, 10) if cuda else (2, 1)
     torch.manual_seed(0)
     weights = {}

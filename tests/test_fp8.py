@@ -29,7 +29,8 @@ BLOCK = (16, 24)  # not square (catches a transposed grid) and 24 does not divid
 
 # ------------------------------------------------------------------------------ independent reference quantiser
 def ref_quantize(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One block at a time: scale = 448 / amax (1 for an all-zero block), q = clamp(w * scale), scale_inv = 1 / scale."""
+    """One block at a time: scale = 448 / amax (1 for an all-zero block), q = clamp(w * scale),
+    scale_inv = 1 / scale."""
     w = w.float()
     n, k = w.shape
     q = torch.empty(n, k, dtype=F8)
@@ -393,7 +394,8 @@ def test_save_moe_per_expert_round_trip(tmp_path):
     I = gu.shape[2] // 2
     rq, rs = ref_quantize(gu[2][:, I:].T, 16, 16)  # expert 2's up_proj as an nn.Linear weight [I, H]
     key = "model.language_model.layers.0.mlp.experts.2.up_proj.weight"
-    assert torch.equal(files[key].view(torch.uint8), rq.view(torch.uint8)) and torch.equal(files[key + "_scale_inv"], rs)
+    assert torch.equal(files[key].view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(files[key + "_scale_inv"], rs)
     assert "model.language_model.layers.0.mlp.experts.gate_up_proj" not in files
     assert files["model.language_model.layers.0.mlp.gate.weight"].dtype == torch.float32  # the router stays
     listed = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]

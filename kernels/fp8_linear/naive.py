@@ -2,7 +2,6 @@
 
 A loop over the scale blocks, slow and obvious on purpose; it shares no code with model/fp8.py.
 """
-import torch
 from torch import Tensor
 
 
