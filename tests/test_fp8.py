@@ -256,6 +256,19 @@ def test_bad_fp8_tensors_are_named(dense, tmp_path, damage, message):
         load_pretrained(d, progress=False)
 
 
+def test_bf16_scales_are_read(dense, tmp_path):
+    """Some official FP8 releases store weight_scale_inv in bf16: the scale is used as stored, widened to fp32."""
+    d = _copy(dense[0], tmp_path / "c")
+    _edit(d, K, lambda sd: sd.__setitem__(K + "_scale_inv", sd[K + "_scale_inv"].bfloat16()))
+    with safe_open(d / json.loads((d / "model.safetensors.index.json").read_text())["weight_map"][K], "pt") as f:
+        q, s = f.get_tensor(K), f.get_tensor(K + "_scale_inv")
+    assert s.dtype == torch.bfloat16
+    want = ref_dequantize(q, s.float(), *BLOCK)
+    torch.testing.assert_close(load_pretrained(d, progress=False).state_dict()[K], want, rtol=0, atol=0)
+    keep = load_pretrained(d, fp8="keep", progress=False).get_submodule(K.removesuffix(".weight"))
+    assert keep.weight_scale_inv.dtype == torch.float32 and torch.equal(keep.weight_scale_inv, s.float())
+
+
 def test_fp8_weights_without_quantization_config_are_refused(dense, tmp_path):
     d = _copy(dense[0], tmp_path / "c")
     cfg = json.loads((d / "config.json").read_text())
