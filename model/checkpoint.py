@@ -427,8 +427,9 @@ def save_pretrained(model: Qwen3VL, path: str | os.PathLike, max_shard_size: int
     Args:
         dtype: dtype of the written (unquantised) tensors; None keeps each tensor's dtype.
         fp8: None: write the model as it is (FP8Linear modules, from load_pretrained(fp8="keep"), stay FP8 with the
-            model's quantization_config). True (FP8Config(): 128 x 128 blocks, lm_head left in bf16) or an
-            FP8Config: quantise to the fine-grained FP8 layout of the official `*-FP8` checkpoints.
+            model's quantization_config; its dequantised MoE experts are quantised back). True (FP8Config(): 128 x 128
+            blocks, lm_head left in bf16) or an FP8Config: quantise to the fine-grained FP8 layout of the official
+            `*-FP8` checkpoints. False: unquantised (refused for a model holding FP8Linear weights).
     Files are written under temporary names and renamed into place, so a crash never leaves a half-written shard
     under its final name. Returns the directory.
     """
@@ -439,6 +440,9 @@ def save_pretrained(model: Qwen3VL, path: str | os.PathLike, max_shard_size: int
     if fp8 is True or (fp8 is None and has_fp8):
         fp8 = FP8Config() if fp8 is True or config.quantization is None else config.quantization
     if fp8 is False:
+        if has_fp8:
+            raise ValueError("fp8=False, but the model holds FP8Linear weights (loaded with fp8='keep'); load the "
+                             "checkpoint with fp8='dequantize' to save it unquantised")
         fp8 = None
     if fp8 is not None and not isinstance(fp8, FP8Config):
         raise TypeError(f"fp8 must be None, a bool or an FP8Config, got {type(fp8).__name__}")

@@ -396,6 +396,8 @@ def test_keep_model_saves_back_the_same_files(dense, tmp_path):
         assert ours[k].dtype == v.dtype and torch.equal(ours[k].view(torch.uint8), v.view(torch.uint8)), k
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved == _qconfig(skip=("lm_head", "model.visual.merger.linear_fc2"))
+    with pytest.raises(ValueError, match=r"fp8=False, but the model holds FP8Linear weights"):
+        save_pretrained(model, tmp_path / "plain", fp8=False)
 
 
 def test_save_moe_per_expert_round_trip(tmp_path):
