@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fp8 import FP8Config
 from .moe import MoEConfig
 from .rope import ROTARY_LAYOUTS, SECTION
 
@@ -234,9 +235,13 @@ class Qwen3VLConfig:
     eos_token_id: int = 151645     # <|im_end|>: ends an assistant turn (generation stops here)
     pad_token_id: int = 151643     # <|endoftext|>: padding, and the second stop token of generation_config.json
     attn_backend: str = "torch"
+    # Fine-grained FP8 weights (model/fp8.py): the checkpoint's `quantization_config`; None for bf16 / fp32 weights.
+    quantization: FP8Config | None = None
 
     def __post_init__(self):
         _check_fields(self, "")
+        if self.quantization is not None and not isinstance(self.quantization, FP8Config):
+            raise ConfigError(f"quantization must be an FP8Config or None, got {_what(self.quantization)}")
         for name, cls in (("vision", VisionConfig), ("text", TextConfig)):
             if not isinstance(getattr(self, name), cls):
                 raise ConfigError(f"{name} must be a {cls.__name__}, got {_what(getattr(self, name))}")
@@ -299,7 +304,7 @@ _GENERIC_KEYS = {
     "task_specific_params", "finetuning_task", "add_cross_attention", "tie_encoder_decoder", "is_decoder",
     "cross_attention_hidden_size", "_name_or_path", "name_or_path", "pruned_heads", "torchscript",
     "tf_legacy_loss", "use_bfloat16", "return_dict_in_generate", "output_scores", "_attn_implementation_autoset",
-    "layer_types", "use_sliding_window", "sliding_window", "max_window_layers", "quantization_config",
+    "layer_types", "use_sliding_window", "sliding_window", "max_window_layers",
     "base_config_key", "dense_config", "keys_to_ignore_at_inference", "partial_rotary_factor",
 }
 _VISION_KEYS = {f.name for f in dataclasses.fields(VisionConfig)} - {"rope_theta"} | {"rope_parameters", "num_attention_heads", "num_hidden_layers"}
@@ -312,7 +317,7 @@ _TEXT_KEYS = {
     "router_aux_loss_coef", "norm_topk_prob", "shared_expert_intermediate_size", "output_router_logits",
 }
 _TOP_KEYS = {"text_config", "vision_config", "image_token_id", "video_token_id", "vision_start_token_id",
-             "vision_end_token_id", "tie_word_embeddings", "attn_backend"}
+             "vision_end_token_id", "tie_word_embeddings", "attn_backend", "quantization_config"}
 # rope_parameters keys besides the layout's own (those come from model.rope.ROTARY_LAYOUTS, see _layout_from_hf)
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
               "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate", "partial_rotary_factor"}
@@ -460,6 +465,8 @@ def _parse_hf(d: dict, where: str) -> Qwen3VLConfig:
                 value = value[0] if value else None
             if value is not None:
                 kw.setdefault(name, value)
+    if d.get("quantization_config") is not None:
+        kw["quantization"] = FP8Config.from_hf(d["quantization_config"], "quantization_config")
     return Qwen3VLConfig(vision=vision, text=text, **kw)
 
 
@@ -500,11 +507,12 @@ def _to_hf(c: Qwen3VLConfig) -> dict[str, Any]:
         "hidden_act": v.hidden_act, "initializer_range": v.initializer_range,
     }
     arch = "Qwen3VLMoeForConditionalGeneration" if c.is_moe else "Qwen3VLForConditionalGeneration"
+    quant = {} if c.quantization is None else {"quantization_config": c.quantization.to_hf()}
     return {
         "architectures": [arch], "model_type": c.model_type, "text_config": text, "vision_config": vision,
         "image_token_id": c.image_token_id, "video_token_id": c.video_token_id,
         "vision_start_token_id": c.vision_start_token_id, "vision_end_token_id": c.vision_end_token_id,
-        "tie_word_embeddings": t.tie_word_embeddings,
+        "tie_word_embeddings": t.tie_word_embeddings, **quant,
     }
 
 

@@ -22,6 +22,7 @@ CASES = {
     "attention_ptx_report.py": ([], "bwd_dkdv_kernel"),
     # one case: the full --smoke runs every case and the decode path (minutes in the interpreter)
     "bench_attention.py": (["--only", "causal 8K"], "| causal 8K | ours |"),
+    "bench_fp8_linear.py": ([], "| 5 |"),
     "bench_long_video.py": ([], "\"decode_ms_fp8\""),
     "bench_moe.py": ([], "| block | uniform | 24 | hf-eager |"),
     "bench_prefill.py": ([], "| ours (torch sdpa) | 2 |"),
@@ -32,7 +33,7 @@ CASES = {
     "make_ocr_data.py": (["--out", "{tmp}/ocr"], "(4 lines)"),
     "measure_load_memory.py": (["--dir", "{tmp}/ckpt"], "x the weights"),
 }
-NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_moe.py": ["transformers"],
+NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_fp8_linear.py": ["triton"], "bench_moe.py": ["transformers"],
          "bench_long_video.py": ["transformers"], "bench_prefill.py": ["transformers"], "bench_train.py": ["transformers"],
          "bench_video.py": ["transformers", "qwen_vl_utils", "decord"]}  # dev dependencies of the references
 
