@@ -142,19 +142,23 @@ def xattention_mask(q: torch.Tensor, k: torch.Tensor, block_size: tuple[int, int
     for m0 in range(0, nm, max(1, chunk_q // bm)):
         m1 = min(nm, m0 + max(1, chunk_q // bm))
         g0, g1 = m0 * rows_per_block, m1 * rows_per_block
+        n_end = nn  # key blocks this chunk can see (causal: up to its last query), so the estimate is ~1/(2S) of
+        if causal:  # dense attention's FLOPs rather than 1/S
+            n_end = max(1, min(nn, (min(m1 * bm, lq) - 1 + lk - lq) // bn + 1))
+        c_end = n_end * cols_per_block
         # scores in the inputs' dtype (fp32 accumulation on the GPU), softmax in fp32
-        s = torch.einsum("bhgqe,bhke->bhgqk", qr[:, :, :, g0:g1], kr).float() * (scale / S)
-        vis = key_ok[None, :].expand(g1 - g0, -1)
+        s = torch.einsum("bhgqe,bhke->bhgqk", qr[:, :, :, g0:g1], kr[:, :, :c_end]).float() * (scale / S)
+        vis = key_ok[None, :c_end].expand(g1 - g0, -1)
         if causal:  # a key group is visible when its first key is at or before the group's last query
             q_last = (torch.arange(g0, g1, device=q.device) * S + S - 1).clamp(max=lq - 1) + (lk - lq)
-            vis = vis & (kg_first[None, :] <= q_last[:, None])
+            vis = vis & (kg_first[None, :c_end] <= q_last[:, None])
         s = s.masked_fill(~vis, float("-inf"))
         p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # query groups that see nothing: all zero
         qg_real = (torch.arange(g0, g1, device=q.device) * S < lq)[:, None]  # padded query groups count nothing
         p = p * qg_real
         # (B, Hkv, group, rows, key groups) -> block sums (B, Hq, query blocks, key blocks)
-        blk = p.reshape(B, hkv, g, m1 - m0, rows_per_block, nn, cols_per_block).sum((4, 6)).reshape(B, hq, m1 - m0,
-                                                                                                     nn)
+        blk = p.reshape(B, hkv, g, m1 - m0, rows_per_block, n_end, cols_per_block).sum((4, 6))
+        blk = torch.nn.functional.pad(blk.reshape(B, hq, m1 - m0, n_end), (0, nn - n_end))
         forced = (forced_all[m0:m1] & any_vis[m0:m1]).expand_as(blk)
         out[:, :, m0:m1] = _select_threshold(blk, forced, threshold)
     return _finish(out, lq, lk, block_size, causal, sink_blocks)
