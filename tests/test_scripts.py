@@ -33,7 +33,8 @@ CASES = {
     "make_ocr_data.py": (["--out", "{tmp}/ocr"], "(4 lines)"),
     "measure_load_memory.py": (["--dir", "{tmp}/ckpt"], "x the weights"),
 }
-NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_sparse_prefill.py": ["triton"], "bench_moe.py": ["transformers"],
+NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"],
+         "bench_sparse_prefill.py": ["triton"], "bench_moe.py": ["transformers"],
          "bench_long_video.py": ["transformers"], "bench_prefill.py": ["transformers"], "bench_train.py": ["transformers"],
          "bench_video.py": ["transformers", "qwen_vl_utils", "decord"]}  # dev dependencies of the references
 
