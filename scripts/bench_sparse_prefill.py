@@ -142,7 +142,9 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, 256 tokens, block 64, fp32 inputs")
     args = ap.parse_args()
     if args.smoke:
+        global HQ, HKV, D
         args.lengths, args.block, args.reps = [256], 64, 1
+        HQ, HKV, D = 2, 1, 16  # the interpreter runs every program in Python
         METHOD_PARAMS["window"] = dict(window=64, num_global=16)
         METHOD_PARAMS["vertical_slash"] = dict(vertical_size=16, slash_size=16)
     elif not torch.cuda.is_available():
@@ -177,7 +179,7 @@ def main():
             mask = o = None  # free before the next estimate
         q = k = v = o_dense = None
         torch.cuda.empty_cache()
-    head = (f"Block-sparse prefill, one layer's causal attention, 2B shape (Hq {HQ}, Hkv {HKV}, D {D}), bf16, "
+    head = (f"Block-sparse prefill, one layer's causal attention, shape (Hq {HQ}, Hkv {HKV}, D {D}), bf16, "
             f"block {args.block}, data {args.data}, {device_name(dev)}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d')}\n\n`{' '.join(sys.argv)}`\n\n")
     table = ["| tokens | method | estimator s | kernel s | total s | speedup vs dense | density | rel. error |",
