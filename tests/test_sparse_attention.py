@@ -57,6 +57,8 @@ CASES = {  # B, Lq, Lk, Hq, Hkv, D, (bm, bn), causal, dtype
     "noncausal-lq<lk-d24": (1, 21, 50, 4, 2, 24, (16, 16), False, torch.float16),
     "causal-b64-lq<lk": (1, 70, 150, 2, 1, 16, (64, 64), True, torch.float32),
     "causal-b128-ragged": (1, 150, 200, 2, 2, 16, (128, 128), True, torch.float16),
+    # fp32 runs 64 x 32 kernel tiles (kernel_tiles): both mask blocks split into tiles
+    "causal-b128x64-fp32-subtiled": (1, 150, 200, 4, 2, 16, (128, 64), True, torch.float32),
 }
 
 
@@ -76,7 +78,7 @@ def test_sparse_matches_reference(case):
 
 
 @pytest.mark.parametrize("case", ["causal-b16-ragged", "causal-gqa8/1-lq<lk", "noncausal-lq<lk-d24",
-                                  "causal-b128-ragged"])
+                                  "causal-b128-ragged", "causal-b128x64-fp32-subtiled"])
 def test_all_blocks_is_dense_attention(case):
     B, lq, lk, hq, hkv, d, bs, causal, dtype = CASES[case]
     q, k, v = _inputs(B, lq, lk, hq, hkv, d, dtype)
@@ -128,3 +130,14 @@ def test_bad_input(bad, match):
     mask = torch.ones(shape, dtype=bad.get("mask_dtype", torch.bool))
     with pytest.raises((ValueError, TypeError), match=match):
         sparse_attention(q, k, v, mask, block_size=bad.get("block_size", (16, 16)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="full-size case: CUDA only")
+@pytest.mark.parametrize("lq, lk, bs", [(4096, 4096, (128, 128)), (1000, 5000, (128, 128)), (3000, 3000, (64, 64))],
+                         ids=["self-4096-b128", "chunk-after-cache-b128", "ragged-b64"])
+def test_sparse_gpu_bf16(lq, lk, bs):
+    """The 2B decoder's heads (16 / 8, head_dim 128) in bf16 at a few thousand tokens, random half of the blocks."""
+    q, k, v = _inputs(1, lq, lk, 16, 8, 128, torch.bfloat16)
+    mask = _mask(1, 16, lq, lk, *bs)
+    _close(sparse_attention(q, k, v, mask, block_size=bs), sparse_attention_reference(q, k, v, mask, block_size=bs),
+           torch.bfloat16)

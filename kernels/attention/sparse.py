@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import common
-from .common import INTERPRET, LN2, LOG2E, load_rows, tile_offset
+from .common import FP32_CONFIG, INTERPRET, LN2, LOG2E, load_rows, tile_offset
 from .forward import fwd_tile
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,16 +37,20 @@ def sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL,
                       stride_ib, stride_ih, stride_im, stride_cb, stride_ch,
                       seqlen_q, seqlen_k, sm_scale, GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       EVEN_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      MASK_M: tl.constexpr, MASK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # IDX (B, Hq, nM, max_count) int32: the selected key blocks of each row, ascending; CNT, NFULL (B, Hq, nM)
     # int32: how many, and how many of them (a prefix) are fully visible to every row of the query block.
-    # As forward.py: heads vary fastest, query blocks run in reverse (causal: the heaviest rows start first).
+    # MASK_M x MASK_N are the mask's blocks, BLOCK_M x BLOCK_N the kernel's tiles (divisors of them: fp32 tiles
+    # must be smaller to fit shared memory): a program owns one query tile and walks each selected key block in
+    # MASK_N / BLOCK_N tiles. As forward.py: heads vary fastest, query tiles run in reverse (causal: the heaviest
+    # rows start first).
     hq = tl.program_id(0)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_t = tl.num_programs(1) - 1 - tl.program_id(1)
+    pid_m = pid_t // (MASK_M // BLOCK_M)  # the mask row of this query tile
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     hk = hq // GROUP
-    m0 = pid_m * BLOCK_M
+    m0 = pid_t * BLOCK_M
     zero = b64 * 0
     q_base = Q + tile_offset(b64, stride_qb, zero, stride_qt, hq, stride_qh, False)
     k_base = K + tile_offset(b64, stride_kb, zero, stride_kt, hk, stride_kh, False)
@@ -65,13 +69,15 @@ def sparse_fwd_kernel(Q, K, V, O, LSE, IDX, CNT, NFULL,
     count = tl.load(CNT + row)
     n_full = tl.load(NFULL + row)
     idx_base = IDX + b64 * stride_ib + hq * stride_ih + pid_m * stride_im
-    for i in range(0, n_full):
-        kn = tl.load(idx_base + i) * BLOCK_N + offs_n
+    for i in range(0, n_full * (MASK_N // BLOCK_N)):
+        t = i % (MASK_N // BLOCK_N)
+        kn = tl.load(idx_base + i // (MASK_N // BLOCK_N)) * MASK_N + t * BLOCK_N + offs_n
         acc, l_i, m_i = fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, K, V, 0, 0, kn, qpos,
                                  offs_d, seqlen_k, qk_scale, 0, 0, False, CAUSAL, False, False, HEAD_DIM, EVEN_D,
                                  PRECISION, False)
-    for i in range(n_full, count):
-        kn = tl.load(idx_base + i) * BLOCK_N + offs_n
+    for i in range(n_full * (MASK_N // BLOCK_N), count * (MASK_N // BLOCK_N)):
+        t = i % (MASK_N // BLOCK_N)
+        kn = tl.load(idx_base + i // (MASK_N // BLOCK_N)) * MASK_N + t * BLOCK_N + offs_n
         acc, l_i, m_i = fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, K, V, 0, 0, kn, qpos,
                                  offs_d, seqlen_k, qk_scale, 0, 0, True, CAUSAL, False, False, HEAD_DIM, EVEN_D,
                                  PRECISION, False)
@@ -139,6 +145,15 @@ def compact_block_mask(block_mask: torch.Tensor, full: torch.Tensor):
         rank = torch.arange(rows.numel(), device=flat.device) + starts[r0] - starts[rows]  # slot within the row
         idx[rows, rank] = cols.to(torch.int32)
     return idx.view(B, H, nm, width), count, n_full
+
+
+def kernel_tiles(dtype: torch.dtype, bm: int, bn: int) -> tuple[int, int]:
+    """The kernel's (query, key) tile for mask blocks bm x bn: the blocks themselves for 16-bit inputs; for fp32
+    at most 64 x 32 (common.FP32_CONFIG: ieee fp32 tiles need twice the shared memory). Same rule on the CPU, so
+    the tests run the sub-tiled path too."""
+    if dtype == torch.float32:
+        return min(bm, FP32_CONFIG.kwargs["BLOCK_M"]), min(bn, FP32_CONFIG.kwargs["BLOCK_N"])
+    return bm, bn
 
 
 def _check_sparse(q, k, v, block_mask, block_size, scale):
@@ -214,18 +229,19 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
     o = common.empty_output(q.shape, q.dtype, q.device)
     lse = common.empty_output((B, hq, lq), torch.float32, q.device)
     block_d = max(16, triton.next_power_of_2(d))
+    tm, tn = kernel_tiles(q.dtype, bm, bn)
     if INTERPRET:
         launch = {}
     else:  # a 128 x 128 tile wants 8 warps (forward.py's tuned configs)
-        launch = dict(num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3 if q.dtype != torch.float32 else 2)
-    grid = (hq, math.ceil(lq / bm), B)
+        launch = dict(num_warps=8 if tm * tn >= 128 * 128 else 4, num_stages=3 if q.dtype != torch.float32 else 2)
+    grid = (hq, math.ceil(lq / bm) * (bm // tm), B)
     sparse_fwd_kernel[grid](q, k, v, o, lse, idx, count, n_full, q.stride(0), q.stride(1), q.stride(2),
                             k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                             o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
                             idx.stride(0), idx.stride(1), idx.stride(2), count.stride(0), count.stride(1),
                             lq, lk, scale, hq // hkv, HEAD_DIM=d, BLOCK_D=block_d, EVEN_D=block_d == d,
                             CAUSAL=causal, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                            BLOCK_M=bm, BLOCK_N=bn, **launch)
+                            MASK_M=bm, MASK_N=bn, BLOCK_M=tm, BLOCK_N=tn, **launch)
     return (o, lse) if return_lse else o
 
 
