@@ -113,6 +113,13 @@ def test_reference_against_row_loop():
     torch.testing.assert_close(ref, want, atol=1e-5, rtol=1e-5)
 
 
+def test_forward_only():
+    q, k, v = _inputs(1, 16, 16, 2, 1, 16, torch.float32)
+    mask = torch.ones(1, 2, 1, 1, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(RuntimeError, match="forward only"):
+        sparse_attention(q.requires_grad_(), k, v, mask, block_size=(16, 16))
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(block_size=(16, 48)), "block_size"),
     (dict(block_size=(256, 128)), "block_size"),

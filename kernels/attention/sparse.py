@@ -216,6 +216,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_ma
         o (B, Lq, Hq, D) in q's dtype (0 for a query row with no visible selected key); and lse when return_lse.
     """
     bm, bn = _check_sparse(q, k, v, block_mask, block_size, scale)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise RuntimeError("sparse_attention is forward only (prefill): call it under torch.no_grad() / "
+                           "inference_mode() or detach q, k, v")
     B, lq, hq, d = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     scale = float(d ** -0.5 if scale is None else scale)
