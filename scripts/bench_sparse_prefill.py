@@ -14,10 +14,13 @@ q, k, v come from `--data`:
   text / video: q, k, v captured from layer --layer of a trained checkpoint (--checkpoint DIR, model/ loader)
           on a text (random token) or video (random frames) prompt of N tokens, through Qwen3VL.prefill with a
           forward hook. The issue's target (>= 8x dense at 1M, >= 4x at 256K, estimator included) is judged on these.
+With --engine the whole model's chunked prefill (Qwen3VL.prefill, the long-video engine) is timed per method
+instead (every layer, estimator included; --checkpoint, or the 2B preset with random weights).
 
     python scripts/bench_sparse_prefill.py --lengths 131072 262144 524288 1048576 --data local \
         --out docs/bench_sparse_prefill.md
     python scripts/bench_sparse_prefill.py --data text --checkpoint /ckpt/qwen3vl-2b --lengths 131072 262144
+    python scripts/bench_sparse_prefill.py --engine --data video --checkpoint /ckpt/qwen3vl-2b --lengths 262144
     python scripts/bench_sparse_prefill.py --smoke   # CPU, Triton interpreter, tiny shapes: checks the script runs
 Results go to docs/benchmarks.md ("Block-sparse prefill").
 """
@@ -58,42 +61,83 @@ def synthetic(n: int, kind: str, device, seed=0):
     return q.bfloat16(), k.bfloat16(), v.bfloat16()
 
 
-def captured(n: int, kind: str, checkpoint: str, layer: int, device):
-    """q, k, v of one decoder layer on a text or video prompt of n tokens, from a trained checkpoint."""
-    from model import load_pretrained
-    from model.generation import KVCache
-
-    model = load_pretrained(checkpoint, device=device, dtype=torch.bfloat16).eval()
-    cfg = model.config
+def prompt(n: int, kind: str, cfg, device):
+    """A text (random tokens) or video (temporal groups of 448 x 448 frames: 196 merged tokens and 5 text tokens
+    each, random pixels) prompt of about n tokens: (input_ids (1, L), visual inputs)."""
     if kind == "text":
-        ids = torch.randint(1000, 30000, (1, n), device=device)
-        media = {}
-    else:  # temporal groups of 448 x 448 frames (196 merged tokens each, with 5 text tokens around them)
-        groups = max(1, n // 201)
-        ids_l = []
-        for _ in range(groups):
-            ids_l += [1000] * 3 + [cfg.vision_start_token_id] + [cfg.video_token_id] * 196 + [cfg.vision_end_token_id]
-        ids = torch.tensor([ids_l], device=device)
-        media = dict(pixel_values_videos=torch.randn(groups * 784, 1536, device=device, dtype=torch.bfloat16),
-                     video_grid_thw=torch.tensor([[groups, 28, 28]], device=device))
-    attn = model.model.language_model.layers[layer].self_attn
-    got = {}
+        return torch.randint(1000, 30000, (1, n), device=device), {}
+    groups = max(1, n // 201)
+    ids = []
+    for _ in range(groups):
+        ids += [1000] * 3 + [cfg.vision_start_token_id] + [cfg.video_token_id] * 196 + [cfg.vision_end_token_id]
+    media = dict(pixel_values_videos=torch.randn(groups * 784, 1536, device=device, dtype=torch.bfloat16),
+                 video_grid_thw=torch.tensor([[groups, 28, 28]], device=device))
+    return torch.tensor([ids], device=device), media
 
-    def hook(mod, args, kwargs, out):  # the layer's q (recomputed), and k, v from the cache after the last chunk
+
+def load_model(checkpoint: str | None, device):
+    """The trained checkpoint (model/ loader), or the 2B preset with random weights, bf16."""
+    if checkpoint:
+        from model import load_pretrained
+
+        return load_pretrained(checkpoint, device=device, dtype=torch.bfloat16).eval()
+    from model import Qwen3VL, preset
+
+    return Qwen3VL(preset("2b")).to(device, torch.bfloat16).eval()
+
+
+def captured(n: int, kind: str, checkpoint: str, layer: int, device):
+    """q, k, v of one decoder layer on a text or video prompt of n tokens (a dense chunked prefill with a hook)."""
+    from model.generation import KVCache
+    from model.rope import apply_rotary
+
+    model = load_model(checkpoint, device)
+    ids, media = prompt(n, kind, model.config, device)
+    got = []
+
+    def hook(mod, args, kwargs, out):  # the layer's queries, recomputed from its input (k, v: from the cache)
         x, cos, sin = args[0], args[1], args[2]
-        from model.rope import apply_rotary
         B, L, _ = x.shape
-        qq = apply_rotary(mod.q_norm(mod.q_proj(x).view(B, L, mod.hq, mod.hd)), cos, sin)
-        got.setdefault("q", []).append(qq)
+        got.append(apply_rotary(mod.q_norm(mod.q_proj(x).view(B, L, mod.hq, mod.hd)), cos, sin))
 
-    h = attn.register_forward_hook(hook, with_kwargs=True)
+    h = model.model.language_model.layers[layer].self_attn.register_forward_hook(hook, with_kwargs=True)
     cache = KVCache.for_model(model, 1, ids.shape[1])
     with torch.no_grad():
         model.prefill(ids, cache, chunk_size=8192, **media)
     h.remove()
     L = ids.shape[1]
-    q = torch.cat(got["q"], 1)
-    return q.bfloat16(), cache.k[layer][:, :L].bfloat16(), cache.v[layer][:, :L].bfloat16()
+    return torch.cat(got, 1).bfloat16(), cache.k[layer][:, :L].bfloat16(), cache.v[layer][:, :L].bfloat16()
+
+
+def engine(args, dev):
+    """Whole-model chunked prefill (Qwen3VL.prefill, the long-video engine) per method: seconds and speedup."""
+    from model.generation import KVCache
+
+    model = load_model(args.checkpoint, dev)
+    rows = []
+    for n in args.lengths:
+        ids, media = prompt(n, "video" if args.data == "video" else "text", model.config, dev)
+        base = None
+        for m in ["none"] + args.methods:
+            sp = None if m == "none" else dict(method=m, block_size=args.block, params=METHOD_PARAMS[m])
+            cache = KVCache.for_model(model, 1, ids.shape[1])
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                model.prefill(ids, cache, chunk_size=args.chunk_size, sparsity=sp, **media)
+            torch.cuda.synchronize()
+            t = time.perf_counter() - t0
+            base = base or t
+            rows.append(dict(tokens=ids.shape[1], method=m, seconds=t, speedup=base / t))
+            print(f"N={ids.shape[1]} {m}: {t:.1f} s ({base / t:.2f}x)", flush=True)
+            cache = None
+            torch.cuda.empty_cache()
+    src = args.checkpoint or "random 2B weights"
+    text = (f"Chunked prefill (Qwen3VL.prefill, chunk {args.chunk_size}), {args.data} prompt, {src}, block "
+            f"{args.block}, {device_name(dev)}, torch {torch.__version__}\n\n`{' '.join(sys.argv)}`\n\n"
+            "| tokens | attn_sparsity | prefill s | speedup |\n|---|---|---|---|\n")
+    text += "".join(f"| {r['tokens']:,} | {r['method']} | {r['seconds']:.1f} | {r['speedup']:.2f}x |\n" for r in rows)
+    return text, rows
 
 
 def timed(fn, reps=3):
@@ -139,6 +183,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=None, help="write the markdown table here")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--engine", action="store_true",
+                    help="time the whole model's chunked prefill per method instead of one layer's attention")
+    ap.add_argument("--chunk-size", type=int, default=8192, help="--engine: prefill chunk")
     ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, 256 tokens, block 64, fp32 inputs")
     args = ap.parse_args()
     if args.smoke:
@@ -149,9 +196,21 @@ def main():
         METHOD_PARAMS["vertical_slash"] = dict(vertical_size=16, slash_size=16)
     elif not torch.cuda.is_available():
         sys.exit("bench_sparse_prefill.py needs CUDA (or --smoke)")
-    if args.data in ("text", "video") and not args.checkpoint:
+    if args.data in ("text", "video") and not args.checkpoint and not args.engine:
         sys.exit("--data text / video needs --checkpoint")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.engine:
+        if not torch.cuda.is_available():
+            sys.exit("--engine needs CUDA")
+        text, rows = engine(args, dev)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     bs = (args.block, args.block)
     rows = []
     for n in args.lengths:
