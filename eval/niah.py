@@ -40,6 +40,8 @@ class NeedleConfig:
     scoring: tuple[str, ...] = MODES         # teacher_forced and/or generate; the first fills the heatmap
     max_new_tokens: int = 24                 # generate mode's answer budget
     chunk_size: int = 0                      # 0: one forward per prompt; > 0: chunked prefill into a KV cache
+    sparsity: str = "none"                   # the prefill's attn_sparsity: none | xattention | vertical_slash | window
+    sparsity_params: dict = field(default_factory=dict)  # its SparsityConfig fields (block_size, params, ...)
     timestamps: bool = True                  # False: drop the `<t seconds>` text of video prompts (ablation)
     haystack: HaystackConfig = field(default_factory=HaystackConfig)  # `python -m eval` fills it from `haystack.*`
     seed: int = 0
@@ -74,6 +76,19 @@ class NeedleConfig:
         for name, value, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"config: needle.{name}={value!r} is invalid; expected {expected}")
+        try:
+            sparsity = self.prefill_sparsity()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config: needle.sparsity / needle.sparsity_params: {e}") from None
+        if sparsity is not None and self.chunk_size == 0:
+            raise ConfigError(f"config: needle.sparsity={self.sparsity!r} applies to the chunked prefill; set "
+                              "needle.chunk_size > 0")
+
+    def prefill_sparsity(self):
+        """The model.sparsity.SparsityConfig of the prompt prefill, or None (dense)."""
+        from model.sparsity import as_sparsity
+
+        return as_sparsity({"method": self.sparsity, **dict(self.sparsity_params)})
 
     def signature(self) -> dict:
         """The settings a saved cell depends on: a saved sweep is resumed only when they are equal."""
@@ -194,7 +209,7 @@ def run_needle(model, proc, cfg: NeedleConfig, run_info: dict | None = None) -> 
     """
     task = get_task(cfg.task)
     if not hasattr(model, "answer_hits"):
-        model = Qwen3VLNeedleModel(model, proc.tokenizer, cfg.chunk_size)
+        model = Qwen3VLNeedleModel(model, proc.tokenizer, cfg.chunk_size, cfg.prefill_sparsity())
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{cfg.task}.json"

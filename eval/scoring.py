@@ -79,10 +79,13 @@ class Qwen3VLNeedleModel:
         chunk_size: 0 = one forward per prompt; > 0 = prefill the prompt in chunks of this many tokens into a
             KVCache (the long-video engine, model/generation.py), then teacher-force one token at a time or
             decode on the cache -- for prompts whose one-forward activations do not fit.
+        sparsity: the prompt prefill's `attn_sparsity` (model/sparsity.py; needs chunk_size > 0); the answer
+            tokens after it are scored or decoded densely.
     """
 
-    def __init__(self, model, tokenizer, chunk_size: int = 0):
+    def __init__(self, model, tokenizer, chunk_size: int = 0, sparsity=None):
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
+        self.sparsity = sparsity
 
     def _prefill(self, ids: torch.Tensor, inputs: dict, room: int):
         """A new cache holding `ids` (1, L) (+ `room` free tokens), prefilled in chunks with a token progress bar;
@@ -94,7 +97,7 @@ class Qwen3VLNeedleModel:
         cache = KVCache.for_model(self.model, 1, ids.shape[1] + room)
         with tqdm(total=ids.shape[1], unit="tok", unit_scale=True, desc="prefill", leave=False) as bar:
             out = self.model.prefill(ids, cache, chunk_size=self.chunk_size, progress=bar.update,
-                                     **_media(self.model, inputs))
+                                     sparsity=self.sparsity, **_media(self.model, inputs))
         return cache, out.logits[0, -1]
 
     @torch.no_grad()

@@ -8,6 +8,8 @@ The mask is an `AttentionMask` (model/masks.py); the backend renders it:
 - `flex`: FlexAttention (torch.nn.attention.flex_attention) with the mask's `mask_mod`: every mask, for ablations of
   masks our kernels lack (on CPU: eager, forward only, small sizes; compile it for speed).
 A mask a backend cannot run raises NotImplementedError naming the backend and the mask feature.
+A mask with `sparsity` (block-sparse prefill, model/sparsity.py) runs the pattern's estimator and the block-sparse
+kernel on prefill chunks of at least `min_queries` queries, whatever the backend; shorter calls stay dense.
 Tensors are in flash-attn's layout: (B, L, H, D), or packed (T, H, D) with the mask's `cu_seqlens`.
 """
 from __future__ import annotations
@@ -163,6 +165,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     if missing:
         raise NotImplementedError(f"attention backend {backend!r} cannot run a mask with {', '.join(missing)}; "
                                   f"use backend 'torch' or 'flex' for it")
+    if mask.sparsity is not None:
+        from .sparsity import applies, sparse_attend
+
+        if applies(mask.sparsity, q):
+            if mask.features() != ("causal",):
+                raise NotImplementedError(f"block-sparse prefill runs plain causal (B, L, H, D) calls only; the mask "
+                                          f"has {', '.join(mask.features())}")
+            if kv_scales is not None:  # FP8 cache: dequantised to q's dtype (the sparse kernel reads 16-bit K/V)
+                k = (k.float() * kv_scales[0][..., None]).to(q.dtype)
+                v = (v.float() * kv_scales[1][..., None]).to(q.dtype)
+            q, k, v = to_autocast_dtype(q, k, v)
+            return sparse_attend(q, k, v, mask.sparsity, scale)
     if kv_scales is not None:
         if backend == "triton":
             return _triton(q, k, v, mask, scale, kv_scales)

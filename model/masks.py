@@ -46,6 +46,9 @@ class AttentionMask:
         key_padding: (B, Lk) bool, True at real tokens (left padding of a batch, with or without a KV cache).
         key_length: (B,) int32: row b holds only its first key_length[b] keys (a preallocated KV cache read whole,
             as a CUDA-graph decode step does); the queries are the last of them.
+        sparsity: a model.sparsity.SparsityConfig, or None: not part of the rule above but an approximation of it
+            that the prefill asks for (model/sparsity.py); `attend` runs it on causal (B, L, H, D) calls without
+            the other features, everything else (dense, kernel_args, mask_mod) ignores it.
     """
 
     causal: bool = False
@@ -56,6 +59,7 @@ class AttentionMask:
     max_seqlen: int | None = None
     key_padding: torch.Tensor | None = None
     key_length: torch.Tensor | None = None
+    sparsity: object | None = None
     # FlexAttention block masks already built for this mask, by (Lq, Lk, device): a model shares one mask object
     # across its layers, so the block mask is built once per forward
     _block_masks: dict = field(default_factory=dict, init=False, repr=False)

@@ -17,6 +17,7 @@ from .deepstack import join_levels
 from .masks import AttentionMask
 from .positions import get_rope_index
 from .rope import TextRotary
+from .sparsity import as_sparsity
 from .text import TextDecoder
 from .vision import VisionTower
 
@@ -213,7 +214,7 @@ class Qwen3VL(nn.Module):
                 attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, vision_max_patches: int | None = 65536,
-                progress=None) -> Qwen3VLOutput:
+                progress=None, sparsity=None) -> Qwen3VLOutput:
         """Prefill a prompt into `cache` in chunks of `chunk_size` tokens; append after what the cache holds.
 
         The result equals one forward of the whole prompt (the cache holds the same keys and values, the last
@@ -232,6 +233,10 @@ class Qwen3VL(nn.Module):
             pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw: the visual inputs of these tokens.
             vision_max_patches: patch rows per vision-tower call (None: all at once).
             progress: optional callable(n_tokens_done) called after every chunk (e.g. a tqdm update).
+            sparsity: `attn_sparsity` of the decoder's attention in this prefill (model/sparsity.py): None or
+                "none" (dense), a method name ("xattention", "vertical_slash", "window"), a dict of
+                SparsityConfig fields or a SparsityConfig. An approximation: the equality above then no longer
+                holds. Chunks shorter than its min_queries (decoding steps) and the vision tower stay dense.
         Returns:
             Qwen3VLOutput with logits (B, 1, vocab) of the last position, last_hidden_state of the last chunk,
             rope_deltas (B, 1) as a one-shot forward of the whole cached prompt returns them (also
@@ -259,6 +264,9 @@ class Qwen3VL(nn.Module):
             elif cache.length > 0:
                 raise ValueError("prefill: padding (attention_mask with zeros) is only allowed in the first "
                                  "prefill of an empty cache")
+        sparsity = as_sparsity(sparsity)
+        if sparsity is not None and attention_mask is not None:
+            raise ValueError("prefill: sparsity needs an unpadded batch (attention_mask without zeros)")
         past0 = cache.length
         lm = self.model.language_model
         embeds = lm.embed_tokens(input_ids)
@@ -300,7 +308,7 @@ class Qwen3VL(nn.Module):
             key_padding = None
             if attention_mask is not None:  # empty cache: keys are this call's first e tokens
                 key_padding = attention_mask[:, :e].bool()
-            mask = AttentionMask(causal=True, key_padding=key_padding)
+            mask = AttentionMask(causal=True, key_padding=key_padding, sparsity=sparsity)
             backend = None
             if key_padding is not None and not supports(self.config.attn_backend, mask):
                 backend = "torch"  # as in forward: padded batches run through SDPA

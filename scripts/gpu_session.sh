@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh lv-check    # fp8/long-context GPU tests, a 64K ask_video run with an fp8 cache
 #   bash scripts/gpu_session.sh lv-short    # long-video benchmark at 256K and 512K tokens, ours and transformers
 #   bash scripts/gpu_session.sh lv-1m       # long-video benchmark at 1M tokens (2B, bf16 cache, then FP8)
+#   bash scripts/gpu_session.sh sparse      # block-sparse prefill tests + sparse vs dense attention, 128K..1M (2B shape)
 #   bash scripts/gpu_session.sh lv-8b       # 8B shape at 1M tokens with an FP8 cache (ingest cut at LIMIT s)
 # Env: OURS / OURS16 (bench_train variants), EXTRA (Hydra overrides for the OCR run).
 set -u
@@ -34,6 +35,13 @@ ocr_run() {  # <seconds>
 }
 
 case "$stage" in
+  sparse)
+    timeout 120 python -m pytest tests/test_sparse_attention.py tests/test_sparse_patterns.py -q -x -p no:cacheprovider \
+      2>&1 | tail -8 | tee "$OUT/sparse_tests.txt"
+    timeout 450 python scripts/bench_sparse_prefill.py --data "${SPARSE_DATA:-local}" \
+      --lengths 131072 262144 524288 1048576 --out "$OUT/bench_sparse_prefill.md" > "$OUT/bench_sparse_prefill.log" 2>&1
+    echo "bench rc=$?"; tail -20 "$OUT/bench_sparse_prefill.log"
+    ;;
   attention)
     timeout 260 python -m pytest tests/test_attention_kernel.py -q -x -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/attn_tests.txt"
     timeout 320 python scripts/bench_attention.py --out "$OUT/bench_attention.md" > "$OUT/bench_attention.log" 2>&1

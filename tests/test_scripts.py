@@ -26,6 +26,7 @@ CASES = {
     "bench_long_video.py": ([], "\"decode_ms_fp8\""),
     "bench_moe.py": ([], "| block | uniform | 24 | hf-eager |"),
     "bench_prefill.py": ([], "| ours (torch sdpa) | 2 |"),
+    "bench_sparse_prefill.py": ([], "| 256 | xattention |"),
     "bench_train.py": ([], "| ours (attn torch"),
     "bench_video.py": ([], "| transformers | 6 |"),
     "bench_video_stream.py": ([], "| stream 8 | 144 | 60 |"),
@@ -33,7 +34,8 @@ CASES = {
     "make_ocr_data.py": (["--out", "{tmp}/ocr"], "(4 lines)"),
     "measure_load_memory.py": (["--dir", "{tmp}/ckpt"], "x the weights"),
 }
-NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_fp8_linear.py": ["triton"], "bench_moe.py": ["transformers"],
+NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_fp8_linear.py": ["triton"],
+         "bench_sparse_prefill.py": ["triton"], "bench_moe.py": ["transformers"],
          "bench_long_video.py": ["transformers"], "bench_prefill.py": ["transformers"], "bench_train.py": ["transformers"],
          "bench_video.py": ["transformers", "qwen_vl_utils", "decord"]}  # dev dependencies of the references
 

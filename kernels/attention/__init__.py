@@ -3,7 +3,8 @@
 Layout as flash-attn: q (B, L, Hq, D), k and v (B, L, Hkv, D), or packed (T, H, D) with `cu_seqlens`. The forward
 and backward kernels are in `forward.py` and `backward.py` (FlashAttention-2 structure), their mask helpers in
 `masks.py`, shared launch pieces in `common.py`, the custom ops and autograd in `flash.py`, the long-cache decoding
-path in `decode.py` (flash-decoding), the fp8 e4m3 KV cache format (quantisation, checks) in `fp8.py`, and the fp32
+path in `decode.py` (flash-decoding), block-sparse prefill in `sparse.py` (its patterns in
+`sparse_patterns.py`), the fp8 e4m3 KV cache format (quantisation, checks) in `fp8.py`, and the fp32
 reference the tests use in `naive.py` (visibility from model/masks.py, the model's mask description).
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .decode import decode_attention
 from .flash import flash_attn_fwd, flash_attn_fwd_kv8
 from .fp8 import FP8_DTYPE, check_kv8, dequantize_kv, quantize_kv
 from .naive import attention_flops, attention_naive, visibility_mask
+from .sparse import sparse_attention, sparse_attention_reference
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DECODE_MIN_KEYS = 1024  # the split-KV path pays off only once the keys outnumber what a few programs can stream
@@ -188,4 +190,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 __all__ = ["attention", "attention_naive", "decode_attention", "visibility_mask", "attention_flops", "quantize_kv",
-           "dequantize_kv"]
+           "dequantize_kv", "sparse_attention", "sparse_attention_reference"]

@@ -24,35 +24,44 @@ from .masks import key_ranges, visible
 
 
 @triton.jit
+def fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, ks_base, vs_base, stride_kst, stride_vst,
+             kn, qpos, offs_d, len_k, qk_scale, window, num_global, MASK: tl.constexpr, CAUSAL: tl.constexpr,
+             WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, HEAD_DIM, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+             KV_FP8: tl.constexpr):
+    """One key tile (key positions kn, (BN,)) of the online softmax: returns the updated (acc, l_i, m_i). Shared by
+    the dense loop below and the block-sparse kernel (kernels/attention/sparse.py), which visits listed tiles."""
+    k = load_rows(k_base + kn[:, None] * stride_kt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D, MASK)
+    if KV_FP8:  # dequantise in fp32 (k8 * its key's scale), round once to q's dtype for the dot
+        k = (k.to(tl.float32) * load_scales(ks_base + kn * stride_kst, kn, len_k, MASK)[:, None]).to(q.dtype)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN) raw scores
+    if MASK:
+        vis = visible(qpos[:, None], kn[None, :], True, kn[None, :] < len_k, window, num_global, CAUSAL,
+                       WINDOW, GLOBAL_Q)
+        qk = tl.where(vis, qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max, log2 units
+        m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows that have seen nothing yet: avoid inf - inf
+    else:
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])  # one FMA per score
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    v = load_rows(v_base + kn[:, None] * stride_vt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D, MASK)
+    if KV_FP8:  # as K (scaling P's columns instead would push small probabilities into fp16's subnormals)
+        v = (v.to(tl.float32) * load_scales(vs_base + kn * stride_vst, kn, len_k, MASK)[:, None]).to(q.dtype)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    return acc, l_i, m_ij
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, ks_base, vs_base, stride_kst, stride_vst,
                start, end, qpos, offs_n, offs_d, len_k, qk_scale, window, num_global,
                MASK: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, GLOBAL_Q: tl.constexpr, HEAD_DIM,
                EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr):
     for start_n in range(start, end, BLOCK_N):
-        kn = start_n + offs_n
-        k = load_rows(k_base + kn[:, None] * stride_kt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
-                       MASK)
-        if KV_FP8:  # dequantise in fp32 (k8 * its key's scale), round once to q's dtype for the dot
-            k = (k.to(tl.float32) * load_scales(ks_base + kn * stride_kst, kn, len_k, MASK)[:, None]).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BM, BN) raw scores
-        if MASK:
-            vis = visible(qpos[:, None], kn[None, :], True, kn[None, :] < len_k, window, num_global, CAUSAL,
-                           WINDOW, GLOBAL_Q)
-            qk = tl.where(vis, qk, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # running max, log2 units
-            m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)  # rows that have seen nothing yet: avoid inf - inf
-        else:
-            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])  # one FMA per score
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = load_rows(v_base + kn[:, None] * stride_vt + offs_d[None, :], kn, len_k, offs_d, HEAD_DIM, EVEN_D,
-                       MASK)
-        if KV_FP8:  # as K (scaling P's columns instead would push small probabilities into fp16's subnormals)
-            v = (v.to(tl.float32) * load_scales(vs_base + kn * stride_vst, kn, len_k, MASK)[:, None]).to(q.dtype)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        m_i = m_ij
+        acc, l_i, m_i = fwd_tile(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, ks_base, vs_base,
+                                 stride_kst, stride_vst, start_n + offs_n, qpos, offs_d, len_k, qk_scale, window,
+                                 num_global, MASK, CAUSAL, WINDOW, GLOBAL_Q, HEAD_DIM, EVEN_D, PRECISION, KV_FP8)
     return acc, l_i, m_i
 
 
