@@ -29,6 +29,9 @@ CACHE_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": FP8}
 
 
+
+INITIAL_FREE_TOKENS = 1024  # generate's own cache starts with this much room and doubles on demand
+
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., D) keys or values -> float8_e4m3fn values and one fp32 scale per row (per token and KV head).
 
@@ -553,7 +556,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     cache = past_key_values
     own_cache = cache is None
     if own_cache:  # grown on demand: a huge max_new_tokens does not allocate its whole cache up front
-        cache = KVCache.for_model(model, B, L + min(max_new_tokens, 1024), cache_dtype)
+        cache = KVCache.for_model(model, B, L + min(max_new_tokens, INITIAL_FREE_TOKENS), cache_dtype)
     elif cache.length + L + max_new_tokens > cache.max_len:
         raise ValueError(f"past_key_values has room for {cache.max_len - cache.length} more tokens, this call needs "
                          f"{L} prompt + {max_new_tokens} new; allocate a larger cache (KVCache.load(..., max_len=))")

@@ -230,7 +230,7 @@ def test_convert_bf16_cache_to_fp8_equals_fp8_of_the_same_keys(tiny):
     assert out.shape == (1, 6)
 
 
-def test_generate_checks_its_arguments_and_grows_its_own_cache(tiny):
+def test_generate_checks_its_arguments_and_grows_its_own_cache(tiny, monkeypatch):
     ids = torch.randint(1000, 5000, (1, 6))
     for kw, msg in (({"max_new_tokens": -1}, "max_new_tokens"), ({"max_new_tokens": 0}, "max_new_tokens"),
                     ({"do_sample": True, "top_p": 0.0}, "top_p"), ({"do_sample": True, "top_k": -2}, "top_k"),
@@ -242,11 +242,17 @@ def test_generate_checks_its_arguments_and_grows_its_own_cache(tiny):
     padded = torch.cat([torch.full((1, 3), tiny.config.pad_token_id), ids[:, :3]], 1)
     with pytest.warns(UserWarning, match="no attention_mask"):
         tiny.generate(torch.cat([padded, ids]), max_new_tokens=1)
-    # a cache grown step by step from 1024 free tokens gives the same tokens as one sized up front
-    a = tiny.generate(ids, max_new_tokens=1100, stop_token_ids=())
-    big = KVCache.for_model(tiny, 1, 6 + 1100)
-    b = tiny.generate(ids, max_new_tokens=1100, stop_token_ids=(), past_key_values=big)
-    assert a.shape == b.shape == (1, 1106) and torch.equal(a, b)
+    # a cache grown (doubled) several times from 4 free tokens gives the same tokens as one sized up front
+    import model.generation as generation
+
+    monkeypatch.setattr(generation, "INITIAL_FREE_TOKENS", 4)
+    grows = []
+    monkeypatch.setattr(KVCache, "grow", lambda self, n, _grow=KVCache.grow: grows.append(n) or _grow(self, n))
+    a = tiny.generate(ids, max_new_tokens=40, stop_token_ids=())
+    assert grows == [20, 40, 46]  # 6 + 4 -> 20 -> 40 -> 46 (capped at the prompt + max_new_tokens)
+    big = KVCache.for_model(tiny, 1, 6 + 40)
+    b = tiny.generate(ids, max_new_tokens=40, stop_token_ids=(), past_key_values=big)
+    assert a.shape == b.shape == (1, 46) and torch.equal(a, b)
 
 
 _CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="Triton-interpreter test (CPU tensors)")
