@@ -6,8 +6,9 @@ gold boxes, side by side.
 whose cases are generated per length and depth and scored by exact answers), this is a fixed labelled set with
 its own metrics, so it reuses eval/ocr.py's pipeline: the set is in the training format, read by the training's
 own `SFTDataset` with the checkpoint's exported pixel budgets (`eval_dataset`), and answered in left-padded greedy
-batches as the trainer's validation does (`predict`), so the trainer's logged Acc@0.5 on its validation set is
-reproduced. The gold box is the reference answer's first `bbox_2d`, the predicted one the generated answer's first
+batches as the trainer's validation does (`predict`; tests/test_ocr_eval.py shows that pipeline reproduces the
+trainer's CER to the last bit), so with `max_new_tokens` = `train.eval_max_new_tokens` an export is scored on the
+generations the trainer's `train.eval_metric=grounding` validation scored. The gold box is the reference answer's first `bbox_2d`, the predicted one the generated answer's first
 box (or point), both read by the processor's response parser (model/processing/responses.py) in Qwen3-VL's
 0..1000 image-relative coordinates (docs/responses.md).
 
