@@ -126,6 +126,10 @@ def test_generator_settings_are_validated():
         GroundingGenConfig(kinds=("colour",))
     with pytest.raises(ConfigError, match="data.grounding.prompt"):
         GroundingGenConfig(prompt="Where is it?")
+    from train.config import DataConfig, OCRGenConfig
+
+    with pytest.raises(ConfigError, match="data.grounding.enabled"):
+        DataConfig(ocr=OCRGenConfig(enabled=True), grounding=GroundingGenConfig(enabled=True))
 
 
 # ----------------------------------------------------------------------------------------------- python -m eval
