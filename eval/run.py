@@ -8,9 +8,9 @@ import torch
 
 from model.build import ModelSpec, build_model
 
+from .grounding import GroundingConfig
 from .haystack import HaystackConfig
 from .niah import NeedleConfig, run_needle
-from .grounding import GroundingConfig
 from .ocr import OCRConfig
 
 
