@@ -11,7 +11,10 @@ Writes <task>.json (per cell: accuracy per scoring mode, tokens, frames, seconds
 <task>.md (table) to needle.out_dir; a rerun resumes from <task>.json. The OCR evaluation:
     python -m eval task=ocr ocr.checkpoints=[base,runs/ocr_demo/final] ocr.data=val.jsonl ocr.out_dir=out
 task=ocr (eval/ocr.py) writes results.json, results.md (base vs fine-tuned table) and report.html (worst samples)
-to ocr.out_dir.
+to ocr.out_dir. The referring-expression grounding evaluation (eval/grounding.py, docs/grounding.md):
+    python -m eval task=grounding grounding.checkpoints=[runs/grounding_demo/final] \
+        grounding.data=data/grounding_synth/val.jsonl grounding.out_dir=out
+writes results.json and results.md (Acc@0.5, mean IoU, point-in-box) to grounding.out_dir.
 """
 import os
 

@@ -8,6 +8,7 @@ import torch
 
 from model.build import ModelSpec, build_model
 
+from .grounding import GroundingConfig
 from .haystack import HaystackConfig
 from .niah import NeedleConfig, run_needle
 from .ocr import OCRConfig
@@ -20,7 +21,8 @@ class EvalConfig:
     (None: the model path if it has them, else the embedded default); device: "auto" = cuda when available;
     rope_scaling: e.g. {"rope_type": "yarn", "factor": 3.0} (Qwen3VL.set_rope_scaling) for sweeps past the
     trained context; ocr: set by `task=ocr` (conf/task/ocr.yaml), which runs the OCR evaluation
-    of eval/ocr.py on ocr.checkpoints instead of a needle sweep (model is then unused)."""
+    of eval/ocr.py on ocr.checkpoints instead of a needle sweep (model is then unused); grounding: likewise set by
+    `task=grounding` (conf/task/grounding.yaml, eval/grounding.py)."""
 
     model: ModelSpec = field(default_factory=ModelSpec)
     needle: NeedleConfig = field(default_factory=NeedleConfig)
@@ -29,6 +31,7 @@ class EvalConfig:
     device: str = "auto"
     rope_scaling: dict = field(default_factory=dict)
     ocr: OCRConfig | None = None
+    grounding: GroundingConfig | None = None
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -46,6 +49,13 @@ def run(cfg: EvalConfig) -> dict:
         result = run_ocr(cfg.ocr, device)
         print_summary(result)
         print(f"results.json, results.md and report.html in {cfg.ocr.out_dir}")
+        return result
+    if cfg.grounding is not None:
+        from .grounding import print_summary, run_grounding
+
+        result = run_grounding(cfg.grounding, device)
+        print_summary(result)
+        print(f"results.json and results.md in {cfg.grounding.out_dir}")
         return result
     model = build_model(cfg.model, device).eval()
     if cfg.rope_scaling:

@@ -2,6 +2,8 @@
 # One device call = one stage; every log lands in $OUT (the device tool fetches it back).
 #   bash scripts/gpu_session.sh attention   # full-size kernel tests + attention benchmark
 #   bash scripts/gpu_session.sh ocr         # ocr_demo_gpu training run (+ curve plot)
+#   bash scripts/gpu_session.sh grounding-data  # the grounding_demo_gpu set (16K scenes, a few minutes on 1 core)
+#   bash scripts/gpu_session.sh grounding   # grounding_demo_gpu training run (+ curve plot, task=grounding eval)
 #   bash scripts/gpu_session.sh train       # train-step benchmarks at 8K and 16K tokens, then the remaining kernel tests
 #   bash scripts/gpu_session.sh final       # compiled train-step variants, then a shorter ocr_demo_gpu run
 #   bash scripts/gpu_session.sh speed       # train-step variants at 8K (OURS), then a kernel profile of PROF
@@ -10,7 +12,8 @@
 #   bash scripts/gpu_session.sh lv-1m       # long-video benchmark at 1M tokens (2B, bf16 cache, then FP8)
 #   bash scripts/gpu_session.sh sparse      # block-sparse prefill tests + sparse vs dense attention, 128K..1M (2B shape)
 #   bash scripts/gpu_session.sh lv-8b       # 8B shape at 1M tokens with an FP8 cache (ingest cut at LIMIT s)
-# Env: OURS / OURS16 (bench_train variants), EXTRA (Hydra overrides for the OCR run).
+# Env: OURS / OURS16 (bench_train variants), EXTRA (Hydra overrides for the OCR and grounding runs), OCR_S /
+#   GROUNDING_S (their time limits; a run cut by max_time_s resumes on the next call: resume=auto).
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
 stage=${1:?stage}
@@ -34,6 +37,19 @@ ocr_run() {  # <seconds>
   tr '\r' '\n' < "$OUT/ocr.log" | grep -a "^eval\|^exported\|Error" | tail -20  # tqdm redraws with \r
 }
 
+grounding_run() {  # <seconds>
+  timeout "$1" python -m train experiment=grounding_demo_gpu logging.wandb_mode=disabled ${EXTRA:-} \
+    hydra.run.dir="$OUT/hydra" > "$OUT/grounding.log" 2>&1
+  echo "train rc=$?"; cp runs/grounding_demo_gpu/result.json "$OUT/" 2>/dev/null
+  python -m train.plot runs/grounding_demo_gpu/result.json "$OUT/grounding_demo_curve.png" 2>&1 | tail -3
+  tr '\r' '\n' < "$OUT/grounding.log" | grep -a "^eval\|^exported\|Error" | cut -c1-300 | tail -20
+  if [ -d runs/grounding_demo_gpu/final ]; then
+    timeout 100 python -m eval task=grounding grounding.checkpoints=[runs/grounding_demo_gpu/final] \
+      grounding.data=data/grounding_synth_gpu/val.jsonl grounding.max_new_tokens=48 grounding.draw=16 \
+      grounding.out_dir="$OUT/grounding_eval" 2>&1 | tail -20
+  fi
+}
+
 case "$stage" in
   sparse)
     timeout 120 python -m pytest tests/test_sparse_attention.py tests/test_sparse_patterns.py -q -x -p no:cacheprovider \
@@ -49,6 +65,13 @@ case "$stage" in
     ;;
   ocr)
     ocr_run "${OCR_S:-540}"
+    ;;
+  grounding-data)  # the same settings as conf/experiment/grounding_demo_gpu.yaml, so the training run reuses it
+    timeout 580 python scripts/make_grounding_data.py --out data/grounding_synth_gpu --n-train 16000 --n-val 128 \
+      --width 256 --height 256 2>&1 | tail -3
+    ;;
+  grounding)
+    grounding_run "${GROUNDING_S:-470}"
     ;;
   train)
     bench_train 8k 270 8192 6 "${OURS:-torch,triton,triton+compile}"
@@ -96,6 +119,6 @@ case "$stage" in
     echo "bench rc=$?"; tail -c 2000 "$OUT/lv_8b.json"
     ;;
   *)
-    echo "unknown stage $stage (attention | ocr | train | final | speed | lv-check | lv-short | lv-1m | lv-8b)"; exit 2
+    echo "unknown stage $stage (attention | ocr | grounding-data | grounding | train | final | speed | lv-check | lv-short | lv-1m | lv-8b)"; exit 2
     ;;
 esac

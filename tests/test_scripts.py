@@ -31,6 +31,7 @@ CASES = {
     "bench_video.py": ([], "| transformers | 6 |"),
     "bench_video_stream.py": ([], "| stream 8 | 144 | 60 |"),
     "generate.py": ([], "4 new tokens"),
+    "make_grounding_data.py": (["--out", "{tmp}/grounding"], "(4 scenes)"),
     "make_ocr_data.py": (["--out", "{tmp}/ocr"], "(4 lines)"),
     "measure_load_memory.py": (["--dir", "{tmp}/ckpt"], "x the weights"),
 }

@@ -50,6 +50,42 @@ class OCRGenConfig:
 
 
 @dataclass(frozen=True)
+class GroundingGenConfig:
+    """Synthetic referring-expression set generated before training when `enabled` (train/grounding_data.py)."""
+    enabled: bool = False
+    out_dir: str = "data/grounding_synth"
+    n_train: int = 2000
+    n_val: int = 64
+    seed: int = 0
+    width: int = 128                 # canvas in pixels
+    height: int = 128
+    grid: tuple = (4, 4)             # (columns, rows) of cells; one item per cell
+    objects: tuple = (3, 5)          # items per scene (min, max), before the relation distractor
+    size: tuple = (0.55, 0.9)        # item side as a fraction of the cell side (min, max)
+    digit_frac: float = 0.3          # probability that an item after the first (always a digit) is a digit
+    kinds: tuple = ("attribute", "relation", "digit")  # expression kinds, drawn uniformly
+    clutter: int = 12                # random lines / dots under the items
+    noise: float = 0.02              # std of additive pixel noise (0..1 scale)
+    prompt: str = "Locate {expr} in the image and output its bbox coordinates in JSON format."
+
+    def __post_init__(self):
+        _check(self.width >= 32 and self.height >= 32, "data.grounding.width/height", (self.width, self.height),
+               ">= 32")
+        _check(len(self.grid) == 2 and min(self.grid) >= 2, "data.grounding.grid", self.grid,
+               "[columns, rows], each >= 2")
+        _check(len(self.objects) == 2 and 2 <= self.objects[0] <= self.objects[1] < self.grid[0] * self.grid[1],
+               "data.grounding.objects", self.objects, "[min, max] with 2 <= min <= max < grid cells")
+        _check(len(self.size) == 2 and 0 < self.size[0] <= self.size[1] <= 1, "data.grounding.size", self.size,
+               "[min, max] fractions of a cell with 0 < min <= max <= 1")
+        _check(0 <= self.digit_frac <= 1, "data.grounding.digit_frac", self.digit_frac, "in [0, 1]")
+        _check(bool(self.kinds) and all(k in ("attribute", "relation", "digit") for k in self.kinds),
+               "data.grounding.kinds", self.kinds, "a non-empty subset of [attribute, relation, digit]")
+        _check("{expr}" in self.prompt, "data.grounding.prompt", self.prompt, "a template holding {expr}")
+        for name in ("n_train", "n_val", "clutter"):
+            _check(getattr(self, name) >= 0, f"data.grounding.{name}", getattr(self, name), ">= 0")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """JSONL datasets (message format or LLaVA `conversations`), packing and loading.
 
@@ -81,6 +117,7 @@ class DataConfig:
     video_max_frames: int = 64
     system_prompt: Optional[str] = None
     ocr: OCRGenConfig = field(default_factory=OCRGenConfig)
+    grounding: GroundingGenConfig = field(default_factory=GroundingGenConfig)
 
     def __post_init__(self):
         for name in ("max_seq_len", "group_size", "prefetch_factor", "image_min_pixels", "video_min_pixels",
@@ -91,6 +128,8 @@ class DataConfig:
         for kind in ("image", "video"):
             lo, hi = getattr(self, f"{kind}_min_pixels"), getattr(self, f"{kind}_max_pixels")
             _check(hi >= lo, f"data.{kind}_max_pixels", hi, f">= data.{kind}_min_pixels ({lo})")
+        _check(not (self.ocr.enabled and self.grounding.enabled), "data.grounding.enabled", True,
+               "not together with data.ocr.enabled (one synthetic set per run)")
         _check(self.video_fps > 0, "data.video_fps", self.video_fps, "> 0")
 
 
@@ -188,6 +227,7 @@ class TrainConfig:
     eval_every: int = 0              # 0: only at the end
     eval_samples: int = 32           # validation samples for greedy-generation CER (0: loss only)
     eval_max_new_tokens: int = 24
+    eval_metric: str = "cer"         # cer | grounding (adds Acc@0.5, mean IoU, point-in-box of the first box)
     save_every: int = 0              # 0: only at the end
     keep_last: int = 2
     resume: str = "auto"             # auto (latest in out_dir/checkpoints if any) | none | <checkpoint dir>
@@ -242,6 +282,8 @@ class Config:
         _check(self.train.mode in ("full", "lora"), "train.mode", self.train.mode, "full | lora")
         _check(self.train.precision in ("auto", "bf16", "fp32"), "train.precision", self.train.precision,
                "auto | bf16 | fp32")
+        _check(self.train.eval_metric in ("cer", "grounding"), "train.eval_metric", self.train.eval_metric,
+               "cer | grounding")
         _check(self.train.device in ("auto", "cpu", "cuda"), "train.device", self.train.device, "auto|cpu|cuda")
         _check(self.data.on_error in ("skip", "raise"), "data.on_error", self.data.on_error, "skip | raise")
         _check(self.train.on_nonfinite in ("skip", "raise"), "train.on_nonfinite", self.train.on_nonfinite,

@@ -5,6 +5,8 @@ import os
 
 from .config import Config, config_to_dict
 
+GROUNDING_KEYS = ("acc50", "miou", "point_acc")  # train.eval_metric=grounding (train/step.py evaluate)
+
 
 class Logger:
     """tqdm bar (loss, tokens/s, lr, ETA) + wandb (offline by default) + plain lines; rank 0 only."""
@@ -41,14 +43,15 @@ class Logger:
                        f"grad_norm {metrics['grad_norm']:.3f}  tok/s {tok_s:.0f}")
 
     def eval(self, step: int, res: dict):
-        """Print and log one validation result (loss, CER, a few examples)."""
+        """Print and log one validation result (loss, CER, grounding metrics if any, a few examples)."""
         if self.rank != 0:
             return
         cer = "n/a" if res["cer"] is None else f"{res['cer']:.4f}"
         ex = "  ".join(f"{p!r}->{r!r}" for p, r in res["examples"][:3])
-        self.print(f"eval step {step:5d}  val_loss {res['val_loss']:.4f}  cer {cer}  {ex}")
+        grounding = "".join(f"  {k} {res[k]:.4f}" for k in GROUNDING_KEYS if k in res)
+        self.print(f"eval step {step:5d}  val_loss {res['val_loss']:.4f}  cer {cer}{grounding}  {ex}")
         if self.wandb is not None:
-            d = {"val/loss": res["val_loss"]}
+            d = {"val/loss": res["val_loss"], **{f"val/{k}": res[k] for k in GROUNDING_KEYS if k in res}}
             if res["cer"] is not None:
                 d["val/cer"] = res["cer"]
             self.wandb.log(d, step=step)

@@ -1,6 +1,8 @@
-"""Plot a run's training curve (train loss, validation loss and CER vs step) from its result.json.
+"""Plot a run's training curve (train loss, validation loss and CER, or Acc@0.5 and mean IoU, vs step) from its
+result.json.
 
     python -m train.plot runs/ocr_demo_gpu/result.json docs/ocr_demo_curve.png
+    python -m train.plot runs/grounding_demo_gpu/result.json docs/grounding_demo_curve.png
 """
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import sys
 
 
 def plot_curve(result_path: str, out_png: str, title: str | None = None):
-    """Draw loss (left axis) and CER (right axis), both log scale, against the optimizer step.
+    """Draw loss (left axis, log) and CER (right axis, log) against the optimizer step; a grounding run
+    (train.eval_metric=grounding) gets Acc@0.5 and mean IoU (right axis, linear 0..1) instead of CER.
 
     Args:
         result_path: result.json written by `train.trainer.train`.
@@ -29,7 +32,17 @@ def plot_curve(result_path: str, out_png: str, title: str | None = None):
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     cer = [e for e in ev if e.get("cer") is not None]
-    if cer:
+    grounding = [e for e in ev if e.get("acc50") is not None]
+    if grounding:
+        ax2 = ax.twinx()
+        ax2.plot([e["step"] for e in grounding], [e["acc50"] for e in grounding], "s-", color="tab:red",
+                 label=f"val Acc@0.5 (last {grounding[-1]['acc50']:.3f})")
+        ax2.plot([e["step"] for e in grounding], [e["miou"] for e in grounding], "^-", color="tab:green",
+                 label=f"val mean IoU (last {grounding[-1]['miou']:.3f})")
+        ax2.set_ylabel("Acc@0.5 / mean IoU")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper center")
+    elif cer:
         ax2 = ax.twinx()
         ax2.plot([e["step"] for e in cer], [e["cer"] for e in cer], "s-", color="tab:red",
                  label=f"val CER (last {cer[-1]['cer']:.4f})")

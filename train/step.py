@@ -13,6 +13,7 @@ import math
 import torch
 
 from eval.generate import generate_batch
+from eval.grounding_metrics import grounding_metrics
 from eval.metrics import character_error_rate
 
 from .config import Config
@@ -129,12 +130,14 @@ def _dummy_batch(model) -> dict:
 
 @torch.no_grad()
 def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) -> dict:
-    """Validation loss over the whole set and, if `eval_samples` > 0, CER of greedy generations.
+    """Validation loss over the whole set and, if `eval_samples` > 0, CER of greedy generations (and with
+    `train.eval_metric=grounding` their Acc@0.5, mean IoU and point-in-box accuracy, eval/grounding_metrics.py).
 
     Args:
         model: the model.  dataset: validation SFTDataset.  tokenizer: for decoding (CER).
     Returns:
-        {"val_loss", "cer" (or None), "examples": [(prediction, reference), ...]}.
+        {"val_loss", "cer" (or None), "examples": [(prediction, reference), ...]}; grounding adds "acc50", "miou",
+        "point_acc" and "parsed" (share of answers holding a readable box).
     """
     was_training = model.training
     model.eval()
@@ -157,6 +160,8 @@ def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) ->
                                         cfg.train.eval_max_new_tokens, device)
             refs += [dataset.answer(i) for i in range(s, min(n, s + 32))]
         res["cer"] = character_error_rate(preds, refs)
+        if cfg.train.eval_metric == "grounding":
+            res.update({k: v for k, v in grounding_metrics(preds, refs).items() if k != "n"})
         res["examples"] = list(zip(preds[:4], refs[:4]))
     if was_training:
         model.train()

@@ -22,6 +22,7 @@ from .config import Config, ConfigError, config_to_dict
 from .data import (BatchStream, ChatEncoder, DataError, PackedBatchSampler, SFTDataset, count_label_tokens,
                    dataset_root)
 from .export import export
+from .grounding_data import generate_grounding_dataset
 from .logger import Logger
 from .ocr_data import generate_ocr_dataset
 from .optim import apply_freezing, build_optimizer, lr_at
@@ -38,18 +39,22 @@ def _device(cfg: Config) -> torch.device:
 
 
 def _data_paths(cfg: Config, rank: int, distributed: bool) -> tuple[str, str | None]:
-    """(train, val) JSONL paths; generates the synthetic OCR set first when data.ocr.enabled (rank 0 only)."""
+    """(train, val) JSONL paths; generates the synthetic OCR or grounding set first when data.ocr.enabled or
+    data.grounding.enabled (rank 0 only)."""
     data = cfg.data
     train_path, val_path = data.train, data.val
-    if data.ocr.enabled:
+    for synth, generate in ((data.ocr, generate_ocr_dataset), (data.grounding, generate_grounding_dataset)):
+        if not synth.enabled:
+            continue
         if rank == 0:
-            generate_ocr_dataset(data.ocr)
+            generate(synth)
         if distributed:
             dist.barrier()
-        train_path = train_path or os.path.join(data.ocr.out_dir, "train.jsonl")
-        val_path = val_path or os.path.join(data.ocr.out_dir, "val.jsonl")
+        train_path = train_path or os.path.join(synth.out_dir, "train.jsonl")
+        val_path = val_path or os.path.join(synth.out_dir, "val.jsonl")
     if not train_path:
-        raise ValueError("no training data: set data.train=<file.jsonl> (or data.ocr.enabled=true)")
+        raise ValueError("no training data: set data.train=<file.jsonl> (or data.ocr.enabled=true / "
+                         "data.grounding.enabled=true)")
     return train_path, val_path
 
 
