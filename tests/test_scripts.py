@@ -31,6 +31,10 @@ CASES = {
     "generate.py": ([], "4 new tokens"),
     "make_ocr_data.py": (["--out", "{tmp}/ocr"], "(4 lines)"),
     "measure_load_memory.py": (["--dir", "{tmp}/ckpt"], "x the weights"),
+    # smaller than its own --smoke (tests/test_pe_ablation.py runs that one): one variant, one task, one step
+    "pe_ablation.py": (["--out", "{tmp}/pe", "run=[videorope]", "train.steps=1", "eval.trials=1", "data.tasks=[read]",
+                        "data.train_groups=4", "data.min_groups=2", "train.vision_warmup.steps=1",
+                        "train.warmup_images=8"], "ablations.md"),
 }
 NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_moe.py": ["transformers"],
          "bench_long_video.py": ["transformers"], "bench_prefill.py": ["transformers"], "bench_train.py": ["transformers"],
