@@ -170,7 +170,8 @@ def evaluate_variant(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, d
             rows.append({"yarn": yarn, "multiple": mult, "groups": groups, "video_tokens": len(ids),
                          "max_position": nxt, "yarn_factor": factor, "accuracy": acc,
                          "mean": float(np.mean(list(acc.values()))), "seconds": time.perf_counter() - t0})
-            log(f"  eval yarn={yarn} x{mult}: {groups} groups, {len(ids)} video tokens, mean acc {rows[-1]['mean']:.3f}")
+            log(f"  eval yarn={yarn} x{mult}: {groups} groups, {len(ids)} video tokens, "
+                f"mean acc {rows[-1]['mean']:.3f}")
     return rows
 
 
@@ -180,7 +181,7 @@ def run_one(cfg: StudyConfig, variant: str, seed: int, processor, log=print) -> 
     spec = cfg.variant_spec(variant)
     torch.manual_seed(seed)
     model = build_model(spec, device)
-    videos = NeedleVideos(cfg.data, model.config, processor, seed=seed)
+    videos = NeedleVideos(cfg.data, model.config, processor, seed=seed, device=device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{variant} seed {seed}: {n_params / 1e6:.1f}M params, rope {model.config.text.rope}")
     t0 = time.perf_counter()

@@ -96,9 +96,10 @@ class NeedleVideos:
     Args:
         cfg: NeedleVideoConfig.  model_config: Qwen3VLConfig (token ids, merge size, rope.temporal_ids).
         processor: model.processing.Qwen3VLProcessor (tokenizer, video patch geometry).  seed: bank seed.
+        device: where the pixel banks live (a sample's rows are gathered there: no per-step host copy on a GPU).
     """
 
-    def __init__(self, cfg: NeedleVideoConfig, model_config, processor, seed: int = 0):
+    def __init__(self, cfg: NeedleVideoConfig, model_config, processor, seed: int = 0, device="cpu"):
         self.cfg, self.mc, self.tok = cfg, model_config, processor.tokenizer
         self.rule = model_config.text.rope.temporal_ids
         vc = processor.video_config
@@ -110,9 +111,11 @@ class NeedleVideos:
             f = torch.from_numpy(np.stack([frame, frame])).permute(0, 3, 1, 2)
             return patchify(f, vc)[0]
 
-        self.hay = torch.stack([rows(haystack_frame(cfg.frame_size, rng)) for _ in range(cfg.haystack_bank)])
+        self.device = torch.device(device)
+        self.hay = torch.stack([rows(haystack_frame(cfg.frame_size, rng))
+                                for _ in range(cfg.haystack_bank)]).to(self.device)
         self.needles = {(d, c): torch.stack([rows(digit_frame(d, cfg.frame_size, c, rng))
-                                             for _ in range(cfg.needle_variants)])
+                                             for _ in range(cfg.needle_variants)]).to(self.device)
                         for d in range(10) for c in COLOURS}
         self.vs, self.ve = model_config.vision_start_token_id, model_config.vision_end_token_id
         self._video_cache: dict[int, tuple[list[int], torch.Tensor, int]] = {}
@@ -179,7 +182,8 @@ class NeedleVideos:
         tail = torch.arange(nxt, nxt + len(q_ids) + len(a_ids)).expand(3, -1)
         labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long)
         labels[len(ids) - len(a_ids):] = torch.tensor(a_ids)
-        hay = self.hay[torch.from_numpy(rng.integers(len(self.hay), size=groups))]  # (groups, patches, 1536)
+        idx = torch.from_numpy(rng.integers(len(self.hay), size=groups)).to(self.device)
+        hay = self.hay[idx]  # (groups, patches, 1536)
         for g, d, c in needles:
             hay[g] = self.needles[(d, c)][int(rng.integers(self.cfg.needle_variants))]
         return Encoded(input_ids=torch.tensor(ids), labels=labels, position_ids=torch.cat([vid_pos, tail], dim=1),
