@@ -119,6 +119,7 @@ class NeedleVideos:
                         for d in range(10) for c in COLOURS}
         self.vs, self.ve = model_config.vision_start_token_id, model_config.vision_end_token_id
         self._video_cache: dict[int, tuple[list[int], torch.Tensor, int]] = {}
+        self._ids_cache: dict[int, torch.Tensor] = {}
 
     # -------------------------------------------------------------------------------------------- layout
     @property
@@ -142,6 +143,12 @@ class NeedleVideos:
                                         second_per_grid_ts=[self.second_per_grid])
             self._video_cache[groups] = (ids, pos[:, 0], int(delta) + len(ids))
         return self._video_cache[groups]
+
+    def _video_ids(self, groups: int) -> torch.Tensor:
+        """`video(groups)`'s token ids as a (n,) long tensor (cached: the training loop asks for it every sample)."""
+        if groups not in self._ids_cache:
+            self._ids_cache[groups] = torch.tensor(self.video(groups)[0])
+        return self._ids_cache[groups]
 
     def grid(self, groups: int) -> torch.Tensor:
         side = self.cfg.frame_size // self.patch
@@ -176,9 +183,9 @@ class NeedleVideos:
             q, a = f"Which number appears first, {x} or {y}?", str(a_)
         else:
             raise ValueError(f"unknown needle task {task!r}; known: {TASKS}")
-        vid_ids, vid_pos, nxt = self.video(groups)
+        _, vid_pos, nxt = self.video(groups)
         q_ids, a_ids = self.tok.encode(" " + q + " Answer:"), self.tok.encode(" " + a) + [self.mc.eos_token_id]
-        ids = vid_ids + q_ids + a_ids
+        ids = torch.cat([self._video_ids(groups), torch.tensor(q_ids + a_ids)])
         tail = torch.arange(nxt, nxt + len(q_ids) + len(a_ids)).expand(3, -1)
         labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long)
         labels[len(ids) - len(a_ids):] = torch.tensor(a_ids)
@@ -186,7 +193,7 @@ class NeedleVideos:
         hay = self.hay[idx]  # (groups, patches, 1536)
         for g, d, c in needles:
             hay[g] = self.needles[(d, c)][int(rng.integers(self.cfg.needle_variants))]
-        return Encoded(input_ids=torch.tensor(ids), labels=labels, position_ids=torch.cat([vid_pos, tail], dim=1),
+        return Encoded(input_ids=ids, labels=labels, position_ids=torch.cat([vid_pos, tail], dim=1),
                        pixel_values_videos=hay.flatten(0, 1), video_grid_thw=self.grid(groups))
 
     def train_sample(self, rng: np.random.Generator) -> Encoded:
