@@ -113,6 +113,8 @@ def test_bad_data_config_is_named():
         NeedleVideoConfig(frame_size=48)
     with pytest.raises(ConfigError, match=r"data.tasks=\['read', 'count'\]"):
         NeedleVideoConfig(tasks=("read", "count"))
+    with pytest.raises(ConfigError, match=r"data.min_groups=2 must be in \[3, data.train_groups=8\]"):
+        NeedleVideoConfig(min_groups=2, train_groups=8, distractors=2)
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -55,8 +55,10 @@ class NeedleVideoConfig:
 
         if self.frame_size % 32 or self.frame_size < 32:
             raise ConfigError(f"data.frame_size={self.frame_size} must be a positive multiple of 32")
-        if not 2 <= self.min_groups <= self.train_groups:
-            raise ConfigError(f"data.min_groups={self.min_groups} must be in [2, data.train_groups]")
+        need = 1 + self.distractors if "distract" in self.tasks else 2  # groups the needles of one sample take
+        if not need <= self.min_groups <= self.train_groups:
+            raise ConfigError(f"data.min_groups={self.min_groups} must be in [{need}, data.train_groups="
+                              f"{self.train_groups}] (a sample's needles each take one temporal group)")
         if not self.tasks or any(t not in TASKS for t in self.tasks):
             raise ConfigError(f"data.tasks={list(self.tasks)} must be a non-empty subset of {TASKS}")
         if self.fps <= 0:
