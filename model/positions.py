@@ -43,24 +43,24 @@ def decode_position_ids(cache_len: int, rope_deltas: torch.Tensor) -> torch.Tens
     return (cache_len + rope_deltas).view(1, B, 1).expand(3, B, 1)
 
 
-def visual_run_positions(t: int, hh: int, ww: int, start: int, rope, time_interval: float = 1.0
-                         ) -> tuple[torch.Tensor, int]:
+def visual_run_positions(t: int, hh: int, ww: int, start: int, rope, time_interval: float = 1.0,
+                         device=None) -> tuple[torch.Tensor, int]:
     """Position ids of one visual run: a (t, hh, ww) grid of merged tokens starting at position `start`.
 
     T = start + int(g * time_interval) for temporal group g; H, W = start + row, col ("grid") or T + row - (hh-1)//2,
     T + col - (ww-1)//2 ("diagonal", VideoRoPE's layout: the frame's spatial ids centred on its T id).
     Returns ((3, t*hh*ww) long, the position of the next token: max id + 1 ("grid"), last T id + 1 ("diagonal")).
     """
-    g = (torch.arange(t, dtype=torch.float64) * time_interval).long()  # truncation, as Qwen2.5-VL's .long()
-    tpos = (start + g).view(t, 1, 1).expand(t, hh, ww)
-    rows = torch.arange(hh).view(1, hh, 1).expand(t, hh, ww)
-    cols = torch.arange(ww).view(1, 1, ww).expand(t, hh, ww)
+    g = [int(i * time_interval) for i in range(t)]  # truncation, as Qwen2.5-VL's .long()
+    tpos = torch.tensor(g, device=device).add_(start).view(t, 1, 1).expand(t, hh, ww)
+    rows = torch.arange(hh, device=device).view(1, hh, 1).expand(t, hh, ww)
+    cols = torch.arange(ww, device=device).view(1, 1, ww).expand(t, hh, ww)
     if rope.spatial_ids == "diagonal":
         hpos, wpos = tpos + rows - (hh - 1) // 2, tpos + cols - (ww - 1) // 2
-        nxt = int(tpos.max()) + 1
+        nxt = start + g[-1] + 1
     else:
         hpos, wpos = rows + start, cols + start
-        nxt = max(int(tpos.max()), start + hh - 1, start + ww - 1) + 1
+        nxt = start + max(g[-1], hh - 1, ww - 1) + 1
     return torch.stack([tpos, hpos, wpos]).reshape(3, -1), nxt
 
 
@@ -98,8 +98,8 @@ def _sequence_position_ids(ids: torch.Tensor, grids: dict, merge: int, config, b
                       if kind == 2 and rope.temporal_ids != "timestamps" else "")
             raise ValueError(f"sample {b}: a run of {n} {what} pad tokens does not match "
                              f"its grid (t={t}, h={h}, w={w}) -> {t * hh * ww} tokens{layout}")
-        run, pos = visual_run_positions(t, hh, ww, pos, rope, interval)
-        pieces.append(run.to(device))
+        run, pos = visual_run_positions(t, hh, ww, pos, rope, interval, device)
+        pieces.append(run)
     return torch.cat(pieces, dim=1), pos
 
 
