@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONF = ROOT / "conf" / "pe_ablation"
-SETTINGS = ("smoke", "model", "data", "optim", "train_config", "eval_config", "rope")
 
 
 def compose(overrides: list[str]):
