@@ -21,6 +21,8 @@ from .moe import MoEConfig
 from .rope import ROTARY_LAYOUTS, SECTION
 
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+TEMPORAL_IDS = ("timestamps", "absolute_time", "none")  # model/positions.py: how a video's T ids advance
+SPATIAL_IDS = ("grid", "diagonal")                       # model/positions.py: where H / W ids of a visual run sit
 ATTN_BACKENDS = ("torch", "triton", "flex")  # model/attention.py
 
 
@@ -145,8 +147,17 @@ class RopeConfig:
     """Text rotary embedding: layout of the 3 MRoPE axes over the frequencies, and context scaling.
 
     layout: a name in model.rope.ROTARY_LAYOUTS: "interleaved" (Qwen3-VL: THWTHW...), "chunked" (Qwen2.5-VL:
-    [T..][H..][W..]), "1d" (plain RoPE on the temporal/text axis only; an ablation), or one registered there.
+    [T..][H..][W..]), "videorope" (VideoRoPE: HWHW..HW then T on the lowest frequencies), "1d" (plain RoPE on the
+    temporal/text axis only; an ablation), or one registered there.
     rope_type: "default", "linear", "dynamic" (NTK) or "yarn".
+    The position-id rule of videos (model/positions.py), for position-encoding ablations; the defaults are Qwen3-VL:
+    temporal_ids: "timestamps" (Qwen3-VL: every temporal group its own run after its `<t seconds>` text),
+        "absolute_time" (Qwen2.5-VL: a video is one run, T id = start + int(g * second_per_grid_t *
+        tokens_per_second)), "none" (Qwen2-VL / VideoRoPE: one run, T id = start + int(g * temporal_stride)).
+    tokens_per_second: absolute_time's T ids per second of video (Qwen2.5-VL's vision_config.tokens_per_second).
+    temporal_stride: VideoRoPE's adjustable temporal spacing delta (temporal_ids="none" only).
+    spatial_ids: "grid" (H, W = start + row, col) or "diagonal" (VideoRoPE: H, W = T + row - (h'-1)//2,
+        T + col - (w'-1)//2, centred on the run's T id; the next text starts at the last T id + 1).
     """
 
     theta: float = 5_000_000.0
@@ -161,10 +172,21 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    temporal_ids: str = "timestamps"
+    tokens_per_second: float = 2.0
+    temporal_stride: float = 1.0
+    spatial_ids: str = "grid"
 
     def __post_init__(self):
         _check_fields(self, "text_config.rope.", at_least_one=("original_max_position_embeddings",),
-                      positive=("theta",))
+                      positive=("theta", "tokens_per_second", "temporal_stride"))
+        if self.temporal_ids not in TEMPORAL_IDS:
+            raise ConfigError(f"text_config.rope.temporal_ids {self.temporal_ids!r} not in {TEMPORAL_IDS}")
+        if self.spatial_ids not in SPATIAL_IDS:
+            raise ConfigError(f"text_config.rope.spatial_ids {self.spatial_ids!r} not in {SPATIAL_IDS}")
+        if self.temporal_stride != 1.0 and self.temporal_ids != "none":
+            raise ConfigError(f"text_config.rope.temporal_stride {self.temporal_stride} needs temporal_ids 'none' "
+                              f"(got {self.temporal_ids!r}): the other rules space frames by text or by seconds")
         if any(s < 0 for s in self.mrope_section):
             raise ConfigError(f"mrope_section entries must be >= 0, got {self.mrope_section}")
         if self.layout not in ROTARY_LAYOUTS:
@@ -321,6 +343,8 @@ _TOP_KEYS = {"text_config", "vision_config", "image_token_id", "video_token_id",
 # rope_parameters keys besides the layout's own (those come from model.rope.ROTARY_LAYOUTS, see _layout_from_hf)
 _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast",
               "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate", "partial_rotary_factor"}
+# our position-id rule (RopeConfig), written only when it is not Qwen3-VL's (transformers does not read them)
+_POSITION_RULE_KEYS = ("temporal_ids", "tokens_per_second", "temporal_stride", "spatial_ids")
 
 
 def _check_keys(d: dict, allowed: set[str], where: str):
@@ -358,7 +382,7 @@ def _rope_from_hf(t: dict, where: str) -> RopeConfig:
     if rp is not None and rs is not None and rp != rs:
         raise ConfigError(f"{where}: both rope_parameters and rope_scaling given and they differ")
     rp = dict(rp if rp is not None else (rs or {}))
-    _check_keys(rp, _ROPE_KEYS | _layout_keys(), f"{where}.rope_parameters")
+    _check_keys(rp, _ROPE_KEYS | set(_POSITION_RULE_KEYS) | _layout_keys(), f"{where}.rope_parameters")
     theta = rp.get("rope_theta", t.get("rope_theta"))
     if theta is None:
         raise ConfigError(f"{where}: no rope_theta (neither top-level nor in rope_parameters)")
@@ -374,7 +398,7 @@ def _rope_from_hf(t: dict, where: str) -> RopeConfig:
     if rp.get("mrope_section") is not None:
         kw["mrope_section"] = _check_int_list(rp["mrope_section"], "mrope_section")
     for k in ("factor", "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
-              "original_max_position_embeddings"):
+              "original_max_position_embeddings", *_POSITION_RULE_KEYS):
         if rp.get(k) is not None:
             kw[k] = rp[k]
     if rope_type == "yarn" and "original_max_position_embeddings" not in kw:
@@ -481,6 +505,8 @@ def _to_hf(c: Qwen3VLConfig) -> dict[str, Any]:
         for k in ("attention_factor", "mscale", "mscale_all_dim"):
             if getattr(r, k) is not None:
                 rope[k] = getattr(r, k)
+    default = RopeConfig()
+    rope.update({k: getattr(r, k) for k in _POSITION_RULE_KEYS if getattr(r, k) != getattr(default, k)})
     text = {
         "model_type": "qwen3_vl_moe_text" if c.is_moe else "qwen3_vl_text",
         "vocab_size": t.vocab_size, "hidden_size": t.hidden_size, "intermediate_size": t.intermediate_size,

@@ -10,7 +10,8 @@ new layout round-trips with no other edit (one transformers does not know is spe
 This file imports model/config.py only for type hints, so config.py can import the registry without a cycle.
 
 References: RoFormer (Su et al. 2021); Qwen2-VL MRoPE (chunked T|H|W sections); Qwen3-VL interleaved MRoPE
-(frequency slot i takes H for i = 1 mod 3, W for i = 2 mod 3, T otherwise, within 3 * section); YaRN
+(frequency slot i takes H for i = 1 mod 3, W for i = 2 mod 3, T otherwise, within 3 * section); VideoRoPE (Wei et al.
+2025, arXiv:2502.05173: T on the lowest frequencies, H / W alternating on the rest); YaRN
 (Peng et al. 2023) and NTK/linear position interpolation.
 """
 from __future__ import annotations
@@ -149,6 +150,20 @@ def chunked(section: tuple[int, int, int], n_freq: int) -> torch.Tensor:
     axis = torch.zeros(n_freq, dtype=torch.long)
     axis[s_t:s_t + s_h] = 1
     axis[s_t + s_h:s_t + s_h + s_w] = 2
+    return axis
+
+
+@rotary_layout("videorope")
+def videorope(section: tuple[int, int, int], n_freq: int) -> torch.Tensor:
+    """VideoRoPE's low-frequency temporal allocation (Wei et al. 2025, arXiv:2502.05173, section 4.1): T takes the
+    s_t lowest frequencies (the LAST slots), H and W alternate over the others starting with H (HWHW...HW TT..T).
+    As in the paper, the H / W split of the spatial slots follows from alternation alone (s_h and s_w only count
+    together: s_h + s_w spatial slots). Pair it with `RopeConfig.spatial_ids="diagonal"` and a
+    `temporal_stride` (model/positions.py) for the paper's full scheme.
+    """
+    s_t = section[0]
+    axis = torch.zeros(n_freq, dtype=torch.long)
+    axis[:n_freq - s_t] = 1 + torch.arange(n_freq - s_t) % 2  # 1 (H), 2 (W), 1, 2, ...
     return axis
 
 

@@ -12,6 +12,9 @@
 #   bash scripts/gpu_session.sh lv-1m       # long-video benchmark at 1M tokens (2B, bf16 cache, then FP8)
 #   bash scripts/gpu_session.sh sparse      # block-sparse prefill tests + sparse vs dense attention, 128K..1M (2B shape)
 #   bash scripts/gpu_session.sh lv-8b       # 8B shape at 1M tokens with an FP8 cache (ingest cut at LIMIT s)
+#   bash scripts/gpu_session.sh pe          # position-encoding ablation (scripts/pe_ablation.py, WORKERS processes,
+#                                           # one per GPU): resumable; copy $OUT/ablations/*.json back into
+#                                           # docs/ablations/ before the next call, which continues the study
 # Env: OURS / OURS16 (bench_train variants), EXTRA (Hydra overrides for the OCR and grounding runs), OCR_S /
 #   GROUNDING_S (their time limits; a run cut by max_time_s resumes on the next call: resume=auto).
 set -u
@@ -118,7 +121,13 @@ case "$stage" in
       --ingest-limit-s "${LIMIT:-300}" --json "$OUT/lv_8b.json" > "$OUT/lv_8b.log" 2>&1
     echo "bench rc=$?"; tail -c 2000 "$OUT/lv_8b.json"
     ;;
+  pe)
+    timeout 580 python scripts/pe_ablation.py --workers "${WORKERS:-1}" ${EXTRA:-} > "$OUT/pe_ablation.log" 2>&1
+    echo "study rc=$?"; python scripts/pe_ablation.py --report-only 2>&1 | tail -1
+    mkdir -p "$OUT/ablations"; cp docs/ablations/* "$OUT/ablations/" 2>/dev/null; cp docs/ablations.md "$OUT/" 2>/dev/null
+    ls docs/ablations; grep -a "params\|eval yarn\|budget\|Error" "$OUT/pe_ablation.log" | tail -30
+    ;;
   *)
-    echo "unknown stage $stage (attention | ocr | grounding-data | grounding | train | final | speed | lv-check | lv-short | lv-1m | lv-8b)"; exit 2
+    echo "unknown stage $stage (attention | ocr | grounding-data | grounding | train | final | speed | lv-check | lv-short | lv-1m | lv-8b | sparse | pe)"; exit 2
     ;;
 esac

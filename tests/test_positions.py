@@ -203,7 +203,7 @@ def test_builtin_layouts_read_from_config_json(fields, layout):
 
 
 def test_unknown_layouts_raise(reversed_layout):
-    registered = r"\('interleaved', 'chunked', '1d', 'test_reversed'\)"
+    registered = r"\('interleaved', 'chunked', 'videorope', '1d', 'test_reversed'\)"
     with pytest.raises(ConfigError, match=r"rope layout 'nope' not in " + registered):
         RopeConfig(layout="nope")
     d = CFG.to_hf()

@@ -34,6 +34,10 @@ CASES = {
     "make_grounding_data.py": (["--out", "{tmp}/grounding"], "(4 scenes)"),
     "make_ocr_data.py": (["--out", "{tmp}/ocr"], "(4 lines)"),
     "measure_load_memory.py": (["--dir", "{tmp}/ckpt"], "x the weights"),
+    # smaller than its own --smoke (tests/test_pe_ablation.py runs that one): one variant, one task, one step
+    "pe_ablation.py": (["--out", "{tmp}/pe", "run=[videorope]", "train.steps=1", "eval.trials=1", "data.tasks=[read]",
+                        "data.train_groups=4", "data.min_groups=2", "train.vision_warmup.steps=1",
+                        "train.warmup_images=8"], "ablations.md"),
 }
 NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_fp8_linear.py": ["triton"],
          "bench_sparse_prefill.py": ["triton"], "bench_moe.py": ["transformers"],

@@ -1,0 +1,202 @@
+"""The position-encoding ablation study: train one small Qwen3-VL per (variant, seed) from scratch on synthetic
+long-video needle tasks (train/video_needles.py), then measure teacher-forced accuracy at 1x..16x the training
+length, with and without YaRN. `scripts/pe_ablation.py` composes the config (conf/pe_ablation/) and calls
+`run_one` per variant and seed; eval/pe_report.py turns the JSON files into docs/ablations.md.
+
+Reused pieces: model/build.py (the model from a preset + overrides), the vision warm-up of the OCR demo
+(train/vision_warmup.py: the tower learns to read the needle digits with a CTC head first), train/step.py's
+`train_step` (packed batches, chunked loss, clipping), train/optim.py (AdamW groups, warmup + cosine), and the
+model's own `set_rope_scaling` for YaRN at evaluation time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.build import ModelSpec, build_model
+
+from .config import Config, OptimConfig, TrainConfig, VisionWarmupConfig
+from .data import pack_samples
+from .optim import build_optimizer, lr_at
+from .step import train_step
+from .video_needles import NeedleVideoConfig, NeedleVideos
+
+
+@dataclass(frozen=True)
+class StudyTrainConfig:
+    """One variant's training run."""
+    steps: int = 600
+    batch_size: int = 16               # samples packed into one row per step
+    max_time_s: float = 180.0          # the per-variant budget (0: none); the run stops early when it is spent
+    precision: str = "auto"            # auto: bf16 autocast on CUDA, fp32 on CPU
+    loss_chunk_size: int = 1024
+    log_every: int = 50
+    vision_warmup: VisionWarmupConfig = field(default_factory=VisionWarmupConfig)
+    warmup_images: int = 2000          # distinct digit images for the vision warm-up
+
+
+@dataclass(frozen=True)
+class StudyEvalConfig:
+    """Evaluation: lengths in multiples of data.train_groups, trials per (task, length), YaRN on / off."""
+    multiples: tuple = (1, 2, 4, 8, 16)
+    trials: int = 16
+    yarn: tuple = (False, True)
+    yarn_factor: str = "tokens"        # tokens: factor = length multiple | positions: ratio of the largest position
+                                       # ids (MRoPE's positions grow more slowly than tokens)
+
+    def __post_init__(self):
+        from model.config import ConfigError
+
+        if self.yarn_factor not in ("tokens", "positions"):
+            raise ConfigError(f"eval.yarn_factor={self.yarn_factor!r} must be tokens | positions")
+        if not self.multiples or any(m < 1 for m in self.multiples):
+            raise ConfigError(f"eval.multiples={list(self.multiples)} must be a non-empty list of numbers >= 1")
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """The whole study as composed from conf/pe_ablation/ (variants are `model.text.rope` overrides)."""
+    out: str = "docs/ablations"
+    smoke: bool = False
+    device: str = "auto"
+    variants: dict = field(default_factory=dict)   # name -> model.text.rope overrides
+    run: tuple = ()                                # the variants to run (names in `variants`)
+    seeds: tuple = (0, 1, 2)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: NeedleVideoConfig = field(default_factory=NeedleVideoConfig)
+    train: StudyTrainConfig = field(default_factory=StudyTrainConfig)
+    eval: StudyEvalConfig = field(default_factory=StudyEvalConfig)
+
+    def __post_init__(self):
+        from model.config import ConfigError
+
+        unknown = [v for v in self.run if v not in self.variants]
+        if unknown:
+            raise ConfigError(f"run: unknown variant(s) {unknown}; defined in variants: {sorted(self.variants)}")
+
+    def variant_spec(self, name: str) -> ModelSpec:
+        """The study's model with variant `name`'s rope overrides on top of `model.text.rope`."""
+        text = dict(self.model.text)
+        text["rope"] = {**dict(text.get("rope", {})), **dict(self.variants[name])}
+        return dataclasses.replace(self.model, text=text)
+
+
+def _device(name: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+
+
+def train_variant(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, device, log=print) -> dict:
+    """Vision warm-up, then `cfg.train.steps` steps on fresh needle samples; returns the run's summary."""
+    from .video_needles import DigitImages
+    from .vision_warmup import vision_warmup
+
+    tc = cfg.train
+    warm = None
+    if tc.vision_warmup.steps > 0:
+        t0 = time.perf_counter()
+        wcfg = dataclasses.replace(tc.vision_warmup, seed=seed)
+        warm = vision_warmup(model, DigitImages(videos, tc.warmup_images, seed), wcfg, device, log=log)
+        warm = {"loss": warm["loss"], "line_acc": warm["line_acc"], "wall_s": time.perf_counter() - t0}
+    run_cfg = Config(optim=cfg.optim, train=TrainConfig(steps=tc.steps, precision=tc.precision,
+                                                        loss_chunk_size=tc.loss_chunk_size, on_nonfinite="raise"))
+    opt = build_optimizer(model, cfg.optim)
+    rng = np.random.default_rng([seed, 3])
+    model.train()
+    history, t0, step = [], time.perf_counter(), 0
+    while step < tc.steps:
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_at(step, tc.steps, cfg.optim)
+        batch = pack_samples([videos.train_sample(rng) for _ in range(tc.batch_size)])
+        m = train_step(model, [batch], opt, run_cfg, device)
+        step += 1
+        history.append(round(m["loss"], 5))
+        if step % tc.log_every == 0 or step == tc.steps:
+            log(f"  step {step}/{tc.steps} loss {np.mean(history[-tc.log_every:]):.4f} "
+                f"{time.perf_counter() - t0:.0f}s")
+        if tc.max_time_s > 0 and time.perf_counter() - t0 > tc.max_time_s:
+            log(f"  time budget train.max_time_s={tc.max_time_s} spent after {step} steps")
+            break
+    return {"steps": step, "planned_steps": tc.steps, "wall_s": time.perf_counter() - t0,
+            "loss_first": float(np.mean(history[:10])), "loss_last": float(np.mean(history[-10:])),
+            "loss_curve": history[:: max(1, len(history) // 50)], "vision_warmup": warm}
+
+
+@torch.no_grad()
+def answer_correct(model, sample, device, precision: str) -> bool:
+    """Teacher forcing (LongVA's V-NIAH rule): right when the argmax at every answer position is the gold token."""
+    from .step import autocast
+
+    n = int((sample.labels != -100).sum())
+    with autocast(device, precision):
+        out = model(sample.input_ids[None].to(device), pixel_values_videos=sample.pixel_values_videos.to(device),
+                    video_grid_thw=sample.video_grid_thw.to(device),
+                    position_ids=sample.position_ids[:, None].to(device), logits_to_keep=n + 1)
+    pred = out.logits[0, :-1].argmax(-1).cpu()
+    return bool((pred == sample.input_ids[-n:]).all())
+
+
+def evaluate_variant(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, device, log=print) -> list[dict]:
+    """Accuracy per task at each length multiple, without and with YaRN (cfg.eval)."""
+    model.eval()
+    ec, dc = cfg.eval, cfg.data
+    train_max_pos = videos.video(dc.train_groups)[2] + 24   # + the question and answer text (about 20 tokens)
+    train_tokens = len(videos.video(dc.train_groups)[0]) + 24
+    rows = []
+    for yarn in ec.yarn:
+        for mult in ec.multiples:
+            groups = int(round(dc.train_groups * mult))
+            ids, _, nxt = videos.video(groups)
+            factor = 1.0
+            if yarn:
+                factor = max(1.0, (nxt + 24) / train_max_pos if ec.yarn_factor == "positions"
+                             else (len(ids) + 24) / train_tokens)
+                model.set_rope_scaling("yarn", factor, original_max_position_embeddings=train_max_pos)
+            acc, t0 = {}, time.perf_counter()
+            for ti, task in enumerate(dc.tasks):
+                rng = np.random.default_rng([seed, 4, groups, ti])  # the same prompts for every variant
+                hits = [answer_correct(model, videos.sample(task, groups, rng, depth=(k + 0.5) / ec.trials),
+                                       device, cfg.train.precision) for k in range(ec.trials)]
+                acc[task] = float(np.mean(hits))
+            if yarn:
+                model.set_rope_scaling("default", 1.0)
+            rows.append({"yarn": yarn, "multiple": mult, "groups": groups, "video_tokens": len(ids),
+                         "max_position": nxt, "yarn_factor": factor, "accuracy": acc,
+                         "mean": float(np.mean(list(acc.values()))), "seconds": time.perf_counter() - t0})
+            log(f"  eval yarn={yarn} x{mult}: {groups} groups, {len(ids)} video tokens, "
+                f"mean acc {rows[-1]['mean']:.3f}")
+    return rows
+
+
+def run_one(cfg: StudyConfig, variant: str, seed: int, processor, log=print) -> dict:
+    """Train and evaluate one (variant, seed); writes `<out>/<variant>_seed<seed>.json` and returns its content."""
+    device = _device(cfg.device)
+    spec = cfg.variant_spec(variant)
+    torch.manual_seed(seed)
+    model = build_model(spec, device)
+    videos = NeedleVideos(cfg.data, model.config, processor, seed=seed, device=device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{variant} seed {seed}: {n_params / 1e6:.1f}M params, rope {model.config.text.rope}")
+    t0 = time.perf_counter()
+    train = train_variant(model, videos, cfg, seed, device, log)
+    rows = evaluate_variant(model, videos, cfg, seed, device, log)
+    result = {
+        "variant": variant, "seed": seed, "smoke": cfg.smoke, "rope": dataclasses.asdict(model.config.text.rope),
+        "params": n_params, "model": dataclasses.asdict(spec), "data": dataclasses.asdict(cfg.data),
+        "optim": dataclasses.asdict(cfg.optim), "train_config": dataclasses.asdict(cfg.train),
+        "eval_config": dataclasses.asdict(cfg.eval), "train": train, "eval": rows,
+        "tokens_per_group": videos.tokens_per_group, "wall_s": time.perf_counter() - t0,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{variant}_seed{seed}.json").write_text(json.dumps(result, indent=1))
+    return result
