@@ -40,6 +40,7 @@ class NeedleConfig:
     scoring: tuple[str, ...] = MODES         # teacher_forced and/or generate; the first fills the heatmap
     max_new_tokens: int = 24                 # generate mode's answer budget
     chunk_size: int = 0                      # 0: one forward per prompt; > 0: chunked prefill into a KV cache
+    stream: str | bool = "auto"              # video prompts streamed chunk by chunk; auto: when chunk_size > 0
     timestamps: bool = True                  # False: drop the `<t seconds>` text of video prompts (ablation)
     haystack: HaystackConfig = field(default_factory=HaystackConfig)  # `python -m eval` fills it from `haystack.*`
     seed: int = 0
@@ -70,10 +71,20 @@ class NeedleConfig:
             ("max_new_tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
              "an int >= 1"),
             ("chunk_size", self.chunk_size, isinstance(self.chunk_size, int) and self.chunk_size >= 0, "an int >= 0"),
+            ("stream", self.stream, isinstance(self.stream, bool) or self.stream == "auto", "auto | true | false"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"config: needle.{name}={value!r} is invalid; expected {expected}")
+        if self.stream is True and not self.chunk_size:
+            raise ConfigError("config: needle.stream=true needs needle.chunk_size > 0 (a streamed video is prefilled "
+                              "into a KV cache chunk by chunk); set needle.chunk_size, or needle.stream=auto|false")
+
+    @property
+    def streams(self) -> bool:
+        """Whether video cells are streamed: built lazily and prefilled a chunk of temporal groups at a time
+        (eval/haystack.py `video_case`, eval/scoring.py), so host memory holds one chunk's pixels, not the prompt's."""
+        return bool(self.chunk_size) if self.stream == "auto" else self.stream
 
     def signature(self) -> dict:
         """The settings a saved cell depends on: a saved sweep is resumed only when they are equal."""

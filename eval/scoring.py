@@ -10,8 +10,9 @@ The sweep (eval/niah.py) talks to the model through `NeedleModel`, two calls on 
     answer_hits(case, answer_ids) -> list[bool]   # per gold token: is it the argmax after prompt + earlier tokens?
     generate(case, max_new_tokens) -> str         # the greedy answer text
 `Qwen3VLNeedleModel` implements it for a Qwen3VL (one forward, or `needle.chunk_size` > 0: `Qwen3VL.prefill` in
-chunks into a KVCache, then teacher forcing / `generate(past_key_values=...)` on the cache). Tests implement it
-with transparent fakes.
+chunks into a KVCache, then teacher forcing / `generate(past_key_values=...)` on the cache; a streamed case
+(`needle.stream`) is prefilled a chunk of temporal groups at a time, its pixels made chunk by chunk). Tests
+implement it with transparent fakes.
 """
 from __future__ import annotations
 
@@ -79,30 +80,59 @@ class Qwen3VLNeedleModel:
         chunk_size: 0 = one forward per prompt; > 0 = prefill the prompt in chunks of this many tokens into a
             KVCache (the long-video engine, model/generation.py), then teacher-force one token at a time or
             decode on the cache -- for prompts whose one-forward activations do not fit.
+        groups_per_chunk: a streamed case (`case.stream`, needle.stream): temporal groups decoded, patchified and
+            prefilled per step; None: about chunk_size tokens' worth (at least 1).
     """
 
-    def __init__(self, model, tokenizer, chunk_size: int = 0):
+    def __init__(self, model, tokenizer, chunk_size: int = 0, groups_per_chunk: int | None = None):
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
+        self.groups_per_chunk = groups_per_chunk
 
-    def _prefill(self, ids: torch.Tensor, inputs: dict, room: int):
-        """A new cache holding `ids` (1, L) (+ `room` free tokens), prefilled in chunks with a token progress bar;
-        returns (cache, last logits (V,))."""
+    def _prefill(self, case, ids: torch.Tensor, room: int):
+        """A new cache holding `ids` (1, L) (the case's prompt or a prefix of it that keeps the whole video, + `room`
+        free tokens), prefilled in chunks with a token progress bar; returns (cache, last logits (V,))."""
         from tqdm.auto import tqdm
 
         from model.generation import KVCache
 
         cache = KVCache.for_model(self.model, 1, ids.shape[1] + room)
         with tqdm(total=ids.shape[1], unit="tok", unit_scale=True, desc="prefill", leave=False) as bar:
-            out = self.model.prefill(ids, cache, chunk_size=self.chunk_size, progress=bar.update,
-                                     **_media(self.model, inputs))
+            if case.stream is None:
+                out = self.model.prefill(ids, cache, chunk_size=self.chunk_size, progress=bar.update,
+                                         **_media(self.model, case.inputs))
+            else:
+                out = self._prefill_stream(case, ids, cache, bar.update)
         return cache, out.logits[0, -1]
+
+    def _prefill_stream(self, case, ids: torch.Tensor, cache, progress):
+        """Prefill a streamed case: per chunk of temporal groups, its slice of `ids` (from the end of the last one
+        through this chunk's last `<|vision_end|>`; the first slice also holds the prompt before the video) with
+        that chunk's pixel rows, then the rest of `ids`. Each slice holds whole groups, so positions (continued from
+        the cache), vision features and DeepStack rows equal a one-call prefill's (model/processing/stream.py)."""
+        stream = case.stream
+        pad = ids[0] == self.model.config.video_token_id
+        ends = (torch.nonzero(pad[:-1] & ~pad[1:]).flatten() + 2).tolist()  # after each group's <|vision_end|>
+        if len(ends) != stream.num_groups:
+            raise ValueError(f"a streamed case's prompt holds {len(ends)} video groups, its stream plans "
+                             f"{stream.num_groups} (its ids must keep the whole video)")
+        stream.groups_per_chunk = self.groups_per_chunk or max(
+            1, self.chunk_size * stream.num_groups // max(1, stream.num_tokens))
+        start, out, dev = 0, None, self.model.device
+        for chunk in stream:
+            end = ends[chunk.first_group + len(chunk.timestamps) - 1]
+            out = self.model.prefill(ids[:, start:end], cache, chunk_size=self.chunk_size, progress=progress,
+                                     **_media(self.model, {"pixel_values_videos": chunk.pixel_values,
+                                                           "video_grid_thw": torch.tensor([list(chunk.grid_thw)])}))
+            start = end
+        if start < ids.shape[1]:
+            out = self.model.prefill(ids[:, start:], cache, chunk_size=self.chunk_size, progress=progress)
+        return out
 
     @torch.no_grad()
     def answer_hits(self, case, answer_ids: list[int]) -> list[bool]:
         if not self.chunk_size:
-            return teacher_forced_hits(self.model, case.inputs, answer_ids).tolist()
-        cache, logits = self._prefill(case.inputs["input_ids"].to(self.model.device), case.inputs,
-                                      len(answer_ids) + 1)
+            return teacher_forced_hits(self.model, case.full_inputs(), answer_ids).tolist()
+        cache, logits = self._prefill(case, case.inputs["input_ids"].to(self.model.device), len(answer_ids) + 1)
         hits = []
         for t in answer_ids:  # the gold token goes in whatever the model predicted (teacher forcing)
             hits.append(int(logits.argmax()) == t)
@@ -113,11 +143,11 @@ class Qwen3VLNeedleModel:
     def generate(self, case, max_new_tokens: int) -> str:
         ids = case.inputs["input_ids"].to(self.model.device)
         if not self.chunk_size:
-            out = self.model.generate(ids, max_new_tokens=max_new_tokens, **_media(self.model, case.inputs))
+            out = self.model.generate(ids, max_new_tokens=max_new_tokens, **_media(self.model, case.full_inputs()))
             new = out[0, ids.shape[1]:]
         else:
             # prefill all but the last prompt token, then let generate() continue the cache from that one token
-            cache, _ = self._prefill(ids[:, :-1], case.inputs, max_new_tokens + 1)
+            cache, _ = self._prefill(case, ids[:, :-1], max_new_tokens + 1)
             out = self.model.generate(ids[:, -1:], past_key_values=cache, max_new_tokens=max_new_tokens,
                                       prefill_chunk_size=self.chunk_size)
             new = out[0, 1:]
