@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ class NeedleConfig:
     scoring: tuple[str, ...] = MODES         # teacher_forced and/or generate; the first fills the heatmap
     max_new_tokens: int = 24                 # generate mode's answer budget
     chunk_size: int = 0                      # 0: one forward per prompt; > 0: chunked prefill into a KV cache
-    stream: str | bool = "auto"              # video prompts streamed chunk by chunk; auto: when chunk_size > 0
+    stream: Any = "auto"                     # "auto" | true | false: video prompts streamed chunk by chunk (auto:
+                                             # when chunk_size > 0); Any: Hydra gives a bool or the string
     timestamps: bool = True                  # False: drop the `<t seconds>` text of video prompts (ablation)
     haystack: HaystackConfig = field(default_factory=HaystackConfig)  # `python -m eval` fills it from `haystack.*`
     seed: int = 0

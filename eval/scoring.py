@@ -81,7 +81,7 @@ class Qwen3VLNeedleModel:
             KVCache (the long-video engine, model/generation.py), then teacher-force one token at a time or
             decode on the cache -- for prompts whose one-forward activations do not fit.
         groups_per_chunk: a streamed case (`case.stream`, needle.stream): temporal groups decoded, patchified and
-            prefilled per step; None: about chunk_size tokens' worth (at least 1).
+            prefilled per step; None: as many as fit in chunk_size tokens (at least 1).
     """
 
     def __init__(self, model, tokenizer, chunk_size: int = 0, groups_per_chunk: int | None = None):
@@ -115,8 +115,9 @@ class Qwen3VLNeedleModel:
         if len(ends) != stream.num_groups:
             raise ValueError(f"a streamed case's prompt holds {len(ends)} video groups, its stream plans "
                              f"{stream.num_groups} (its ids must keep the whole video)")
+        # default: as many groups as fit one decoder pass (the last group has the longest timestamp text)
         stream.groups_per_chunk = self.groups_per_chunk or max(
-            1, self.chunk_size * stream.num_groups // max(1, stream.num_tokens))
+            1, self.chunk_size // len(stream.video_ids(stream.num_groups - 1)))
         start, out, dev = 0, None, self.model.device
         for chunk in stream:
             end = ends[chunk.first_group + len(chunk.timestamps) - 1]
