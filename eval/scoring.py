@@ -118,7 +118,7 @@ class Qwen3VLNeedleModel:
         # default: as many groups as fit one decoder pass (the last group has the longest timestamp text)
         stream.groups_per_chunk = self.groups_per_chunk or max(
             1, self.chunk_size // len(stream.video_ids(stream.num_groups - 1)))
-        start, out, dev = 0, None, self.model.device
+        start, out = 0, None
         for chunk in stream:
             end = ends[chunk.first_group + len(chunk.timestamps) - 1]
             out = self.model.prefill(ids[:, start:end], cache, chunk_size=self.chunk_size, progress=progress,
