@@ -7,6 +7,8 @@ decoder (model/processing/video_decode.py), so frame times are the container's a
 equal what the processor assigns to the same file. Needles are rendered text frames (`text_frame`) or an image
 file. A needle is inserted as a PAIR of frames starting at an even index: two consecutive frames share one temporal
 group (temporal_patch_size = 2), so a one-frame needle would be fused with a haystack neighbour.
+The frames are a lazy sequence (`HaystackFrames`, made one at a time as they are read), so a streamed cell
+(needle.stream, `video_case`) never holds the whole haystack.
 """
 from __future__ import annotations
 
