@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ class NeedleConfig:
     chunk_size: int = 0                      # 0: one forward per prompt; > 0: chunked prefill into a KV cache
     sparsity: str = "none"                   # the prefill's attn_sparsity: none | xattention | vertical_slash | window
     sparsity_params: dict = field(default_factory=dict)  # its SparsityConfig fields (block_size, params, ...)
+    stream: Any = "auto"                     # "auto" | true | false: video prompts streamed chunk by chunk (auto:
+                                             # when chunk_size > 0); Any: Hydra gives a bool or the string
     timestamps: bool = True                  # False: drop the `<t seconds>` text of video prompts (ablation)
     haystack: HaystackConfig = field(default_factory=HaystackConfig)  # `python -m eval` fills it from `haystack.*`
     seed: int = 0
@@ -72,6 +75,7 @@ class NeedleConfig:
             ("max_new_tokens", self.max_new_tokens, isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
              "an int >= 1"),
             ("chunk_size", self.chunk_size, isinstance(self.chunk_size, int) and self.chunk_size >= 0, "an int >= 0"),
+            ("stream", self.stream, isinstance(self.stream, bool) or self.stream == "auto", "auto | true | false"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
@@ -83,6 +87,15 @@ class NeedleConfig:
         if sparsity is not None and self.chunk_size == 0:
             raise ConfigError(f"config: needle.sparsity={self.sparsity!r} applies to the chunked prefill; set "
                               "needle.chunk_size > 0")
+        if self.stream is True and not self.chunk_size:
+            raise ConfigError("config: needle.stream=true needs needle.chunk_size > 0 (a streamed video is prefilled "
+                              "into a KV cache chunk by chunk); set needle.chunk_size, or needle.stream=auto|false")
+
+    @property
+    def streams(self) -> bool:
+        """Whether video cells are streamed: built lazily and prefilled a chunk of temporal groups at a time
+        (eval/haystack.py `video_case`, eval/scoring.py), so host memory holds one chunk's pixels, not the prompt's."""
+        return bool(self.chunk_size) if self.stream == "auto" else self.stream
 
     def prefill_sparsity(self):
         """The model.sparsity.SparsityConfig of the prompt prefill, or None (dense)."""

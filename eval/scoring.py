@@ -10,8 +10,9 @@ The sweep (eval/niah.py) talks to the model through `NeedleModel`, two calls on 
     answer_hits(case, answer_ids) -> list[bool]   # per gold token: is it the argmax after prompt + earlier tokens?
     generate(case, max_new_tokens) -> str         # the greedy answer text
 `Qwen3VLNeedleModel` implements it for a Qwen3VL (one forward, or `needle.chunk_size` > 0: `Qwen3VL.prefill` in
-chunks into a KVCache, then teacher forcing / `generate(past_key_values=...)` on the cache). Tests implement it
-with transparent fakes.
+chunks into a KVCache, then teacher forcing / `generate(past_key_values=...)` on the cache; a streamed case
+(`needle.stream`) is prefilled a chunk of temporal groups at a time, its pixels made chunk by chunk). Tests
+implement it with transparent fakes.
 """
 from __future__ import annotations
 
@@ -81,31 +82,63 @@ class Qwen3VLNeedleModel:
             decode on the cache -- for prompts whose one-forward activations do not fit.
         sparsity: the prompt prefill's `attn_sparsity` (model/sparsity.py; needs chunk_size > 0); the answer
             tokens after it are scored or decoded densely.
+        groups_per_chunk: a streamed case (`case.stream`, needle.stream): temporal groups decoded, patchified and
+            prefilled per step; None: as many as fit in chunk_size tokens (at least 1).
     """
 
-    def __init__(self, model, tokenizer, chunk_size: int = 0, sparsity=None):
+    def __init__(self, model, tokenizer, chunk_size: int = 0, sparsity=None, groups_per_chunk: int | None = None):
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
-        self.sparsity = sparsity
+        self.sparsity, self.groups_per_chunk = sparsity, groups_per_chunk
 
-    def _prefill(self, ids: torch.Tensor, inputs: dict, room: int):
-        """A new cache holding `ids` (1, L) (+ `room` free tokens), prefilled in chunks with a token progress bar;
-        returns (cache, last logits (V,))."""
+    def _prefill(self, case, ids: torch.Tensor, room: int):
+        """A new cache holding `ids` (1, L) (the case's prompt or a prefix of it that keeps the whole video, + `room`
+        free tokens), prefilled in chunks with a token progress bar; returns (cache, last logits (V,))."""
         from tqdm.auto import tqdm
 
         from model.generation import KVCache
 
         cache = KVCache.for_model(self.model, 1, ids.shape[1] + room)
         with tqdm(total=ids.shape[1], unit="tok", unit_scale=True, desc="prefill", leave=False) as bar:
-            out = self.model.prefill(ids, cache, chunk_size=self.chunk_size, progress=bar.update,
-                                     sparsity=self.sparsity, **_media(self.model, inputs))
+            if case.stream is None:
+                out = self.model.prefill(ids, cache, chunk_size=self.chunk_size, progress=bar.update,
+                                         sparsity=self.sparsity,
+                                         **_media(self.model, case.inputs))
+            else:
+                out = self._prefill_stream(case, ids, cache, bar.update)
         return cache, out.logits[0, -1]
+
+    def _prefill_stream(self, case, ids: torch.Tensor, cache, progress):
+        """Prefill a streamed case: per chunk of temporal groups, its slice of `ids` (from the end of the last one
+        through this chunk's last `<|vision_end|>`; the first slice also holds the prompt before the video) with
+        that chunk's pixel rows, then the rest of `ids`. Each slice holds whole groups, so positions (continued from
+        the cache), vision features and DeepStack rows equal a one-call prefill's (model/processing/stream.py)."""
+        stream = case.stream
+        pad = ids[0] == self.model.config.video_token_id
+        ends = (torch.nonzero(pad[:-1] & ~pad[1:]).flatten() + 2).tolist()  # after each group's <|vision_end|>
+        if len(ends) != stream.num_groups:
+            raise ValueError(f"a streamed case's prompt holds {len(ends)} video groups, its stream plans "
+                             f"{stream.num_groups} (its ids must keep the whole video)")
+        # default: as many groups as fit one decoder pass (the last group has the longest timestamp text)
+        stream.groups_per_chunk = self.groups_per_chunk or max(
+            1, self.chunk_size // len(stream.video_ids(stream.num_groups - 1)))
+        start, out = 0, None
+        for chunk in stream:
+            end = ends[chunk.first_group + len(chunk.timestamps) - 1]
+            out = self.model.prefill(ids[:, start:end], cache, chunk_size=self.chunk_size, progress=progress,
+                                     sparsity=self.sparsity,
+                                     **_media(self.model, {"pixel_values_videos": chunk.pixel_values,
+                                                           "video_grid_thw": torch.tensor([list(chunk.grid_thw)])}))
+            start = end
+        if start < ids.shape[1]:
+            out = self.model.prefill(ids[:, start:], cache, chunk_size=self.chunk_size, progress=progress,
+                                     sparsity=self.sparsity)
+        return out
 
     @torch.no_grad()
     def answer_hits(self, case, answer_ids: list[int]) -> list[bool]:
         if not self.chunk_size:
-            return teacher_forced_hits(self.model, case.inputs, answer_ids).tolist()
-        cache, logits = self._prefill(case.inputs["input_ids"].to(self.model.device), case.inputs,
-                                      len(answer_ids) + 1)
+            return teacher_forced_hits(self.model, case.full_inputs(), answer_ids).tolist()
+        cache, logits = self._prefill(case, case.inputs["input_ids"].to(self.model.device), len(answer_ids) + 1)
         hits = []
         for t in answer_ids:  # the gold token goes in whatever the model predicted (teacher forcing)
             hits.append(int(logits.argmax()) == t)
@@ -116,11 +149,11 @@ class Qwen3VLNeedleModel:
     def generate(self, case, max_new_tokens: int) -> str:
         ids = case.inputs["input_ids"].to(self.model.device)
         if not self.chunk_size:
-            out = self.model.generate(ids, max_new_tokens=max_new_tokens, **_media(self.model, case.inputs))
+            out = self.model.generate(ids, max_new_tokens=max_new_tokens, **_media(self.model, case.full_inputs()))
             new = out[0, ids.shape[1]:]
         else:
             # prefill all but the last prompt token, then let generate() continue the cache from that one token
-            cache, _ = self._prefill(ids[:, :-1], case.inputs, max_new_tokens + 1)
+            cache, _ = self._prefill(case, ids[:, :-1], max_new_tokens + 1)
             out = self.model.generate(ids[:, -1:], past_key_values=cache, max_new_tokens=max_new_tokens,
                                       prefill_chunk_size=self.chunk_size)
             new = out[0, 1:]

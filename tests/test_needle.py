@@ -5,11 +5,15 @@ The fakes implement eval.scoring.NeedleModel (answer_hits, generate) and answer 
   preprocessed alone, then answers the number of the needle it wants (the asked one, or a distractor), or the time
   of its group as the prompt states it (the `<t seconds>` text, or counted from the sampling rate the question
   gives when the prompt has no timestamps); a passkey it reads from the prompt text.
+- `PixelReader` knows nothing of the needle records: it rebuilds every temporal group's image from the pixel rows
+  (inverse patchify + normalisation), finds the text frames (mostly white) and reads their numbers by template
+  matching against digits rendered in the needle font, the text colour by its ink, and times from the prompt.
 - `Fixed` always answers the same string.
 So the expected scores (100%, 0%, chance) follow from the prompts alone, not from the code under test.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -19,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from einops import rearrange
 
 from eval.answers import parse_number, parse_time
 from eval.haystack import HaystackConfig
@@ -91,6 +96,126 @@ class Reader(_Fake):
         return str(wanted[0]["value"])
 
 
+def unpatchify(rows: torch.Tensor, grid: list[int], cfg) -> np.ndarray:
+    """(t * h * w, 3 * tp * p * p) normalised rows -> (t, tp, H, W, 3) uint8 frames: the inverse of the layout and
+    normalisation model/processing/patchify.py documents (rows: group, merge block row-major, the m x m patches of a
+    block; each row (C, tp, p, p); value (x - 255 mean) / (255 std))."""
+    t, h, w = grid
+    m, p, tp = cfg.merge_size, cfg.patch_size, cfg.temporal_patch_size
+    x = rearrange(rows.float(), "(t bh bw m1 m2) (c tp ph pw) -> t tp (bh m1 ph) (bw m2 pw) c",
+                  t=t, bh=h // m, bw=w // m, m1=m, m2=m, c=3, tp=tp, ph=p, pw=p)
+    x = x * (torch.tensor(cfg.image_std) * 255) + torch.tensor(cfg.image_mean) * 255
+    return x.round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _ink(img: np.ndarray) -> np.ndarray:
+    """How far each pixel is from white, in [0, 1]: dark and saturated text alike (1 - min(R, G, B) / 255)."""
+    return 1.0 - img.min(-1) / 255.0
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of every run of True in a 1-D mask."""
+    d = np.diff(np.concatenate([[0], mask.astype(np.int8), [0]]))
+    return list(zip(np.nonzero(d == 1)[0], np.nonzero(d == -1)[0]))
+
+
+def _crop(ink: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(ink > 0.3)
+    return ink[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+@functools.lru_cache
+def digit_templates(px: int) -> dict[str, np.ndarray]:
+    """Ink maps of the digits 0-9 drawn alone in the needle font (DejaVuSans-Bold, eval/haystack.py) at px pixels."""
+    from PIL import Image, ImageDraw
+
+    from eval.haystack import _font
+
+    out = {}
+    for d in "0123456789":
+        img = Image.new("RGB", (2 * px, 2 * px), "white")
+        ImageDraw.Draw(img).text((px // 2, px // 2), d, fill="black", font=_font(px))
+        out[d] = _crop(_ink(np.array(img)))
+    return out
+
+
+def _glyph_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared difference of two ink maps, the best over +-1 pixel shifts on a common canvas."""
+    H, W = max(a.shape[0], b.shape[0]) + 2, max(a.shape[1], b.shape[1]) + 2
+    A = np.zeros((H, W))
+    A[1:1 + a.shape[0], 1:1 + a.shape[1]] = a
+    best = np.inf
+    for dy in range(H - b.shape[0] + 1):
+        for dx in range(W - b.shape[1] + 1):
+            B = np.zeros((H, W))
+            B[dy:dy + b.shape[0], dx:dx + b.shape[1]] = b
+            best = min(best, float(((A - B) ** 2).mean()))
+    return best
+
+
+def read_number(img: np.ndarray) -> int | None:
+    """The number written as the last word of a text frame's last line, read glyph by glyph by template matching
+    (None when that word is not all digits). Text is drawn at side // 9 pixels (eval/haystack.py `text_frame`);
+    glyphs are the column runs of ink in the line, words split where a gap is wider than a quarter em."""
+    ink = _ink(img)
+    lines = _runs((ink > 0.5).any(1))
+    if not lines:
+        return None
+    band = ink[max(0, lines[-1][0] - 2):lines[-1][1] + 2]
+    glyphs = _runs((band > 0.3).any(0))
+    px = max(6, img.shape[0] // 9)
+    start = max([i for i in range(1, len(glyphs)) if glyphs[i][0] - glyphs[i - 1][1] > px / 4], default=0)
+    templates = digit_templates(px)
+    digits = ""
+    for x0, x1 in glyphs[start:]:
+        g = _crop(band[:, x0:x1])
+        scores = {d: _glyph_distance(g, t) for d, t in templates.items()}
+        d = min(scores, key=scores.get)
+        if scores[d] > 0.05:  # not a digit (a letter, or noise)
+            return None
+        digits += d
+    return int(digits)
+
+
+class PixelReader(Reader):
+    """Answers from the prompt alone, knowing nothing of `case.needles`: each temporal group's image is rebuilt from
+    the pixel rows; the needle frames are the mostly-white ones (the haystack is coloured fields); numbers are read
+    by template matching; the asked colour ("written in red") is matched to each frame's mean ink colour; times
+    come from the group index and the prompt's `<t seconds>` text (or the sampling rate the question states)."""
+
+    def text_frames(self, case) -> dict[int, np.ndarray]:
+        """{group: (H, W, 3) uint8 image} of the groups that show a white text frame (both frames the same)."""
+        if getattr(self, "_seen", (None,))[0] is not case:  # both scoring modes ask about the same case
+            x = case.full_inputs()  # a streamed case's chunks, concatenated
+            frames = unpatchify(x["pixel_values_videos"], x["video_grid_thw"][0].tolist(), self.proc.video_config)
+            self._seen = case, {g: f[0] for g, f in enumerate(frames)
+                                if (f[0].min(-1) > 235).mean() > 0.5 and (f[0] == f[1]).all()}
+        return self._seen[1]
+
+    def say(self, case, teacher_forced):
+        from PIL import ImageColor
+
+        text = self.proc.decode(case.inputs["input_ids"][0])
+        if "pixel_values_videos" not in case.inputs and case.stream is None:  # passkey: read the prompt
+            return re.search(r"The pass key is (\d+)", text).group(1)
+        found = self.text_frames(case)
+        if "At what time" in text:
+            (g,) = found
+            t = self.group_time(case, g)
+            return f"{t:.1f}" if teacher_forced else f"It appears at {t:.1f} seconds."
+        numbers = {g: read_number(img) for g, img in found.items()}
+        if "List all" in text:
+            return ", ".join(str(numbers[g]) for g in sorted(numbers))
+        colour = re.search(r"written in (\w+)\?", text)
+        if colour:
+            asked = np.array(ImageColor.getrgb(colour.group(1)), dtype=float)
+            dist = {g: np.abs(img[_ink(img) > 0.8].reshape(-1, 3).mean(0) - asked).max() for g, img in found.items()}
+            wanted = [g for g in found if (dist[g] < 60) == (self.want == "target")]
+        else:
+            wanted = list(found)
+        return str(numbers[wanted[0]])
+
+
 class Fixed(_Fake):
     def __init__(self, proc, text):
         super().__init__(proc)
@@ -142,6 +267,42 @@ def test_reader_scores_100_percent(proc, tmp_path, task, timestamps):
         if task == "multi_needle":
             assert cell["generate"]["recall"] == [1.0, 1.0, 1.0] == cell["teacher_forced"]["recall"]
     assert res["mean_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("task, timestamps, stream", [
+    ("vniah", True, False), ("vniah_d", True, False), ("temporal", True, False), ("temporal", False, False),
+    ("multi_needle", True, False), ("multi_needle", True, True)],
+    ids=["vniah", "vniah_d", "temporal", "temporal-no-timestamps", "multi_needle", "multi_needle-streamed"])
+def test_pixel_reader_scores_100_percent(proc, tmp_path, task, timestamps, stream):
+    """The oracle that reads the numbers, colours and times from the prompt alone (not the needle records) gets
+    every cell right; streamed cells (needle.stream, their pixels made chunk by chunk) carry the same needles."""
+    cfg = small(task, tmp_path, lengths=(8, 12), depths=(0.0, 0.5, 1.0), timestamps=timestamps,
+                haystack=HaystackConfig(frame_size=128), chunk_size=64 if stream else 0)
+    reader = PixelReader(proc)
+    res = run_needle(reader, proc, cfg)
+    for cell in res["cells"]:
+        for mode in ("teacher_forced", "generate"):
+            assert cell[mode]["accuracy"] == 1.0, (cell["length"], cell["depth"], mode, cell["trials"])
+        if task == "temporal":
+            assert cell["generate"]["mae"] == 0.0
+        if task == "multi_needle":
+            assert cell["generate"]["recall"] == [1.0, 1.0, 1.0] == cell["teacher_forced"]["recall"]
+    assert res["mean_accuracy"] == 1.0
+
+
+def test_pixel_reader_reads_distractors_on_vniah_d(proc, tmp_path):
+    """Asked for a number written in another colour than the question's, the pixel reader scores 0%; it finds
+    the 1 + 2 text frames the task inserted, and reads a number on each."""
+    cfg = small("vniah_d", tmp_path, lengths=(10,), depths=(0.0, 1.0), haystack=HaystackConfig(frame_size=128))
+    reader = PixelReader(proc, want="distractor")
+    res = run_needle(reader, proc, cfg)
+    assert all(c[m]["accuracy"] == 0.0 for c in res["cells"] for m in ("teacher_forced", "generate"))
+    from eval.tasks.vniah_d import vniah_d_case
+
+    case = vniah_d_case(proc, 10, 0.5, np.random.default_rng(5), cfg)
+    found = reader.text_frames(case)
+    assert sorted(found) == sorted(nd["group"] for nd in case.needles)
+    assert {g: read_number(img) for g, img in found.items()} == {nd["group"]: nd["value"] for nd in case.needles}
 
 
 def test_distractor_answers_score_zero_on_vniah_d(proc, tmp_path):
@@ -338,6 +499,94 @@ def test_chunked_prefill_scores_like_one_forward(proc):
     assert one.generate(case, 6) == chunked.generate(case, 6)
 
 
+@pytest.mark.parametrize("task, timestamps, layout", [("multi_needle", True, "release"),
+                                                       ("temporal", False, "release"),
+                                                       ("vniah_d", True, "transformers5")],
+                         ids=["multi_needle", "temporal-no-timestamps", "vniah_d-transformers5"])
+def test_streamed_case_equals_one_shot(proc, task, timestamps, layout):
+    """needle.stream: the case holds no pixel, yet its ids, grid, timestamps and gold equal the one-shot case's,
+    and its chunks' pixel rows, concatenated, equal the processor's rows bit for bit."""
+    from eval.tasks import get_task
+
+    p = proc if layout == "release" else load_processor(None, video_layout=layout)
+    make = get_task(task).make_case
+    kw = dict(task=task, haystack=HaystackConfig(frame_size=32), timestamps=timestamps)
+    one = make(p, 14, 0.5, np.random.default_rng(7), NeedleConfig(**kw))
+    streamed = make(p, 14, 0.5, np.random.default_rng(7), NeedleConfig(chunk_size=16, **kw))
+    assert one.stream is None and streamed.stream is not None and "pixel_values_videos" not in streamed.inputs
+    for k in ("input_ids", "attention_mask", "video_grid_thw"):
+        assert torch.equal(one.inputs[k], streamed.inputs[k]), k
+    assert one.inputs["video_timestamps"] == streamed.inputs["video_timestamps"]
+    assert (one.answer, one.values) == (streamed.answer, streamed.values)
+    streamed.stream.groups_per_chunk = 3
+    assert len(list(streamed.stream)) == 3  # 7 groups in chunks of 3
+    assert torch.equal(streamed.full_inputs()["pixel_values_videos"], one.inputs["pixel_values_videos"])
+
+
+def test_streamed_haystack_is_made_chunk_by_chunk(proc):
+    """A streamed haystack makes its frames as the chunks need them: planning reads frame 0 only, the first chunk
+    of 4 groups the first 8 frames (the old frame-list path stacked all 40 at once)."""
+    from eval.haystack import HaystackFrames, text_frame
+    from model.processing.stream import VideoStream
+
+    cfg = HaystackConfig(frame_size=32)
+    frames = HaystackFrames(40, cfg, np.random.default_rng(0))
+    needle = frames.insert(10, text_frame("THE SECRET NUMBER IS 1234", 32))
+    made = []
+    make = frames._frame
+    frames._frame = lambda i: made.append(i) or make(i)
+    stream = VideoStream(proc, frames, {"timestamps": frames.times, "resized_height": 32, "resized_width": 32},
+                         groups_per_chunk=4)
+    assert made == [0]
+    chunks = iter(stream)
+    next(chunks)
+    assert made == [0] + list(range(8))
+    next(chunks)
+    assert made[-1] == 15 and 10 not in made and 11 not in made  # the needle pair is shown, not drawn
+    assert (frames[10] == needle).all() and not (frames[12] == needle).all()
+
+
+def test_stream_option_is_validated():
+    from model.config import ConfigError
+
+    assert not NeedleConfig().streams and NeedleConfig(chunk_size=8).streams
+    assert not NeedleConfig(chunk_size=8, stream=False).streams
+    with pytest.raises(ConfigError, match="needle.stream='yes' is invalid; expected auto | true | false"):
+        NeedleConfig(stream="yes")
+    with pytest.raises(ConfigError, match="needle.stream=true needs needle.chunk_size > 0"):
+        NeedleConfig(stream=True)
+
+
+def test_streamed_cell_scores_like_one_shot(proc):
+    """A streamed case (its video prefilled a chunk of 2 temporal groups at a time, each in 16-token decoder passes)
+    gives the one-shot forward's last logits, per-token hits and greedy answer, on a tiny random Qwen3VL."""
+    from eval.scoring import Qwen3VLNeedleModel
+    from eval.tasks.vniah import vniah_case
+    from model.build import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(preset="tiny")).eval()
+    hs = HaystackConfig(frame_size=32)
+    one = vniah_case(proc, 8, 0.5, np.random.default_rng(1), NeedleConfig(haystack=hs))
+    case = vniah_case(proc, 8, 0.5, np.random.default_rng(1), NeedleConfig(haystack=hs, chunk_size=16))
+    assert case.stream is not None
+    streamed = Qwen3VLNeedleModel(model, proc.tokenizer, 16, groups_per_chunk=2)
+    x = one.inputs
+    with torch.no_grad():
+        ref = model(x["input_ids"], pixel_values_videos=x["pixel_values_videos"], video_grid_thw=x["video_grid_thw"],
+                    logits_to_keep=1).logits[0, -1]
+        cache, last = streamed._prefill(case, case.inputs["input_ids"], 1)
+    assert cache.length == x["input_ids"].shape[1]
+    torch.testing.assert_close(last, ref, rtol=1e-5, atol=1e-5)  # fp32; only the summation order differs
+    greedy = model.generate(x["input_ids"], max_new_tokens=4, pixel_values_videos=x["pixel_values_videos"],
+                            video_grid_thw=x["video_grid_thw"])[0, x["input_ids"].shape[1]:].tolist()
+    gold = greedy[:2] + [13] + greedy[3:]  # a gold answer the model partly predicts
+    hits = streamed.answer_hits(case, gold)
+    assert hits[:2] == [True, True] and hits[2] is False
+    assert hits == Qwen3VLNeedleModel(model, proc.tokenizer).answer_hits(one, gold)
+    assert streamed.generate(case, 4) == proc.tokenizer.decode(greedy, skip_special_tokens=True).strip()
+
+
 @pytest.mark.parametrize("task, length", [("vniah", 6), ("vniah_d", 6), ("temporal", 6), ("multi_needle", 6),
                                           ("passkey", 100)])
 def test_eval_command_writes_json_and_heatmap(task, length, tmp_path):
@@ -385,6 +634,7 @@ def test_protocol_presets_compose(protocol, task):
     assert cfg.needle.task == task and cfg.needle.chunk_size == 8192
     if protocol == "qwen3vl_1m":
         assert cfg.needle.lengths[-1] == 1048576 and cfg.needle.length_unit == "tokens"
+        assert cfg.needle.stream is True and cfg.needle.streams
         assert cfg.rope_scaling == {"rope_type": "yarn", "factor": 3.0}
     else:
         assert cfg.needle.lengths[-1] == 3000 and cfg.haystack.fps == 1.0 and len(cfg.needle.depths) == 11

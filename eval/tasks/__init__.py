@@ -23,6 +23,8 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 
 @dataclass
 class Case:
@@ -38,6 +40,10 @@ class Case:
         needles: per inserted needle-like frame: {"frame": index, "group": temporal group, "value": its number or
             time, "target": whether the question asks for it, "image": (H, W, 3) uint8} -- what a transparent
             oracle (tests) looks for in the pixels; not saved in the JSON.
+        stream: a streamed video prompt (needle.stream, eval/haystack.py `video_case`): a
+            `model.processing.stream.VideoStream` over the haystack's lazy frames; `inputs` then holds input_ids,
+            video_grid_thw and video_timestamps but no pixel_values_videos, and the scorer prefills the video a
+            chunk at a time. None: `inputs` is the whole processor output.
     """
 
     inputs: dict
@@ -47,6 +53,14 @@ class Case:
     tolerance: float = 0.0
     frames: int = 0
     needles: list = field(default_factory=list)
+    stream: object | None = None
+
+    def full_inputs(self) -> dict:
+        """`inputs` with the video's pixel rows (a streamed case's chunks concatenated: for small cells, and for
+        models that need the whole prompt at once)."""
+        if self.stream is None:
+            return self.inputs
+        return {**self.inputs, "pixel_values_videos": torch.cat([c.pixel_values for c in self.stream])}
 
 
 @dataclass(frozen=True)

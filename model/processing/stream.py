@@ -35,7 +35,7 @@ from .image import resize
 from .media import local_path
 from .patchify import patchify
 from .prompt import VIDEO_PAD, VISION_END, VISION_START, timestamp_text
-from .video import load_frame_list, uses_uint8_kernel
+from .video import iter_frame_list, uses_uint8_kernel
 from .video_decode import iter_frames
 
 if TYPE_CHECKING:
@@ -69,8 +69,9 @@ class VideoStream:
     Args:
         processor: `Qwen3VLProcessor` (model/processing/processor.py): tokenizer, video config, sampling rule,
             layout and fps / frame defaults.
-        video: a file path (optional `file://` prefix), or a list / (T, H, W, C) / (T, C, H, W) array of frames
-            (held in memory as given; every frame is used, as in `preprocess_video`).
+        video: a file path (optional `file://` prefix), or a list / sequence / (T, H, W, C) / (T, C, H, W) array
+            of frames (every frame is used, as in `preprocess_video`; read in order as the chunks need them, so a
+            lazy sequence such as eval/haystack.py's `HaystackFrames` is never held whole).
         options: the message item's video keys (fps, nframes, min_frames, max_frames, video_start, video_end,
             min_pixels, max_pixels, total_pixels, resized_height, resized_width, ...), as in `preprocess_video`.
         groups_per_chunk: temporal groups (of temporal_patch_size = 2 frames) per chunk.
@@ -85,7 +86,6 @@ class VideoStream:
         self.groups_per_chunk, self.progress = groups_per_chunk, progress
         self.video = video
         self.path = local_path(video) if isinstance(video, (str, os.PathLike)) else None
-        self._frame_list = None if self.path is not None else load_frame_list(video)  # (T, 3, H, W)
         self.plan = processor.plan_video(video, self.options)
         cfg = processor.video_config
         self.tokens_per_group = self.grid_thw[1] * self.grid_thw[2] // cfg.merge_size ** 2
@@ -194,7 +194,7 @@ class VideoStream:
         uint8 = uses_uint8_kernel(self.processor.video_rule)
         if self.path is not None:
             return iter_frames(self.path, self.plan.frame_indices, size=self.plan.size, uint8_kernel=uint8)
-        return (resize(f, *self.plan.size, uint8_kernel=uint8) for f in self._frame_list)
+        return (resize(f, *self.plan.size, uint8_kernel=uint8) for f in iter_frame_list(self.video))
 
     def _chunk(self, g0: int, g1: int, frames: Iterator[torch.Tensor], bar) -> VideoChunk:
         """Groups [g0, g1): pull their frames, patchify them (an odd last frame is repeated by `patchify`)."""

@@ -11,6 +11,7 @@ This holds the whole video's frames and rows at once; model/processing/stream.py
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,11 +114,18 @@ def plan_video_file(path: str, config: VisionPreprocessConfig = OFFICIAL_VIDEO_C
 
 def load_frame_list(video) -> torch.Tensor:
     """A list of frames (paths / PIL / arrays) or a 4-D array -> (T, 3, H, W) uint8 or float (0..255 scale)."""
-    if isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim == 4:
-        video = list(video)
-    if not isinstance(video, (list, tuple)) or len(video) == 0:
+    return torch.stack(list(iter_frame_list(video)))
+
+
+def iter_frame_list(video) -> Iterator[torch.Tensor]:
+    """The frames of a frame list one at a time, as `load_frame_list` stacks them: (3, H, W) uint8 or float, each
+    at the first frame's size. `video`: a list / tuple / any sequence of frames (a lazy one is read in order, frame
+    by frame, and never held whole) or a 4-D array."""
+    if not isinstance(video, (np.ndarray, torch.Tensor, Sequence)) or isinstance(video, (str, bytes)) \
+            or len(video) == 0 or (isinstance(video, (np.ndarray, torch.Tensor)) and video.ndim != 4):
         raise ValueError("a video must be a file path or a non-empty list of frames")
-    frames = [load_image(f, name=f"video frame {i}") for i, f in enumerate(video)]
-    h, w = frames[0].shape[-2:]
-    frames = [f if f.shape[-2:] == (h, w) else resize(f, h, w) for f in frames]
-    return torch.stack(frames)
+    size = None
+    for i, f in enumerate(video):
+        f = load_image(f, name=f"video frame {i}")
+        size = f.shape[-2:] if size is None else size
+        yield f if f.shape[-2:] == size else resize(f, *size)
