@@ -222,7 +222,8 @@ def run_needle(model, proc, cfg: NeedleConfig, run_info: dict | None = None) -> 
     """
     task = get_task(cfg.task)
     if not hasattr(model, "answer_hits"):
-        model = Qwen3VLNeedleModel(model, proc.tokenizer, cfg.chunk_size, cfg.prefill_sparsity())
+        model = Qwen3VLNeedleModel(model, proc.tokenizer, cfg.chunk_size, cfg.prefill_sparsity(),
+                                   max_new_tokens=cfg.max_new_tokens)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{cfg.task}.json"

@@ -84,11 +84,29 @@ class Qwen3VLNeedleModel:
             tokens after it are scored or decoded densely.
         groups_per_chunk: a streamed case (`case.stream`, needle.stream): temporal groups decoded, patchified and
             prefilled per step; None: as many as fit in chunk_size tokens (at least 1).
+        max_new_tokens: the generate mode's answer budget (room kept in the shared prompt cache, below).
+    With chunk_size > 0 both scoring modes of a case share one prefill: the prompt minus its last token is prefilled
+    once into a KV cache (the expensive part at 1M tokens), and each mode truncates the cache back to that prefix and
+    continues from the last prompt token. One case's cache is held at a time.
     """
 
-    def __init__(self, model, tokenizer, chunk_size: int = 0, sparsity=None, groups_per_chunk: int | None = None):
+    def __init__(self, model, tokenizer, chunk_size: int = 0, sparsity=None, groups_per_chunk: int | None = None,
+                 max_new_tokens: int = 24):
         self.model, self.tokenizer, self.chunk_size = model, tokenizer, chunk_size
         self.sparsity, self.groups_per_chunk = sparsity, groups_per_chunk
+        self.max_new_tokens = max_new_tokens
+        self._prefix = None  # (case, cache holding its prompt minus the last token)
+
+    def _prefix_cache(self, case, room: int):
+        """The KV cache of `case`'s prompt minus its last token, truncated back to that prefix (prefilled on the
+        case's first use, with room for max(room, max_new_tokens + 1) more tokens)."""
+        ids = case.inputs["input_ids"].to(self.model.device)
+        if self._prefix is None or self._prefix[0] is not case or \
+                self._prefix[1].max_len - (ids.shape[1] - 1) < room:
+            self._prefix = None  # free the previous case's cache before allocating this one
+            cache, _ = self._prefill(case, ids[:, :-1], max(room, self.max_new_tokens + 1))
+            self._prefix = (case, cache)
+        return self._prefix[1].truncate(ids.shape[1] - 1)
 
     def _prefill(self, case, ids: torch.Tensor, room: int):
         """A new cache holding `ids` (1, L) (the case's prompt or a prefix of it that keeps the whole video, + `room`
@@ -138,7 +156,9 @@ class Qwen3VLNeedleModel:
     def answer_hits(self, case, answer_ids: list[int]) -> list[bool]:
         if not self.chunk_size:
             return teacher_forced_hits(self.model, case.full_inputs(), answer_ids).tolist()
-        cache, logits = self._prefill(case, case.inputs["input_ids"].to(self.model.device), len(answer_ids) + 1)
+        cache = self._prefix_cache(case, len(answer_ids) + 1)
+        last = case.inputs["input_ids"][:, -1:].to(self.model.device)
+        logits = self.model.prefill(last, cache).logits[0, -1]
         hits = []
         for t in answer_ids:  # the gold token goes in whatever the model predicted (teacher forcing)
             hits.append(int(logits.argmax()) == t)
@@ -152,8 +172,8 @@ class Qwen3VLNeedleModel:
             out = self.model.generate(ids, max_new_tokens=max_new_tokens, **_media(self.model, case.full_inputs()))
             new = out[0, ids.shape[1]:]
         else:
-            # prefill all but the last prompt token, then let generate() continue the cache from that one token
-            cache, _ = self._prefill(case, ids[:, :-1], max_new_tokens + 1)
+            # the prompt but its last token is cached; generate() continues the cache from that one token
+            cache = self._prefix_cache(case, max_new_tokens + 1)
             out = self.model.generate(ids[:, -1:], past_key_values=cache, max_new_tokens=max_new_tokens,
                                       prefill_chunk_size=self.chunk_size)
             new = out[0, 1:]

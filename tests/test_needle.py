@@ -495,8 +495,16 @@ def test_chunked_prefill_scores_like_one_forward(proc):
     assert len(greedy) == 4
     gold = greedy[:2] + [13] + greedy[3:]
     hits = one.answer_hits(case, gold)
+    prefills = []
+    chunked._prefill = lambda *a, _f=chunked._prefill: prefills.append(a[1].shape[1]) or _f(*a)
     assert hits == chunked.answer_hits(case, gold) and hits[:2] == [True, True] and hits[2] is False
-    assert one.generate(case, 6) == chunked.generate(case, 6)
+    answer = one.generate(case, 6)
+    assert chunked.generate(case, 6) == answer
+    # both modes, in either order and repeated, share one prefill of the prompt minus its last token
+    assert chunked.answer_hits(case, gold) == hits and chunked.generate(case, 6) == answer
+    assert prefills == [case.inputs["input_ids"].shape[1] - 1]
+    other = vniah_case(proc, 6, 0.0, np.random.default_rng(1), NeedleConfig(haystack=HaystackConfig(frame_size=32)))
+    assert chunked.generate(other, 6) == one.generate(other, 6) and len(prefills) == 2  # a new case: a new prefill
 
 
 @pytest.mark.parametrize("task, timestamps, layout", [("multi_needle", True, "release"),
