@@ -12,6 +12,9 @@
 #   bash scripts/gpu_session.sh lv-1m       # long-video benchmark at 1M tokens (2B, bf16 cache, then FP8)
 #   bash scripts/gpu_session.sh sparse      # block-sparse prefill tests + sparse vs dense attention, 128K..1M (2B shape)
 #   bash scripts/gpu_session.sh lv-8b       # 8B shape at 1M tokens with an FP8 cache (ingest cut at LIMIT s)
+#   bash scripts/gpu_session.sh needle      # needle suite, 2B shape random weights: TASKS at LENGTHS tokens (resumable)
+#   bash scripts/gpu_session.sh needle-1m   # one 1M-token needle cell of TASK (YaRN x3, streamed, chunked prefill)
+#   bash scripts/gpu_session.sh fp8         # FP8 tests + the W8A16 linear vs bf16 at the 8B decoder shapes
 #   bash scripts/gpu_session.sh pe          # position-encoding ablation (scripts/pe_ablation.py, WORKERS processes,
 #                                           # one per GPU): resumable; copy $OUT/ablations/*.json back into
 #                                           # docs/ablations/ before the next call, which continues the study
@@ -38,6 +41,33 @@ ocr_run() {  # <seconds>
   echo "train rc=$?"; cp runs/ocr_demo_gpu/result.json "$OUT/" 2>/dev/null
   python -m train.plot runs/ocr_demo_gpu/result.json "$OUT/ocr_demo_curve.png" 2>&1 | tail -3
   tr '\r' '\n' < "$OUT/ocr.log" | grep -a "^eval\|^exported\|Error" | tail -20  # tqdm redraws with \r
+  if [ -d runs/ocr_demo_gpu/final ]; then  # its own digits set next to a multilingual one it never saw (same lines)
+    python scripts/make_ocr_data.py --out data/ocr_ml_val --n-train 0 --n-val 128 --seed 1 --charset multilingual \
+      --mix 0.2 --min-len 3 --max-len 12 --height 32 --width 160 --font-size 18 24 2>&1 | tail -1
+    for set in ocr_synth_gpu ocr_ml_val; do
+      timeout 60 python -m eval task=ocr ocr.checkpoints=[runs/ocr_demo_gpu/final] ocr.data=data/$set/val.jsonl \
+        ocr.max_new_tokens=24 ocr.out_dir="$OUT/ocr_eval_$set" > "$OUT/ocr_eval_$set.log" 2>&1
+      echo "ocr eval $set rc=$?"; cat "$OUT/ocr_eval_$set/results.md" 2>/dev/null | head -30
+    done
+  fi
+}
+
+needle_run() {  # <out dir> <lengths> <extra overrides...>: the 2B shape, random weights, bf16, Triton attention
+  local out=$1 lengths=$2 end=$((SECONDS + ${STAGE_S:-560})) left; shift 2
+  for t in ${TASKS:-vniah vniah_d temporal multi_needle passkey}; do
+    left=$((end - SECONDS)); [ "$left" -lt 40 ] && { echo "needle: no time left for $t (rerun: it resumes)"; break; }
+    timeout "$left" python -m eval task=$t model.preset=2b model.dtype=bfloat16 +model.top.attn_backend=triton \
+      needle.length_unit=tokens "needle.lengths=$lengths" needle.depths=[0.5] needle.chunk_size=8192 \
+      haystack.frame_size=448 needle.out_dir="$out" "$@" > "$OUT/needle_$t.log" 2>&1
+    echo "needle $t rc=$?"; tr '\r' '\n' < "$OUT/needle_$t.log" | grep -a "Error\|oom" | tail -3
+  done
+  mkdir -p "$OUT/needle"; cp "$out"/*.json "$out"/*.md "$out"/*.png "$OUT/needle/" 2>/dev/null
+  python - "$out" <<'PY'
+import json, pathlib, sys
+for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    for c in json.loads(f.read_text())["cells"]:
+        print(f.stem, c["length"], c["tokens"], c["status"], {k: c[k] for k in ("seconds", "memory_bytes", "memory_kind") if k in c})
+PY
 }
 
 grounding_run() {  # <seconds>
@@ -67,7 +97,7 @@ case "$stage" in
     echo "bench rc=$?"; tail -45 "$OUT/bench_attention.log"
     ;;
   ocr)
-    ocr_run "${OCR_S:-540}"
+    ocr_run "${OCR_S:-470}"
     ;;
   grounding-data)  # the same settings as conf/experiment/grounding_demo_gpu.yaml, so the training run reuses it
     timeout 580 python scripts/make_grounding_data.py --out data/grounding_synth_gpu --n-train 16000 --n-val 128 \
@@ -121,6 +151,19 @@ case "$stage" in
       --ingest-limit-s "${LIMIT:-300}" --json "$OUT/lv_8b.json" > "$OUT/lv_8b.log" 2>&1
     echo "bench rc=$?"; tail -c 2000 "$OUT/lv_8b.json"
     ;;
+  needle)  # resumable: copy $OUT/needle/*.json back into docs/needle_gpu/ before the next call, which continues it
+    mkdir -p docs/needle_gpu; needle_run docs/needle_gpu "${LENGTHS:-[32768,131072,262144]}"
+    ;;
+  needle-1m)
+    mkdir -p docs/needle_gpu_1m
+    TASKS=${TASK:-vniah} needle_run docs/needle_gpu_1m [1048576] +rope_scaling.rope_type=yarn +rope_scaling.factor=3.0 \
+      needle.stream=true
+    ;;
+  fp8)
+    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_fp8.py 2>&1 | tail -5 | tee "$OUT/fp8_tests.txt"
+    timeout 300 python scripts/bench_fp8_linear.py --out "$OUT/bench_fp8_linear.md" > "$OUT/bench_fp8_linear.log" 2>&1
+    echo "bench rc=$?"; tail -25 "$OUT/bench_fp8_linear.log"
+    ;;
   pe)
     timeout 580 python scripts/pe_ablation.py --workers "${WORKERS:-1}" ${EXTRA:-} > "$OUT/pe_ablation.log" 2>&1
     echo "study rc=$?"; python scripts/pe_ablation.py --report-only 2>&1 | tail -1
@@ -128,6 +171,6 @@ case "$stage" in
     ls docs/ablations; grep -a "params\|eval yarn\|budget\|Error" "$OUT/pe_ablation.log" | tail -30
     ;;
   *)
-    echo "unknown stage $stage (attention | ocr | grounding-data | grounding | train | final | speed | lv-check | lv-short | lv-1m | lv-8b | sparse | pe)"; exit 2
+    echo "unknown stage $stage (attention | ocr | grounding-data | grounding | train | final | speed | lv-check | lv-short | lv-1m | lv-8b | sparse | needle | needle-1m | fp8 | pe)"; exit 2
     ;;
 esac
