@@ -595,18 +595,23 @@ def test_streamed_cell_scores_like_one_shot(proc):
     assert streamed.generate(case, 4) == proc.tokenizer.decode(greedy, skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("task, length", [("vniah", 6), ("vniah_d", 6), ("temporal", 6), ("multi_needle", 6),
-                                          ("passkey", 100)])
-def test_eval_command_writes_json_and_heatmap(task, length, tmp_path):
-    """The issue's command on the tiny preset (CPU): DIR/<task>.json with accuracy and tokens, DIR/<task>.png."""
-    cmd = [sys.executable, "-m", "eval", f"task={task}", "model.preset=tiny", f"needle.lengths=[{length}]",
-           "needle.depths=[0.5]", f"needle.out_dir={tmp_path}", "device=cpu"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
-    res = json.loads((tmp_path / f"{task}.json").read_text())
-    cell = res["cells"][0]
-    assert res["task"] == task and cell["status"] == "ok" and cell["tokens"] > 0
-    assert set(cell) >= {"teacher_forced", "generate", "frames", "seconds", "memory_bytes"}
-    assert (tmp_path / f"{task}.png").stat().st_size > 1000 and (tmp_path / f"{task}.md").is_file()
+TASKS = ("vniah", "vniah_d", "temporal", "multi_needle", "passkey")
+
+
+def test_eval_command_writes_json_and_heatmap(tmp_path):
+    """The issue's command on the tiny preset (CPU), every task in one Hydra multirun (one process):
+    DIR/<task>.json with accuracy and tokens, DIR/<task>.png, DIR/<task>.md."""
+    cmd = [sys.executable, "-m", "eval", "-m", f"task={','.join(TASKS)}", "model.preset=tiny",
+           "needle.length_unit=tokens", "needle.lengths=[160]", "needle.depths=[0.5]", f"needle.out_dir={tmp_path}",
+           "device=cpu", f"hydra.sweep.dir={tmp_path / 'hydra'}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600)
+    for task in TASKS:
+        res = json.loads((tmp_path / f"{task}.json").read_text())
+        cell = res["cells"][0]
+        assert res["task"] == task and cell["status"] == "ok" and 100 < cell["tokens"] < 260, (task, cell["tokens"])
+        assert (cell["frames"] > 0) == (task != "passkey")
+        assert set(cell) >= {"teacher_forced", "generate", "frames", "seconds", "memory_bytes"}
+        assert (tmp_path / f"{task}.png").stat().st_size > 1000 and (tmp_path / f"{task}.md").is_file()
 
 
 def test_compare_plots_runs_side_by_side(proc, tmp_path, capsys):
