@@ -148,6 +148,23 @@ def read_layouts(dataset) -> list[dict]:
     return out
 
 
+def layout_targets(layouts: list[dict], grid_thw: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`patch_labels` of every image of a packed batch, in the tower's patch order (merge-block, every frame alike).
+
+    Args: layouts: one meta ({"items", "size"}) per image.  grid_thw: (n, 3) long.  merge: spatial_merge_size.
+    Returns: labels (N,) long, boxes (N, 4) fp32, N = the batch's patches.
+    """
+    if grid_thw.shape[0] != len(layouts):
+        raise ValueError(f"vision warm-up: {grid_thw.shape[0]} images but {len(layouts)} layouts (one image per "
+                         f"sample)")
+    labels, boxes = [], []
+    for (t, h, w), lay in zip(grid_thw.tolist(), layouts):
+        lab, box = patch_labels(lay["items"], tuple(lay["size"]), (h, w))
+        labels.append(merge_block_order(lab, merge).repeat(t))
+        boxes.append(merge_block_order(box, merge).repeat(t, 1))
+    return torch.cat(labels), torch.cat(boxes)
+
+
 class GroundingHead(torch.nn.Module):
     """Linear map from a patch feature to ITEM_CLASSES logits and a box (sigmoid: 0..1 image coordinates)."""
 
@@ -170,17 +187,9 @@ def grounding_loss(model, head: GroundingHead, batch: dict, layouts: list[dict],
         on item patches, in 0..1000 units}).
     """
     visual = model.model.visual
-    grid = batch["image_grid_thw"].cpu()
-    if grid.shape[0] != len(layouts):
-        raise ValueError(f"vision warm-up: {grid.shape[0]} images but {len(layouts)} layouts (one image per sample)")
-    labels, boxes = [], []
-    for (t, h, w), lay in zip(grid.tolist(), layouts):
-        lab, box = patch_labels(lay["items"], tuple(lay["size"]), (h, w))
-        m = visual.cfg.spatial_merge_size
-        labels.append(merge_block_order(lab, m).repeat(t))  # the features' patch order, every frame alike
-        boxes.append(merge_block_order(box, m).repeat(t, 1))
+    labels, boxes = layout_targets(layouts, batch["image_grid_thw"].cpu(), visual.cfg.spatial_merge_size)
     device = batch["pixel_values"].device
-    labels, boxes = torch.cat(labels).to(device), torch.cat(boxes).to(device)
+    labels, boxes = labels.to(device), boxes.to(device)
     feats = visual.forward_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
     logits, pred = head(feats.float())
     fg = labels > 0
