@@ -110,21 +110,25 @@ def patch_labels(items: list[dict], size: tuple[int, int], grid_hw: tuple[int, i
     Returns: labels (h, w) long (0 = background), boxes (h, w, 4) fp32 (x1/W, y1/H, x2/W, y2/H; 0 on background).
     """
     (W, H), (h, w) = size, grid_hw
-    cx = (torch.arange(w, dtype=torch.float64) + 0.5) * W / w  # (w,) patch centres, source pixels
-    cy = (torch.arange(h, dtype=torch.float64) + 0.5) * H / h  # (h,)
-    labels, boxes = torch.zeros(h, w, dtype=torch.long), torch.zeros(h, w, 4)
     for it in items:
         if it["class"] not in ITEM_CLASSES[1:]:
             raise ValueError(f"unknown item class {it['class']!r}; expected one of {list(ITEM_CLASSES[1:])}")
-        x1, y1, x2, y2 = it["box_px"]
-        cover = ((cy >= y1) & (cy < y2))[:, None] & ((cx >= x1) & (cx < x2))[None, :]  # (h, w)
-        if not cover.any():
-            r = min(h - 1, max(0, int((y1 + y2) / 2 * h / H)))
-            c = min(w - 1, max(0, int((x1 + x2) / 2 * w / W)))
-            cover[r, c] = True
-        labels[cover] = ITEM_CLASSES.index(it["class"])
-        boxes[cover] = torch.tensor([x1 / W, y1 / H, x2 / W, y2 / H], dtype=torch.float32)
-    return labels, boxes
+    if not items:
+        return torch.zeros(h, w, dtype=torch.long), torch.zeros(h, w, 4)
+    xyxy = torch.tensor([it["box_px"] for it in items], dtype=torch.float64)          # (n, 4) source pixels
+    cx = (torch.arange(w, dtype=torch.float64) + 0.5) * W / w                          # (w,) patch centres
+    cy = (torch.arange(h, dtype=torch.float64) + 0.5) * H / h                          # (h,)
+    inx = (cx >= xyxy[:, 0:1]) & (cx < xyxy[:, 2:3])                                   # (n, w)
+    iny = (cy >= xyxy[:, 1:2]) & (cy < xyxy[:, 3:4])                                   # (n, h)
+    cover = iny[:, :, None] & inx[:, None, :]                                          # (n, h, w)
+    for k in torch.nonzero(~cover.flatten(1).any(1)).flatten().tolist():               # smaller than a patch
+        x1, y1, x2, y2 = xyxy[k].tolist()
+        cover[k, min(h - 1, max(0, int((y1 + y2) / 2 * h / H))), min(w - 1, max(0, int((x1 + x2) / 2 * w / W)))] = True
+    n = len(items)
+    top = (cover * torch.arange(1, n + 1)[:, None, None]).amax(0)                      # (h, w) last item + 1, 0 = none
+    cls = torch.tensor([0] + [ITEM_CLASSES.index(it["class"]) for it in items])
+    rel = torch.cat([torch.zeros(1, 4), (xyxy / torch.tensor([W, H, W, H])).float()])  # (n + 1, 4), row 0 background
+    return cls[top], rel[top]
 
 
 def read_layouts(dataset) -> list[dict]:
