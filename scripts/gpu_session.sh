@@ -75,7 +75,7 @@ grounding_run() {  # <seconds>
     hydra.run.dir="$OUT/hydra" > "$OUT/grounding.log" 2>&1
   echo "train rc=$?"; cp runs/grounding_demo_gpu/result.json "$OUT/" 2>/dev/null
   python -m train.plot runs/grounding_demo_gpu/result.json "$OUT/grounding_demo_curve.png" 2>&1 | tail -3
-  tr '\r' '\n' < "$OUT/grounding.log" | grep -a "^eval\|^exported\|Error" | cut -c1-300 | tail -20
+  tr '\r' '\n' < "$OUT/grounding.log" | grep -a "^vision warm-up\|^eval\|^exported\|Error" | cut -c1-300 | tail -24
   if [ -d runs/grounding_demo_gpu/final ]; then
     timeout 100 python -m eval task=grounding grounding.checkpoints=[runs/grounding_demo_gpu/final] \
       grounding.data=data/grounding_synth_gpu/val.jsonl grounding.max_new_tokens=48 grounding.draw=16 \

@@ -116,6 +116,15 @@ def test_synthetic_set_is_seeded_in_the_official_format_and_boxes_the_named_item
             assert img[y1:y2, x1:x2].sum(-1).min() < 600
         if rec["meta"]["kind"] == "relation":
             assert rec["meta"]["relation"] in box[0]["label"] and f"the {rec['meta']['anchor']}" in box[0]["label"]
+        # the layout (what the grounding vision warm-up labels patches by) holds the target with its box, and
+        # an attribute or digit expression names the target's class
+        items = rec["meta"]["items"]
+        target = [it for it in items if it["box_px"] == [x1, y1, x2, y2]]
+        assert len(target) == 1 and 3 <= len(items) <= 6, items
+        if rec["meta"]["kind"] != "relation":
+            assert target[0]["class"] == box[0]["label"]
+        for it in items:
+            assert 0 <= it["box_px"][0] < it["box_px"][2] <= 128 and 0 <= it["box_px"][1] < it["box_px"][3] <= 128
     assert kinds == {"attribute", "relation", "digit"}
 
 
@@ -222,11 +231,14 @@ def test_grounding_demo_trains_two_steps_with_the_grounding_metric(tmp_path):
             "train.eval_max_new_tokens=4", "train.export=false", "train.save_every=0", f"train.out_dir={tmp_path}/run",
             f"data.grounding.out_dir={tmp_path}/data", "data.grounding.n_train=4", "data.grounding.n_val=2",
             "data.token_budget=256", "data.max_seq_len=256", "logging.wandb_mode=disabled",
-            "logging.progress_bar=false", "train.num_threads=1"])
+            "logging.progress_bar=false", "train.num_threads=1", "train.vision_warmup.steps=2",
+            "train.vision_warmup.batch_size=2"])
     cfg = train_config(OmegaConf.to_container(composed, resolve=True))
     assert cfg.train.eval_metric == "grounding" and cfg.data.grounding.enabled
+    assert cfg.train.vision_warmup.kind == "grounding"  # the demo warms the tower up on the scenes' layouts
     res = train(cfg)
     assert res["steps"] == 2 and os.path.isfile(tmp_path / "data" / "train.jsonl")
+    assert res["vision_warmup"]["kind"] == "grounding" and len(res["vision_warmup"]["history"]) == 2
     ev = json.loads((tmp_path / "run" / "result.json").read_text())["evals"][-1]
     assert ev["step"] == 2 and {"acc50", "miou", "point_acc", "parsed"} <= set(ev)
     assert ev["acc50"] == 0.0  # four-token answers hold no box

@@ -17,6 +17,7 @@ from model.build import config_from_dict as _config_from_dict
 from model.config import ConfigError  # one error class for model and training configs
 
 FREEZE_GROUPS = ("vision", "merger", "deepstack", "embed", "llm", "lm_head")
+WARMUP_KINDS = ("ctc", "grounding")  # train.vision_warmup.kind (train/vision_warmup.py)
 
 
 @dataclass(frozen=True)
@@ -191,15 +192,23 @@ class FreezeConfig:
 
 @dataclass(frozen=True)
 class VisionWarmupConfig:
-    """Optional first stage: the vision tower alone learns to read lines with a CTC head (train/vision_warmup.py)."""
+    """Optional first stage: the vision tower alone learns what the images hold (train/vision_warmup.py).
+
+    kind: ctc (read each image's answer text left to right: OCR lines, digits) | grounding (classify every patch
+    by the item covering it and regress that item's box: the synthetic grounding set's `meta.items` layout).
+    """
+    kind: str = "ctc"                # ctc | grounding
     steps: int = 0                   # 0: off
     lr: float = 1.0e-3
     batch_size: int = 64             # images per step
     num_workers: int = 0             # DataLoader workers decoding images
     log_every: int = 25
     seed: int = 0
+    box_weight: float = 1.0          # grounding: weight of the per-patch box L1 (0..1 coordinates) beside the class CE
 
     def __post_init__(self):
+        _check(self.kind in WARMUP_KINDS, "train.vision_warmup.kind", self.kind, " | ".join(WARMUP_KINDS))
+        _check(self.box_weight >= 0, "train.vision_warmup.box_weight", self.box_weight, ">= 0")
         for name in ("steps", "num_workers"):
             _check(getattr(self, name) >= 0, f"train.vision_warmup.{name}", getattr(self, name), ">= 0")
         for name in ("batch_size", "log_every"):
@@ -304,6 +313,13 @@ class Config:
         _check(ocr.blur >= 0, "data.ocr.blur", ocr.blur, ">= 0")
         _check(self.data.ocr.align in ("random", "left"), "data.ocr.align", self.data.ocr.align, "random | left")
         _check(self.data.ocr.colors in ("random", "fixed"), "data.ocr.colors", self.data.ocr.colors, "random | fixed")
+        warm = self.train.vision_warmup
+        if warm.steps > 0:  # a synthetic set whose labels the chosen warm-up cannot read fails here, not after minutes
+            _check(not (warm.kind == "ctc" and self.data.grounding.enabled), "train.vision_warmup.kind", warm.kind,
+                   "grounding with data.grounding.enabled (a CTC reader of the JSON box answers learns nothing "
+                   "about where the items are)")
+            _check(not (warm.kind == "grounding" and self.data.ocr.enabled), "train.vision_warmup.kind", warm.kind,
+                   "ctc with data.ocr.enabled (OCR records carry no item layout to classify patches by)")
         for k in self.optim.module_lr:
             _check(k in FREEZE_GROUPS + ("lora",), "optim.module_lr", k, f"keys in {FREEZE_GROUPS + ('lora',)}")
         for name, v in (("train.steps", self.train.steps), ("train.grad_accum", self.train.grad_accum),

@@ -12,8 +12,10 @@ and pixel noise. One item is the target, named by a referring expression of one 
 The answer is what Qwen3-VL writes for grounding (docs/responses.md): a ```json fenced list holding one
 {"bbox_2d": [x1, y1, x2, y2], "label": ...} with coordinates relative to the image on a 0..1000 scale
 (`model.processing.responses.from_pixels` of the drawn item's pixel box; continuous edges, x2 / y2 exclusive).
-Records are in the training JSONL format (docs/training.md) plus a "meta" field (kind, relation, the pixel box)
-that the trainer ignores and eval/grounding.py uses to break its metrics down by expression kind.
+Records are in the training JSONL format (docs/training.md) plus a "meta" field (kind, relation, the pixel box,
+and the whole layout: every item's class and pixel box) that the trainer's loss ignores; eval/grounding.py uses it
+to break its metrics down by expression kind, and the grounding vision warm-up (train/vision_warmup.py) to label
+every patch with the class of the item on it.
 Deterministic for a given seed; train and val use disjoint random streams. Driven by
 `python -m train experiment=grounding_demo` (data.grounding.enabled) and `scripts/make_grounding_data.py`.
 """
@@ -37,6 +39,9 @@ SHAPES = ("triangle", "square", "circle")
 DIGITS = "0123456789"
 RELATIONS = ("left of", "right of", "above", "below")
 KINDS = ("attribute", "relation", "digit")
+# what an item is, as the grounding vision warm-up classifies it per patch: 0 = background (no item), then every
+# colour x shape, then every digit
+ITEM_CLASSES = ("background",) + tuple(f"{c} {s}" for c in COLORS for s in SHAPES) + tuple(DIGITS)
 
 
 @dataclasses.dataclass
@@ -48,6 +53,11 @@ class Item:
     col: int
     row: int
     box: tuple = ()
+
+    @property
+    def cls(self) -> str:
+        """Its name in ITEM_CLASSES: "red triangle" or "7"."""
+        return self.name if self.kind == "digit" else f"{self.color} {self.name}"
 
     def describe(self, with_color: bool = True) -> str:
         if self.kind == "digit":
@@ -200,7 +210,8 @@ class GroundingScenes:
             arr = np.asarray(img, dtype=np.float32) / 255.0
             arr = arr + np.random.default_rng(rng.getrandbits(32)).normal(0.0, c.noise, arr.shape)
             img = Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8), mode="RGB")
-        meta = {"kind": kind, **meta, "box_px": list(target.box), "size": [c.width, c.height]}
+        meta = {"kind": kind, **meta, "box_px": list(target.box), "size": [c.width, c.height],
+                "items": [{"class": it.cls, "box_px": list(it.box)} for it in items]}  # in drawing order
         return img, text, target, meta
 
 
@@ -237,7 +248,8 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
         {"train": path, "val": path} of the JSONL files.
     """
     out = Path(out_dir or cfg.out_dir)
-    meta = {"generator": "train/grounding_data.py", "version": 1, **dataclasses.asdict(cfg)}
+    # version 2: the records' meta.items (the layout); a set written by version 1 lacks it and is regenerated
+    meta = {"generator": "train/grounding_data.py", "version": 2, **dataclasses.asdict(cfg)}
     meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}  # as JSON reads them back
     meta.pop("out_dir")
     meta.pop("enabled")

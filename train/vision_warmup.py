@@ -1,26 +1,38 @@
-"""Vision warm-up: train the vision tower alone, as a CTC line reader, before the vision-language stage.
+"""Vision warm-up: train the vision tower alone, before the vision-language stage, on what the images hold.
 
-Why: trained from scratch, the decoder learns the answers' digit statistics long before the randomly initialised
-vision tower carries anything it could read, and then it stops looking at the image (measured: a 1-digit task
-stays at chance for 400 steps; docs/training.md). The official Qwen3-VL starts from a pretrained vision encoder;
-for from-scratch demos this stage plays that part. It is the CRNN recipe (Shi et al. 2015; CTC: Graves et al.
-2006): the tower's last-block patch features are averaged over each patch column (and over frames), a linear head
-maps every column to characters + a blank, and `torch.nn.functional.ctc_loss` aligns the columns, left to right,
-with the answer text. The merger and the DeepStack mergers are not trained here (the vision-language stage learns
-them); the head is discarded afterwards.
+Why: trained from scratch, the decoder learns the answers' statistics long before the randomly initialised vision
+tower carries anything it could read, and then it stops looking at the image (measured: a 1-digit task stays at
+chance for 400 steps; docs/training.md). The official Qwen3-VL starts from a pretrained vision encoder; for
+from-scratch demos this stage plays that part. Two objectives (`train.vision_warmup.kind`), both on the tower's
+last-block patch features (`VisionTower.forward_features`), both with a linear head discarded afterwards; the
+merger and the DeepStack mergers are not trained here (the vision-language stage learns them):
 
-    python -m train experiment=ocr_demo train.vision_warmup.steps=150     # on by default in the OCR demos
+  * ctc: read the answer text. The CRNN recipe (Shi et al. 2015; CTC: Graves et al. 2006): the features are
+    averaged over each patch column (and over frames), a linear head maps every column to characters + a blank,
+    and `torch.nn.functional.ctc_loss` aligns the columns, left to right, with the answer text (OCR lines).
+  * grounding: "what is where", for referring-expression grounding. Every patch is classified by the item whose
+    pixel box covers the patch centre (background, each colour x shape, each digit: train/grounding_data.py's
+    ITEM_CLASSES, labels from the records' `meta.items` layout), and on the patches of an item a box head
+    regresses that item's box in 0..1 image coordinates (L1), the dense per-location classification + box
+    regression of one-stage detectors (FCOS: Tian et al. 2019). So the tower's features say which item lies at
+    each patch and where its edges are before the decoder must write them as 0..1000 coordinates.
+
+    python -m train experiment=ocr_demo train.vision_warmup.steps=150     # ctc; on by default in the OCR demos
+    python -m train experiment=grounding_demo                             # grounding; on in the grounding demos
 """
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from model.rope import vision_position_ids
+from model.rope import merge_block_order, vision_position_ids
 
 from .data import pack_samples
+from .grounding_data import ITEM_CLASSES
 
 
 def column_features(patches: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> list[torch.Tensor]:
@@ -82,23 +94,163 @@ def ctc_loss(model, head: CTCHead, batch: dict, texts: list[str]) -> tuple[torch
     return loss, [head.greedy(lg.detach()) for lg in logits]
 
 
-def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
-    """Train `model.model.visual` with a CTC head on `dataset` (single-image samples) for cfg.steps steps.
+# ----------------------------------------------------------------------------------------------- grounding
+def patch_labels(items: list[dict], size: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """Per patch, in raster order, the class of the item covering it and that item's box.
+
+    A patch belongs to the item whose pixel box [x1, x2) x [y1, y2) holds the patch centre (the processor resizes
+    the whole image onto the patch grid, so patch (r, c) has its centre at ((c + 0.5) W / w, (r + 0.5) H / h) in
+    source pixels); where boxes overlap the later item wins, as it is drawn on top. An item covering no patch
+    centre (smaller than a patch) gets the patch holding its box centre, so no item goes unlabelled.
 
     Args:
-        model: Qwen3VL (not yet sharded).  dataset: SFTDataset of one-image samples.  cfg: VisionWarmupConfig.
-        device: torch device.  log: print-like callable.
-    Returns: {"history": CTC loss per step, "loss": the last one, "line_acc": exact-match rate of the greedy
-        readings in the last batch}.
+        items: [{"class": a name in ITEM_CLASSES, "box_px": [x1, y1, x2, y2]}] in drawing order.
+        size: (W, H) of the source image in pixels.  grid_hw: (h, w) patches.
+    Returns: labels (h, w) long (0 = background), boxes (h, w, 4) fp32 (x1/W, y1/H, x2/W, y2/H; 0 on background).
     """
-    from .config import ConfigError
+    (W, H), (h, w) = size, grid_hw
+    for it in items:
+        if it["class"] not in ITEM_CLASSES[1:]:
+            raise ValueError(f"unknown item class {it['class']!r}; expected one of {list(ITEM_CLASSES[1:])}")
+    if not items:
+        return torch.zeros(h, w, dtype=torch.long), torch.zeros(h, w, 4)
+    xyxy = torch.tensor([it["box_px"] for it in items], dtype=torch.float64)          # (n, 4) source pixels
+    cx = (torch.arange(w, dtype=torch.float64) + 0.5) * W / w                          # (w,) patch centres
+    cy = (torch.arange(h, dtype=torch.float64) + 0.5) * H / h                          # (h,)
+    inx = (cx >= xyxy[:, 0:1]) & (cx < xyxy[:, 2:3])                                   # (n, w)
+    iny = (cy >= xyxy[:, 1:2]) & (cy < xyxy[:, 3:4])                                   # (n, h)
+    cover = iny[:, :, None] & inx[:, None, :]                                          # (n, h, w)
+    for k in torch.nonzero(~cover.flatten(1).any(1)).flatten().tolist():               # smaller than a patch
+        x1, y1, x2, y2 = xyxy[k].tolist()
+        cover[k, min(h - 1, max(0, int((y1 + y2) / 2 * h / H))), min(w - 1, max(0, int((x1 + x2) / 2 * w / W)))] = True
+    n = len(items)
+    top = (cover * torch.arange(1, n + 1)[:, None, None]).amax(0)                      # (h, w) last item + 1, 0 = none
+    cls = torch.tensor([0] + [ITEM_CLASSES.index(it["class"]) for it in items])
+    rel = torch.cat([torch.zeros(1, 4), (xyxy / torch.tensor([W, H, W, H])).float()])  # (n + 1, 4), row 0 background
+    return cls[top], rel[top]
 
-    texts = [dataset.answer(i) for i in range(len(dataset))]
-    charset = "".join(sorted({c for t in texts for c in t}))
-    if not charset:
-        raise ConfigError("train.vision_warmup: the training answers hold no characters to read")
-    head = CTCHead(model.model.visual.cfg.hidden_size, charset).to(device)
-    params = [p for p in model.model.visual.parameters() if p.requires_grad] + list(head.parameters())
+
+def read_layouts(dataset) -> list[dict]:
+    """Every sample's `meta` layout ({"items": [...], "size": [W, H]}), read from the JSONL by line number.
+
+    Raises ValueError naming the file and line of the first record without one.
+    """
+    path, records = getattr(dataset, "path", None), getattr(dataset, "records", None)
+    if path is None or records is None:
+        raise ValueError(f"train.vision_warmup.kind=grounding reads each record's meta.items from a JSONL set "
+                         f"(SFTDataset); {type(dataset).__name__} has none")
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out = []
+    for lineno, _ in records:
+        meta = json.loads(lines[lineno - 1]).get("meta")
+        if not (isinstance(meta, dict) and isinstance(meta.get("items"), list) and len(meta.get("size", ())) == 2):
+            raise ValueError(f"train.vision_warmup.kind=grounding needs every record's meta.items and meta.size "
+                             f"(the scene layout train/grounding_data.py writes); {path}:{lineno} has none "
+                             f"(regenerate the set, or set train.vision_warmup.steps=0)")
+        out.append(meta)
+    return out
+
+
+def layout_targets(layouts: list[dict], grid_thw: torch.Tensor, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`patch_labels` of every image of a packed batch, in the tower's patch order (merge-block, every frame alike).
+
+    Args: layouts: one meta ({"items", "size"}) per image.  grid_thw: (n, 3) long.  merge: spatial_merge_size.
+    Returns: labels (N,) long, boxes (N, 4) fp32, N = the batch's patches.
+    """
+    if grid_thw.shape[0] != len(layouts):
+        raise ValueError(f"vision warm-up: {grid_thw.shape[0]} images but {len(layouts)} layouts (one image per "
+                         f"sample)")
+    labels, boxes = [], []
+    for (t, h, w), lay in zip(grid_thw.tolist(), layouts):
+        lab, box = patch_labels(lay["items"], tuple(lay["size"]), (h, w))
+        labels.append(merge_block_order(lab, merge).repeat(t))
+        boxes.append(merge_block_order(box, merge).repeat(t, 1))
+    return torch.cat(labels), torch.cat(boxes)
+
+
+class GroundingHead(torch.nn.Module):
+    """Linear map from a patch feature to ITEM_CLASSES logits and a box (sigmoid: 0..1 image coordinates)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(dim, len(ITEM_CLASSES) + 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, dim) -> logits (N, len(ITEM_CLASSES)), boxes (N, 4)."""
+        y = self.proj(x)
+        return y[:, :-4], y[:, -4:].sigmoid()
+
+
+def grounding_loss(model, head: GroundingHead, batch: dict, layouts: list[dict],
+                   box_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Per-patch item-class cross-entropy (all patches) + box_weight * box L1 (item patches; summed over the four
+    coordinates) of one packed batch against the images' layouts.
+
+    Returns: (loss, {"fg_acc": share of item patches classified right, "box_err": mean |error| of a coordinate
+        on item patches, in 0..1000 units}).
+    """
+    visual = model.model.visual
+    labels, boxes = layout_targets(layouts, batch["image_grid_thw"].cpu(), visual.cfg.spatial_merge_size)
+    device = batch["pixel_values"].device
+    labels, boxes = labels.to(device), boxes.to(device)
+    feats = visual.forward_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
+    logits, pred = head(feats.float())
+    fg = labels > 0
+    ce = F.cross_entropy(logits, labels)
+    l1 = (pred[fg] - boxes[fg]).abs().sum(-1).mean() if fg.any() else logits.new_zeros(())
+    with torch.no_grad():
+        stats = {"fg_acc": float((logits[fg].argmax(-1) == labels[fg]).float().mean()) if fg.any() else 0.0,
+                 "box_err": float(l1) / 4 * 1000}
+    return ce + box_weight * l1, stats
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+class _CTC:
+    """kind=ctc: the head, and one batch's loss / log fields from the answers' text."""
+
+    def __init__(self, model, dataset, cfg, device):
+        from .config import ConfigError
+
+        self.texts = [dataset.answer(i) for i in range(len(dataset))]
+        charset = "".join(sorted({c for t in self.texts for c in t}))
+        if not charset:
+            raise ConfigError("train.vision_warmup: the training answers hold no characters to read")
+        self.head = CTCHead(model.model.visual.cfg.hidden_size, charset).to(device)
+
+    def __call__(self, model, batch, indices) -> tuple[torch.Tensor, dict, str]:
+        truth = [self.texts[i] for i in indices]
+        loss, read = ctc_loss(model, self.head, batch, truth)
+        acc = sum(r == t for r, t in zip(read, truth)) / len(truth)
+        return loss, {"line_acc": acc}, (f"ctc_loss {float(loss.detach()):.4f}  line_acc {acc:.3f}  "
+                                         f"'{read[0]}'<-'{truth[0]}'")
+
+
+class _Grounding:
+    """kind=grounding: the head, and one batch's loss / log fields from the records' layouts."""
+
+    def __init__(self, model, dataset, cfg, device):
+        self.layouts, self.box_weight = read_layouts(dataset), cfg.box_weight
+        self.head = GroundingHead(model.model.visual.cfg.hidden_size).to(device)
+
+    def __call__(self, model, batch, indices) -> tuple[torch.Tensor, dict, str]:
+        loss, st = grounding_loss(model, self.head, batch, [self.layouts[i] for i in indices], self.box_weight)
+        return loss, st, (f"loss {float(loss.detach()):.4f}  item-patch acc {st['fg_acc']:.3f}  "
+                          f"box err {st['box_err']:.0f}/1000")
+
+
+def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
+    """Train `model.model.visual` with a `cfg.kind` head on `dataset` (single-image samples) for cfg.steps steps.
+
+    Args:
+        model: Qwen3VL (not yet sharded).  dataset: SFTDataset of one-image samples (anything with `answer(i)` for
+            kind=ctc).  cfg: VisionWarmupConfig.  device: torch device.  log: print-like callable.
+    Returns: {"kind", "history": loss per step, "loss": the last one, and the last batch's scores: "line_acc"
+        (ctc: exact-match rate of the greedy readings) or "fg_acc" / "box_err" (grounding: item patches classified
+        right; mean box-coordinate error on them, 0..1000 units)}.
+    """
+    objective = (_Grounding if cfg.kind == "grounding" else _CTC)(model, dataset, cfg, device)
+    params = [p for p in model.model.visual.parameters() if p.requires_grad] + list(objective.head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
@@ -107,7 +259,7 @@ def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
         collate_fn=pack_samples, num_workers=cfg.num_workers, persistent_workers=False)
     amp = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     model.train()
-    t0, res = time.perf_counter(), {"history": []}
+    t0, res = time.perf_counter(), {"kind": cfg.kind, "history": []}
     for step, b in enumerate(loader, 1):
         if b["input_ids"] is None:
             continue
@@ -118,15 +270,13 @@ def vision_warmup(model, dataset, cfg, device, log=print) -> dict:
         for pg in opt.param_groups:  # short linear warmup, then constant
             pg["lr"] = cfg.lr * min(1.0, step / max(1, cfg.steps // 10))
         with amp:
-            loss, read = ctc_loss(model, head, batch, [texts[i] for i in b["indices"].tolist()])
+            loss, scores, line = objective(model, batch, b["indices"].tolist())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        truth = [texts[i] for i in b["indices"].tolist()]
         res["history"].append(float(loss.detach()))
-        res.update(loss=res["history"][-1], line_acc=sum(r == t for r, t in zip(read, truth)) / len(truth))
+        res.update(loss=res["history"][-1], **scores)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log(f"vision warm-up {step:4d}/{cfg.steps}  ctc_loss {res['loss']:.4f}  line_acc {res['line_acc']:.3f}"
-                f"  '{read[0]}'<-'{truth[0]}'  {time.perf_counter() - t0:.0f}s")
+            log(f"vision warm-up {step:4d}/{cfg.steps}  {line}  {time.perf_counter() - t0:.0f}s")
     return res
