@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFont
 from model.processing.responses import from_pixels
 
 from .config import GroundingGenConfig
+from .ocr_data import generator_meta, write_synthetic_set
 
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 SHAPES = ("triangle", "square", "circle")
@@ -247,32 +247,16 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
     Returns:
         {"train": path, "val": path} of the JSONL files.
     """
-    out = Path(out_dir or cfg.out_dir)
     # version 2: the records' meta.items (the layout); a set written by version 1 lacks it and is regenerated
-    meta = {"generator": "train/grounding_data.py", "version": 2, **dataclasses.asdict(cfg)}
-    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}  # as JSON reads them back
-    meta.pop("out_dir")
-    meta.pop("enabled")
-    paths = {"train": str(out / "train.jsonl"), "val": str(out / "val.jsonl")}
-    meta_path = out / "meta.json"
-    if not force and meta_path.exists() and all(os.path.exists(p) for p in paths.values()):
-        try:
-            if json.loads(meta_path.read_text()) == meta:
-                return paths
-        except json.JSONDecodeError:
-            pass
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    scenes = GroundingScenes(cfg)
-    for split, n, salt in (("train", cfg.n_train, 1), ("val", cfg.n_val, 2)):
-        rng = random.Random(cfg.seed * 1000003 + salt)
-        tmp = out / f".{split}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in range(n):
-                img, text, target, m = scenes.sample(rng)
-                rel = f"images/{split}_{i:06d}.png"
-                img.save(out / rel, compress_level=1)  # noisy pixels barely compress: level 6 costs 2.5x the time
-                rec = grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m)
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, paths[split])
-    meta_path.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
-    return paths
+    meta = generator_meta("train/grounding_data.py", 2, cfg, drop=("out_dir", "enabled"))
+
+    def sampler():
+        scenes = GroundingScenes(cfg)
+
+        def sample(rng, out, rel):
+            img, text, target, m = scenes.sample(rng)
+            img.save(out / rel, compress_level=1)  # noisy pixels barely compress: level 6 costs 2.5x the time
+            return grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m)
+        return sample
+
+    return write_synthetic_set(Path(out_dir or cfg.out_dir), meta, cfg.n_train, cfg.n_val, cfg.seed, sampler, force)

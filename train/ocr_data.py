@@ -219,11 +219,38 @@ def generate_ocr_dataset(cfg: OCRGenConfig, out_dir: str | None = None, force: b
     Returns:
         {"train": path, "val": path} of the JSONL files.
     """
-    out = Path(out_dir or cfg.out_dir)
-    meta = {"generator": "train/ocr_data.py", "version": 1, **dataclasses.asdict(cfg)}
-    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}  # as JSON reads them back
-    meta.pop("out_dir")
-    meta.pop("font_dir")
+    meta = generator_meta("train/ocr_data.py", 1, cfg, drop=("out_dir", "font_dir"))
+
+    def sampler():
+        renderer = OCRRenderer(cfg)
+
+        def sample(rng, out, rel):
+            text = renderer.random_text(rng)
+            renderer.render(text, rng).save(out / rel)
+            return ocr_record(rel, text, cfg.prompt)
+        return sample
+
+    return write_synthetic_set(Path(out_dir or cfg.out_dir), meta, cfg.n_train, cfg.n_val, cfg.seed, sampler, force)
+
+
+def generator_meta(generator: str, version: int, cfg, drop: tuple[str, ...]) -> dict:
+    """What a synthetic set's meta.json records: the generator, its version and the settings that shape the set
+    (`drop`: those that do not), as JSON reads them back (tuples as lists)."""
+    meta = {"generator": generator, "version": version, **dataclasses.asdict(cfg)}
+    for k in drop:
+        meta.pop(k)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
+
+
+def write_synthetic_set(out: Path, meta: dict, n_train: int, n_val: int, seed: int, sampler,
+                        force: bool = False) -> dict[str, str]:
+    """The synthetic generators' set protocol (OCR here, grounding in train/grounding_data.py).
+
+    `out` is reused as is when its meta.json equals `meta` and both splits exist (unless `force`). Otherwise
+    `sampler()` gives `sample(rng, out, rel) -> record`, which draws one sample from `rng`, saves its image as
+    out/rel and returns its JSONL record; each split is written to a temporary file and renamed (atomic), with its
+    own seeded generator, and meta.json last. Returns {"train": path, "val": path}.
+    """
     paths = {"train": str(out / "train.jsonl"), "val": str(out / "val.jsonl")}
     meta_path = out / "meta.json"
     if not force and meta_path.exists() and all(os.path.exists(p) for p in paths.values()):
@@ -233,16 +260,14 @@ def generate_ocr_dataset(cfg: OCRGenConfig, out_dir: str | None = None, force: b
         except json.JSONDecodeError:
             pass
     (out / "images").mkdir(parents=True, exist_ok=True)
-    renderer = OCRRenderer(cfg)
-    for split, n, salt in (("train", cfg.n_train, 1), ("val", cfg.n_val, 2)):
-        rng = random.Random(cfg.seed * 1000003 + salt)
+    sample = sampler()
+    for split, n, salt in (("train", n_train, 1), ("val", n_val, 2)):
+        rng = random.Random(seed * 1000003 + salt)
         tmp = out / f".{split}.jsonl.tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             for i in range(n):
-                text = renderer.random_text(rng)
-                rel = f"images/{split}_{i:06d}.png"
-                renderer.render(text, rng).save(out / rel)
-                f.write(json.dumps(ocr_record(rel, text, cfg.prompt), ensure_ascii=False) + "\n")
+                rec = sample(rng, out, f"images/{split}_{i:06d}.png")
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, paths[split])
     meta_path.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     return paths
