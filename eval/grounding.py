@@ -22,68 +22,37 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
 
 from .grounding_metrics import bootstrap_ci, corpus_metrics, score_sample
-from .ocr import _image_path, checkpoint_name, eval_dataset, predict
+from .ocr import CheckpointEvalConfig, _image_path, checkpoint_name, eval_dataset, predict
 
 METRICS = (("acc50", "Acc@0.5"), ("miou", "mean IoU"), ("point_acc", "point-in-box"))
 
 
 @dataclass(frozen=True)
-class GroundingConfig:
-    """One grounding evaluation (the fields eval/ocr.py's `eval_dataset` and `predict` read have their meaning).
-
-    Args:
-        checkpoints: exported checkpoint directories, base first.  names: column labels (default: path tails).
-        data: the JSONL set (training format, the assistant turn holds the gold box); root: its media root.
-        limit: score only the first N samples (0 = all).  batch_size / max_new_tokens: as the trainer's validation
-            (batches of 32, `train.eval_max_new_tokens`).
-        do_sample / temperature / top_k / top_p / seed: sampling instead of greedy decoding.
-        precision / dtype / max_seq_len / system_prompt: as in eval/ocr.py's OCRConfig.
-        n_boot: bootstrap resamples (0: no intervals).  draw: samples drawn with their boxes into out_dir/draw.
+class GroundingConfig(CheckpointEvalConfig):
+    """One grounding evaluation: eval/ocr.py's `CheckpointEvalConfig` (checkpoints, data, generation and precision
+    settings, n_boot) plus
+        draw: samples drawn with their boxes into out_dir/draw.  out_dir: where results.json and results.md go.
     """
 
-    checkpoints: tuple[str, ...] = ()
-    names: tuple[str, ...] = ()
-    data: str | None = None
-    root: str | None = None
-    limit: int = 0
-    batch_size: int = 32
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-    precision: str = "auto"
-    dtype: str = "float32"
-    max_seq_len: int = 4096
-    system_prompt: str | None = None
-    n_boot: int = 1000
+    SECTION: ClassVar[str] = "grounding"
+    EXAMPLE: ClassVar[str] = "runs/grounding_demo/final"
+    DATA_HINT: ClassVar[str] = "a JSONL set in the training format with gold boxes"
+
     draw: int = 0
     out_dir: str = "eval_out/grounding"
 
     def __post_init__(self):
         from model.config import ConfigError
 
-        if not self.checkpoints:
-            raise ConfigError("grounding.checkpoints is empty: give one or more exported checkpoint dirs, "
-                              "e.g. grounding.checkpoints=[runs/grounding_demo/final]")
-        if not self.data:
-            raise ConfigError("grounding.data is not set: a JSONL set in the training format with gold boxes")
-        if self.names and len(self.names) != len(self.checkpoints):
-            raise ConfigError(f"grounding.names has {len(self.names)} entries for {len(self.checkpoints)} "
-                              f"checkpoints")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"grounding.precision must be auto | fp32 | bf16, got {self.precision!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"grounding.dtype must be float32 | bfloat16, got {self.dtype!r}")
-        if self.batch_size < 1 or self.max_new_tokens < 1 or self.limit < 0 or self.draw < 0:
-            raise ConfigError("grounding.batch_size and grounding.max_new_tokens must be >= 1, grounding.limit and "
-                              "grounding.draw >= 0")
+        super().__post_init__()
+        if self.draw < 0:
+            raise ConfigError(f"grounding.draw must be >= 0, got {self.draw}")
 
 
 def _kinds(ds, n: int) -> list[str]:

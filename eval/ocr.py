@@ -24,6 +24,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -37,8 +38,9 @@ TABLE_ROWS = (("cer", "raw"), ("cer", "all"), ("wer", "raw"), ("wer", "all"), ("
 
 
 @dataclass(frozen=True)
-class OCRConfig:
-    """One OCR evaluation.
+class CheckpointEvalConfig:
+    """Checkpoints answering a labelled JSONL set: the settings `eval_dataset` and `predict` read, shared by
+    the OCR (`OCRConfig`) and grounding (eval/grounding.py) evaluations; `SECTION` names the config group in errors.
 
     Args:
         checkpoints: exported checkpoint directories (config.json, weights, tokenizer and preprocessor configs),
@@ -53,8 +55,12 @@ class OCRConfig:
         dtype: weights' dtype: float32 (as training's master weights, with autocast) | bfloat16 (half the memory).
         max_seq_len: longer samples are skipped, as in training (`data.max_seq_len`).
         system_prompt: prepended as in training's `data.system_prompt`.
-        n_boot: bootstrap resamples (0: no intervals); worst: samples shown in report.html.
+        n_boot: bootstrap resamples (0: no intervals).
     """
+
+    SECTION: ClassVar[str] = ""
+    EXAMPLE: ClassVar[str] = ""     # an exported checkpoint, for the "checkpoints is empty" message
+    DATA_HINT: ClassVar[str] = ""   # what `data` holds, for the "data is not set" message
 
     checkpoints: tuple[str, ...] = ()
     names: tuple[str, ...] = ()
@@ -73,25 +79,38 @@ class OCRConfig:
     max_seq_len: int = 4096
     system_prompt: str | None = None
     n_boot: int = 1000
-    worst: int = 20
-    out_dir: str = "eval_out/ocr"
 
     def __post_init__(self):
         from model.config import ConfigError
 
+        s = self.SECTION
         if not self.checkpoints:
-            raise ConfigError("ocr.checkpoints is empty: give one or more exported checkpoint dirs, "
-                              "e.g. ocr.checkpoints=[runs/ocr_demo/final]")
+            raise ConfigError(f"{s}.checkpoints is empty: give one or more exported checkpoint dirs, "
+                              f"e.g. {s}.checkpoints=[{self.EXAMPLE}]")
         if not self.data:
-            raise ConfigError("ocr.data is not set: a JSONL set in the training format")
+            raise ConfigError(f"{s}.data is not set: {self.DATA_HINT}")
         if self.names and len(self.names) != len(self.checkpoints):
-            raise ConfigError(f"ocr.names has {len(self.names)} entries for {len(self.checkpoints)} checkpoints")
+            raise ConfigError(f"{s}.names has {len(self.names)} entries for {len(self.checkpoints)} checkpoints")
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"ocr.precision must be auto | fp32 | bf16, got {self.precision!r}")
+            raise ConfigError(f"{s}.precision must be auto | fp32 | bf16, got {self.precision!r}")
         if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"ocr.dtype must be float32 | bfloat16, got {self.dtype!r}")
+            raise ConfigError(f"{s}.dtype must be float32 | bfloat16, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1 or self.limit < 0:
-            raise ConfigError("ocr.batch_size and ocr.max_new_tokens must be >= 1, ocr.limit >= 0")
+            raise ConfigError(f"{s}.batch_size and {s}.max_new_tokens must be >= 1, {s}.limit >= 0")
+
+
+@dataclass(frozen=True)
+class OCRConfig(CheckpointEvalConfig):
+    """One OCR evaluation: `CheckpointEvalConfig` plus
+        worst: samples shown in report.html.  out_dir: where results.json, results.md and report.html go.
+    """
+
+    SECTION: ClassVar[str] = "ocr"
+    EXAMPLE: ClassVar[str] = "runs/ocr_demo/final"
+    DATA_HINT: ClassVar[str] = "a JSONL set in the training format"
+
+    worst: int = 20
+    out_dir: str = "eval_out/ocr"
 
 
 def checkpoint_name(path: str) -> str:
