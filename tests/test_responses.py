@@ -22,7 +22,7 @@ from model import load_processor
 from model.processing.chat_template import BUILTIN_THINKING_TEMPLATE
 from model.processing.responses import (Box, draw_grounding, extract_grounding, from_pixels, parse_response,
                                         to_pixels)
-from tests.test_tokenizer import hf_reference_tokenizer
+from tests.test_processing import hf_proc  # noqa: F401 (fixture: transformers' processor, the oracle)
 
 OFFICIAL_INSTRUCT = (Path(__file__).parent / "templates" / "qwen3vl_instruct.jinja").read_text(encoding="utf-8")
 
@@ -269,18 +269,6 @@ def conversations():
             {"role": "assistant", "content": "Right side.", "reasoning_content": "Then it is on the right."},
         ],
     }
-
-
-@pytest.fixture(scope="module")
-def hf_proc():
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
-
-    ip = Qwen2VLImageProcessor(size={"shortest_edge": 65536, "longest_edge": 16777216}, patch_size=16,
-                               temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    vp = Qwen3VLVideoProcessor(size={"shortest_edge": 4096, "longest_edge": 25165824}, patch_size=16,
-                               temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    return Qwen3VLProcessor(image_processor=ip, tokenizer=hf_reference_tokenizer(), video_processor=vp)
 
 
 @pytest.mark.parametrize("name", ["tools-calls-responses", "thinking-multi-turn"])
