@@ -204,12 +204,7 @@ def main():
             sys.exit("--engine needs CUDA")
         text, rows = engine(args, dev)
         print(text)
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(text)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+        write(args, text, rows)
         return
     bs = (args.block, args.block)
     rows = []
@@ -247,6 +242,12 @@ def main():
               f"{r['total_s']:.3f} | {r['speedup']:.2f}x | {r['density']:.3f} | {r['rel_err']:.3f} |" for r in rows]
     text = head + "\n".join(table) + "\n"
     print(text)
+    write(args, text, rows)
+
+
+
+def write(args, text: str, rows: list[dict]):
+    """The table to --out and the rows to --json, where given."""
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)

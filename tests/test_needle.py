@@ -252,13 +252,8 @@ def test_parse_number(text, number):
 
 
 # ----------------------------------------------------------------------------------------------- fake models
-@pytest.mark.parametrize("task, timestamps", [("vniah", True), ("vniah_d", True), ("temporal", True),
-                                              ("temporal", False), ("multi_needle", True), ("passkey", True)],
-                         ids=["vniah", "vniah_d", "temporal", "temporal-no-timestamps", "multi_needle", "passkey"])
-def test_reader_scores_100_percent(proc, tmp_path, task, timestamps):
-    lengths = (120, 240) if task == "passkey" else (8, 14)
-    cfg = small(task, tmp_path, lengths=lengths, depths=(0.0, 0.4, 1.0), trials=2, timestamps=timestamps)
-    res = run_needle(Reader(proc), proc, cfg)
+def assert_every_cell_right(res, task):
+    """Every cell 100% in both scoring modes; temporal: MAE 0; multi_needle: every needle recalled."""
     for cell in res["cells"]:
         for mode in ("teacher_forced", "generate"):
             assert cell[mode]["accuracy"] == 1.0, (cell["length"], cell["depth"], mode, cell["trials"])
@@ -267,6 +262,16 @@ def test_reader_scores_100_percent(proc, tmp_path, task, timestamps):
         if task == "multi_needle":
             assert cell["generate"]["recall"] == [1.0, 1.0, 1.0] == cell["teacher_forced"]["recall"]
     assert res["mean_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("task, timestamps", [("vniah", True), ("vniah_d", True), ("temporal", True),
+                                              ("temporal", False), ("multi_needle", True), ("passkey", True)],
+                         ids=["vniah", "vniah_d", "temporal", "temporal-no-timestamps", "multi_needle", "passkey"])
+def test_reader_scores_100_percent(proc, tmp_path, task, timestamps):
+    lengths = (120, 240) if task == "passkey" else (8, 14)
+    cfg = small(task, tmp_path, lengths=lengths, depths=(0.0, 0.4, 1.0), trials=2, timestamps=timestamps)
+    res = run_needle(Reader(proc), proc, cfg)
+    assert_every_cell_right(res, task)
 
 
 @pytest.mark.parametrize("task, timestamps, stream", [
@@ -280,14 +285,7 @@ def test_pixel_reader_scores_100_percent(proc, tmp_path, task, timestamps, strea
                 haystack=HaystackConfig(frame_size=128), chunk_size=64 if stream else 0)
     reader = PixelReader(proc)
     res = run_needle(reader, proc, cfg)
-    for cell in res["cells"]:
-        for mode in ("teacher_forced", "generate"):
-            assert cell[mode]["accuracy"] == 1.0, (cell["length"], cell["depth"], mode, cell["trials"])
-        if task == "temporal":
-            assert cell["generate"]["mae"] == 0.0
-        if task == "multi_needle":
-            assert cell["generate"]["recall"] == [1.0, 1.0, 1.0] == cell["teacher_forced"]["recall"]
-    assert res["mean_accuracy"] == 1.0
+    assert_every_cell_right(res, task)
 
 
 def test_pixel_reader_reads_distractors_on_vniah_d(proc, tmp_path):
