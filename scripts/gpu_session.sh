@@ -14,7 +14,8 @@
 #   bash scripts/gpu_session.sh lv-8b       # 8B shape at 1M tokens with an FP8 cache (ingest cut at LIMIT s)
 #   bash scripts/gpu_session.sh needle      # needle suite, 2B shape random weights: TASKS at LENGTHS tokens (resumable)
 #   bash scripts/gpu_session.sh needle-1m   # one 1M-token needle cell of TASK (YaRN x3, streamed, chunked prefill)
-#   bash scripts/gpu_session.sh fp8         # FP8 tests + the W8A16 linear vs bf16 at the 8B decoder shapes
+#   bash scripts/gpu_session.sh fp8         # FP8 tests + the W8A16 linear vs bf16 at the 8B decoder shapes,
+#                                           # then whole-model decode of the 8B shape, FP8 vs bf16
 #   bash scripts/gpu_session.sh pe          # position-encoding ablation (scripts/pe_ablation.py, WORKERS processes,
 #                                           # one per GPU): resumable; unpack out.tgz's ablations/*.json into
 #                                           # docs/ablations/ before the next call, which continues the study
@@ -168,8 +169,11 @@ case "$stage" in
     ;;
   fp8)
     timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_fp8.py 2>&1 | tail -5 | tee "$OUT/fp8_tests.txt"
-    timeout 300 python scripts/bench_fp8_linear.py --out "$OUT/bench_fp8_linear.md" > "$OUT/bench_fp8_linear.log" 2>&1
+    timeout 150 python scripts/bench_fp8_linear.py --out "$OUT/bench_fp8_linear.md" > "$OUT/bench_fp8_linear.log" 2>&1
     echo "bench rc=$?"; tail -25 "$OUT/bench_fp8_linear.log"
+    timeout 200 python scripts/bench_fp8_decode.py --preset 8b --context 4096 --steps 32 --json "$OUT/fp8_decode.json" \
+      > "$OUT/fp8_decode.log" 2>&1
+    echo "decode rc=$?"; tail -8 "$OUT/fp8_decode.log"
     ;;
   pe)
     timeout 580 python scripts/pe_ablation.py --workers "${WORKERS:-1}" ${EXTRA:-} > "$OUT/pe_ablation.log" 2>&1

@@ -22,6 +22,7 @@ CASES = {
     "attention_ptx_report.py": ([], "bwd_dkdv_kernel"),
     # one case: the full --smoke runs every case and the decode path (minutes in the interpreter)
     "bench_attention.py": (["--only", "causal 8K"], "| causal 8K | ours |"),
+    "bench_fp8_decode.py": ([], "| fp8 | torch |"),
     "bench_fp8_linear.py": ([], "| 5 |"),
     "bench_long_video.py": ([], "\"decode_ms_fp8\""),
     "bench_moe.py": ([], "| block | uniform | 24 | hf-eager |"),
