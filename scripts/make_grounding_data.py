@@ -30,6 +30,8 @@ def main():
     p.add_argument("--noise", type=float, default=d.noise)
     p.add_argument("--prompt", default=d.prompt, help="template holding {expr}")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes drawing scenes (default: the CPU count, at most 16); the set is the same for any")
     p.add_argument("--smoke", action="store_true", help="4 training and 2 validation samples")
     a = p.parse_args()
     if a.smoke:
@@ -37,7 +39,7 @@ def main():
     cfg = GroundingGenConfig(enabled=True, out_dir=a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed,
                              width=a.width, height=a.height, grid=tuple(a.grid), objects=tuple(a.objects),
                              kinds=tuple(a.kinds), clutter=a.clutter, noise=a.noise, prompt=a.prompt)
-    paths = generate_grounding_dataset(cfg, force=a.force)
+    paths = generate_grounding_dataset(cfg, force=a.force, workers=a.workers)
     print(f"wrote {paths['train']} ({a.n_train} scenes) and {paths['val']} ({a.n_val} scenes)")
 
 

@@ -78,18 +78,24 @@ def test_corpus_metrics_on_a_hand_made_table():
 
 
 # ----------------------------------------------------------------------------------------------- the synthetic set
-def _small_set(root, n_train=6, n_val=8, seed=0, **kw):
+def _small_set(root, n_train=6, n_val=8, seed=0, workers=None, **kw):
     cfg = GroundingGenConfig(enabled=True, n_train=n_train, n_val=n_val, seed=seed, **kw)
-    return generate_grounding_dataset(cfg, out_dir=os.path.join(str(root), f"g_{n_train}_{n_val}_{seed}"))
+    return generate_grounding_dataset(cfg, out_dir=os.path.join(str(root), f"g_{n_train}_{n_val}_{seed}"),
+                                      workers=workers)
 
 
 def test_synthetic_set_is_seeded_in_the_official_format_and_boxes_the_named_item(tmp_path):
-    paths = _small_set(tmp_path, n_train=24, n_val=4, seed=3)
+    paths = _small_set(tmp_path, n_train=24, n_val=4, seed=3, workers=3)  # three forked processes
     again = generate_grounding_dataset(GroundingGenConfig(enabled=True, n_train=24, n_val=4, seed=3),
-                                       out_dir=str(tmp_path / "again"))
-    assert open(paths["train"]).read() == open(again["train"]).read()
-    assert (np.asarray(Image.open(tmp_path / "g_24_4_3" / "images" / "train_000005.png"))
-            == np.asarray(Image.open(tmp_path / "again" / "images" / "train_000005.png"))).all()
+                                       out_dir=str(tmp_path / "again"), workers=1)  # in this process
+    # the same set for any number of workers: records and every image
+    for split in ("train", "val"):
+        assert open(paths[split]).read() == open(again[split]).read()
+    images = sorted(p.name for p in (tmp_path / "g_24_4_3" / "images").iterdir())
+    assert len(images) == 28 and images == sorted(p.name for p in (tmp_path / "again" / "images").iterdir())
+    for name in images:
+        assert (np.asarray(Image.open(tmp_path / "g_24_4_3" / "images" / name))
+                == np.asarray(Image.open(tmp_path / "again" / "images" / name))).all(), name
     other = _small_set(tmp_path, n_train=24, n_val=4, seed=4)
     assert open(paths["train"]).read() != open(other["train"]).read()
     kinds = set()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 from pathlib import Path
 
@@ -237,18 +238,21 @@ def grounding_record(image_rel: str, expression: str, box_px, width: int, height
 
 
 def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = None,
-                               force: bool = False) -> dict[str, str]:
+                               force: bool = False, workers: int | None = None) -> dict[str, str]:
     """Write `images/*.png`, `train.jsonl`, `val.jsonl` and `meta.json` under `out_dir` (default cfg.out_dir).
 
     Args:
         cfg: generator settings (counts, seed, canvas, grid, objects, kinds, clutter, noise, prompt).
         out_dir: destination folder; reused without regenerating when its meta.json matches `cfg`.
         force: regenerate even if a matching set exists.
+        workers: processes drawing scenes (default: the CPU count, at most 16). Each scene has its own generator
+            seeded by (seed, split, index), so the set does not depend on the number of workers.
     Returns:
         {"train": path, "val": path} of the JSONL files.
     """
-    # version 2: the records' meta.items (the layout); a set written by version 1 lacks it and is regenerated
-    meta = generator_meta("train/grounding_data.py", 2, cfg, drop=("out_dir", "enabled"))
+    # version 2: the records' meta.items (the layout); a set written by version 1 lacks it and is regenerated.
+    # version 3: one generator per scene (seeded by seed, split and index), drawn in parallel
+    meta = generator_meta("train/grounding_data.py", 3, cfg, drop=("out_dir", "enabled"))
 
     def sampler():
         scenes = GroundingScenes(cfg)
@@ -259,4 +263,7 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
             return grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m)
         return sample
 
-    return write_synthetic_set(Path(out_dir or cfg.out_dir), meta, cfg.n_train, cfg.n_val, cfg.seed, sampler, force)
+    if workers is None:
+        workers = min(16, os.cpu_count() or 1)
+    return write_synthetic_set(Path(out_dir or cfg.out_dir), meta, cfg.n_train, cfg.n_val, cfg.seed, sampler, force,
+                               seed_per_sample=True, workers=workers)

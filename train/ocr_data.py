@@ -242,14 +242,26 @@ def generator_meta(generator: str, version: int, cfg, drop: tuple[str, ...]) -> 
     return {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
 
 
+_FORKED: dict = {}  # the sampler of the set being written, inherited by the forked workers of write_synthetic_set
+
+
+def _draw_seeded(job: tuple) -> dict:
+    """One sample with its own generator, seeded by (seed, split, index): the same in any process."""
+    seed, split, i, out = job
+    return _FORKED["sample"](random.Random(f"{seed}/{split}/{i}"), out, f"images/{split}_{i:06d}.png")
+
+
 def write_synthetic_set(out: Path, meta: dict, n_train: int, n_val: int, seed: int, sampler,
-                        force: bool = False) -> dict[str, str]:
+                        force: bool = False, seed_per_sample: bool = False, workers: int = 1) -> dict[str, str]:
     """The synthetic generators' set protocol (OCR here, grounding in train/grounding_data.py).
 
     `out` is reused as is when its meta.json equals `meta` and both splits exist (unless `force`). Otherwise
     `sampler()` gives `sample(rng, out, rel) -> record`, which draws one sample from `rng`, saves its image as
-    out/rel and returns its JSONL record; each split is written to a temporary file and renamed (atomic), with its
-    own seeded generator, and meta.json last. Returns {"train": path, "val": path}.
+    out/rel and returns its JSONL record; each split is written to a temporary file and renamed (atomic), and
+    meta.json last. Random streams: one seeded generator per split, drawn sample after sample (the OCR sets); or,
+    with `seed_per_sample`, one generator per sample seeded by (seed, split, index), so that `workers` forked
+    processes draw the samples in parallel and the set is the same for any number of workers (grounding).
+    Returns {"train": path, "val": path}.
     """
     paths = {"train": str(out / "train.jsonl"), "val": str(out / "val.jsonl")}
     meta_path = out / "meta.json"
@@ -259,15 +271,37 @@ def write_synthetic_set(out: Path, meta: dict, n_train: int, n_val: int, seed: i
                 return paths
         except json.JSONDecodeError:
             pass
+    if workers > 1 and not seed_per_sample:
+        raise ValueError("write_synthetic_set: workers > 1 needs seed_per_sample (one drawing order otherwise)")
     (out / "images").mkdir(parents=True, exist_ok=True)
     sample = sampler()
-    for split, n, salt in (("train", n_train, 1), ("val", n_val, 2)):
-        rng = random.Random(seed * 1000003 + salt)
-        tmp = out / f".{split}.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for i in range(n):
-                rec = sample(rng, out, f"images/{split}_{i:06d}.png")
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, paths[split])
+    _FORKED["sample"] = sample  # set before the fork: the workers inherit it (a closure does not pickle)
+    pool = None
+    if seed_per_sample and workers > 1 and n_train + n_val > 1:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
+        for split, n, salt in (("train", n_train, 1), ("val", n_val, 2)):
+            tmp = out / f".{split}.jsonl.tmp"
+            if seed_per_sample:
+                jobs = [(seed, split, i, out) for i in range(n)]
+                recs = pool.imap(_draw_seeded, jobs, chunksize=64) if pool else map(_draw_seeded, jobs)
+            else:
+                rng = random.Random(seed * 1000003 + salt)
+                recs = (sample(rng, out, f"images/{split}_{i:06d}.png") for i in range(n))
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in recs:
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            os.replace(tmp, paths[split])
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        _FORKED.clear()
     meta_path.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
     return paths
