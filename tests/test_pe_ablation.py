@@ -163,7 +163,13 @@ def test_report_tables_and_verdicts_from_hand_written_results(tmp_path):
                      claims)
     assert re.search(r"`mrope_interleaved` 62.5% vs `mrope_chunked_q25` 62.5% .*inside the seed spread", claims)
     assert "not measured (needs variants `videorope` and `mrope_chunked_q25`" in claims
-    assert "Smoke run" not in md
+    assert "Smoke run" not in md and "stopped at" not in md and "vision warm-up reading" not in md
+    # a run cut by the time budget and one whose tower did not learn to read are named above the tables
+    runs[2]["train"].update(planned_steps=300, vision_warmup={"loss": 1.2, "line_acc": 0.5, "wall_s": 3.0})
+    (tmp_path / "mrope_chunked_q3_seed0.json").write_text(json.dumps(runs[2]))
+    md = write_report(tmp_path, tmp_path / "report.md")
+    assert "1 run(s) stopped at `train.max_time_s` before their planned steps**: mrope_chunked_q3 seed 0 (100/300)" in md
+    assert "1 run(s) ended the vision warm-up reading < 90% of the digits**: mrope_chunked_q3 seed 0 (50%)" in md
 
 
 # ------------------------------------------------------------------------------------------------ smoke study
@@ -204,6 +210,11 @@ def test_study_config_errors_name_the_key(tmp_path):
         compose(["scale=smoke", "run=[nope]"])
     with pytest.raises(ConfigError, match="eval.yarn_factor='frames'"):
         compose(["scale=smoke", "eval.yarn_factor=frames"])
+    with pytest.raises(ConfigError, match=r"train.first_steps=5 and train.first_tasks=\[\]: give both"):
+        compose(["scale=smoke", "+train.first_steps=5"])
+    with pytest.raises(ConfigError, match=r"train.first_tasks=\['find'\] must be a subset"):
+        compose(["scale=smoke", "+train.first_tasks=[find]", "+train.first_steps=5"])
+    assert compose(["scale=gpu"]).train.first_tasks == ("read",)  # the GPU settings' curriculum
     with pytest.raises(ConfigError, match="temporal_ids 'seconds'"):
         from model.build import model_config
 

@@ -38,6 +38,7 @@ CASES = {
     # smaller than its own --smoke (tests/test_pe_ablation.py runs that one): one variant, one task, one step
     "pe_ablation.py": (["--out", "{tmp}/pe", "run=[videorope]", "train.steps=1", "eval.trials=1", "data.tasks=[read]",
                         "data.train_groups=4", "data.min_groups=2", "train.vision_warmup.steps=1",
+                        "+train.first_tasks=[read]", "+train.first_steps=1",
                         "train.warmup_images=8"], "ablations.md"),
 }
 NEEDS = {"attention_ptx_report.py": ["triton"], "bench_attention.py": ["triton"], "bench_fp8_linear.py": ["triton"],

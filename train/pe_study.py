@@ -40,6 +40,19 @@ class StudyTrainConfig:
     log_every: int = 50
     vision_warmup: VisionWarmupConfig = field(default_factory=VisionWarmupConfig)
     warmup_images: int = 2000          # distinct digit images for the vision warm-up
+    first_tasks: tuple = ()            # curriculum: the first `first_steps` steps draw only these tasks (e.g. [read]:
+    first_steps: int = 0               # find and read the needle first; the mixture alone can stall, docs/needle.md)
+
+    def __post_init__(self):
+        from model.config import ConfigError
+
+        from .video_needles import TASKS
+
+        if self.first_steps < 0 or (self.first_steps > 0) != bool(self.first_tasks):
+            raise ConfigError(f"train.first_steps={self.first_steps} and train.first_tasks={list(self.first_tasks)}: "
+                              "give both (a curriculum) or neither")
+        if any(t not in TASKS for t in self.first_tasks):
+            raise ConfigError(f"train.first_tasks={list(self.first_tasks)} must be a subset of {TASKS}")
 
 
 @dataclass(frozen=True)
@@ -114,7 +127,8 @@ def train_variant(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, devi
     while step < tc.steps:
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_at(step, tc.steps, cfg.optim)
-        batch = pack_samples([videos.train_sample(rng) for _ in range(tc.batch_size)])
+        tasks = tc.first_tasks if step < tc.first_steps else None  # the curriculum's first stage, then cfg.data.tasks
+        batch = pack_samples([videos.train_sample(rng, tasks) for _ in range(tc.batch_size)])
         m = train_step(model, [batch], opt, run_cfg, device)
         step += 1
         history.append(round(m["loss"], 5))

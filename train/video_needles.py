@@ -198,9 +198,11 @@ class NeedleVideos:
         return Encoded(input_ids=ids, labels=labels, position_ids=torch.cat([vid_pos, tail], dim=1),
                        pixel_values_videos=hay.flatten(0, 1), video_grid_thw=self.grid(groups))
 
-    def train_sample(self, rng: np.random.Generator) -> Encoded:
-        """A training sample: a task from cfg.tasks and a length in [min_groups, train_groups], both uniform."""
-        task = self.cfg.tasks[int(rng.integers(len(self.cfg.tasks)))]
+    def train_sample(self, rng: np.random.Generator, tasks: tuple | None = None) -> Encoded:
+        """A training sample: a task from `tasks` (default cfg.tasks) and a length in [min_groups, train_groups],
+        both uniform."""
+        tasks = tasks or self.cfg.tasks
+        task = tasks[int(rng.integers(len(tasks)))]
         return self.sample(task, int(rng.integers(self.cfg.min_groups, self.cfg.train_groups + 1)), rng)
 
 
