@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: one timer, one peak-memory reading, one builder of the transformers twin model.
+"""Shared by the benchmark scripts: one timer, one decode-step timer, one peak-memory reading, one markdown table,
+one builder of the transformers twin model.
 
 Scripts run as `python scripts/<name>.py` have `scripts/` on sys.path, so they `from _bench import ...`; the
 package itself (`model`, `kernels`, `train`) comes from the editable install (`pip install -e .`).
@@ -65,6 +66,42 @@ def reset_peak_memory():
 def peak_memory_gib() -> float:
     """Peak CUDA memory allocated since the last reset, GiB (0.0 without CUDA)."""
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+@torch.no_grad()
+def decode_ms(model, cache, steps: int = 16, static: bool = True) -> float:
+    """Median ms of one decode step (one new token, logits) at the cache's length; the cache is restored.
+    static: the CUDA-graph step that generate uses on a GPU (model/generation.py's StaticDecoder), else one eager
+    forward per token."""
+    from model.generation import StaticDecoder
+
+    n0 = cache.length
+    tok = torch.tensor([[1000]], device=model.device)
+    dec = StaticDecoder(model, cache) if static else None
+    times = []
+    for i in range(steps + 3):
+        pos = cache.next_position.view(1, 1, 1).expand(3, 1, 1)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if dec is not None:
+            dec.step(tok, pos)
+        else:
+            model(tok, position_ids=pos, past_key_values=cache, logits_to_keep=1)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 3:
+            times.append((time.perf_counter() - t0) * 1e3)
+    if dec is not None:
+        dec.close()
+    cache.truncate(n0)
+    return sorted(times)[len(times) // 2]
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines: the header, the separator, then one line per row (cells already formatted)."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def device_name(device) -> str:

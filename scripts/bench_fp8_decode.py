@@ -5,7 +5,8 @@ nn.Linear of the text decoder is quantised in place with 128 x 128 blocks, as in
 The vision tower, the embedding and lm_head stay bf16. Each weight variant reports:
   - the weight memory;
   - the prefill time of a `--context`-token prompt;
-  - the median decode step at that length (generate's CUDA-graph step, model/generation.py's StaticDecoder);
+  - the median decode step at that length (generate's CUDA-graph step, model/generation.py's StaticDecoder, timed
+    by scripts/_bench.py's decode_ms);
   - the peak memory;
   - how far the last prompt position's logits moved from bf16 (relative L2) and whether the top-1 token agrees.
 The FP8 matmul has two backends: "triton" (kernels/fp8_linear: dequantised inside the matmul) and "torch"
@@ -22,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import device_name, peak_memory_gib, reset_peak_memory
+from _bench import decode_ms, device_name, markdown_table, peak_memory_gib, reset_peak_memory
 
 from model import Qwen3VL, preset
 from model.fp8 import FP8Linear
-from model.generation import KVCache, StaticDecoder
+from model.generation import KVCache
 
 BLOCK = (128, 128)  # weight_block_size of the official *-Instruct-FP8 checkpoints
 
@@ -43,31 +44,16 @@ def weight_gib(model) -> float:
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, steps: int, chunk: int) -> tuple[dict, torch.Tensor]:
     """Prefill `ids` into a fresh cache, then time `steps` decode steps; returns (numbers, last prompt logits)."""
-    dev = ids.device
     cache = KVCache.for_model(model, 1, ids.shape[1] + steps + 8)
     reset_peak_memory()
-    sync(dev)
+    sync(ids.device)
     t0 = time.perf_counter()
     out = model.prefill(ids, cache, chunk_size=chunk)
-    sync(dev)
+    sync(ids.device)
     prefill_s = time.perf_counter() - t0
-    logits = out.logits[0, -1].float()
-    dec = StaticDecoder(model, cache, graph=dev.type == "cuda")
-    tok = logits.argmax().view(1, 1)
-    times = []
-    for i in range(steps + 3):  # 3 untimed steps first
-        pos = cache.next_position.view(1, 1, 1).expand(3, 1, 1)
-        sync(dev)
-        t0 = time.perf_counter()
-        tok = dec.step(tok, pos)[:, -1].argmax(-1, keepdim=True)
-        sync(dev)
-        if i >= 3:
-            times.append((time.perf_counter() - t0) * 1e3)
-    dec.close()
-    r = {"prefill_s": round(prefill_s, 3), "decode_ms": round(sorted(times)[len(times) // 2], 3),
-         "peak_gib": round(peak_memory_gib(), 2)}
-    del cache
-    return r, logits
+    ms = decode_ms(model, cache, steps)  # generate's CUDA-graph step on a GPU
+    r = {"prefill_s": round(prefill_s, 3), "decode_ms": round(ms, 3), "peak_gib": round(peak_memory_gib(), 2)}
+    return r, out.logits[0, -1].float()
 
 
 def quantise_text_linears(model, backend: str) -> int:
@@ -122,10 +108,9 @@ def main():
     head = (f"Decode with FP8 weights vs {rows[0]['weights']}, preset {args.preset} (random weights), "
             f"{n} text-decoder linears quantised with {BLOCK[0]} x {BLOCK[1]} blocks, {args.context}-token prompt, "
             f"batch 1, {device_name(dev)}, torch {torch.__version__}")
-    table = ["| weights | FP8 matmul | weight GiB | prefill s | decode ms/token | peak GiB | logits rel. err | top-1 |",
-             "|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['weights']} | {r['backend']} | {r['weight_gib']} | {r['prefill_s']} | {r['decode_ms']} | "
-              f"{r['peak_gib']} | {r.get('logits_rel_err', '-')} | {r.get('top1_agrees', '-')} |" for r in rows]
+    keys = ["weights", "backend", "weight_gib", "prefill_s", "decode_ms", "peak_gib", "logits_rel_err", "top1_agrees"]
+    table = markdown_table(["weights", "FP8 matmul", "weight GiB", "prefill s", "decode ms/token", "peak GiB",
+                            "logits rel. err", "top-1"], [[r.get(k, "-") for k in keys] for r in rows])
     print(head + "\n\n" + "\n".join(table))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

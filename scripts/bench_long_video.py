@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _bench import device_name, hf_twin, peak_memory_gib, reset_peak_memory
+from _bench import decode_ms, device_name, hf_twin, peak_memory_gib, reset_peak_memory
 
 from model import Qwen3VL, load_processor, preset
 from model.generation import FP8, KVCache, quantize_kv
@@ -102,36 +102,6 @@ def hbm_gbps(device) -> float:
     dt = (time.perf_counter() - t0) / 5
     del x, y
     return 2 * 4 * 2**30 / dt / 1e9
-
-
-@torch.no_grad()
-def decode_ms(model, cache: KVCache, steps: int = 16, static: bool = True) -> float:
-    """Median ms of one decode step (one new token, logits) at the cache's length; the cache is restored.
-    static: the CUDA-graph step that generate uses on a GPU (model/generation.py's StaticDecoder), else one eager
-    forward per token."""
-    from model.generation import StaticDecoder
-
-    n0 = cache.length
-    tok = torch.tensor([[1000]], device=model.device)
-    dec = StaticDecoder(model, cache) if static else None
-    times = []
-    for i in range(steps + 3):
-        pos = cache.next_position.view(1, 1, 1).expand(3, 1, 1)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        if dec is not None:
-            dec.step(tok, pos)
-        else:
-            model(tok, position_ids=pos, past_key_values=cache, logits_to_keep=1)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 3:
-            times.append((time.perf_counter() - t0) * 1e3)
-    if dec is not None:
-        dec.close()
-    cache.truncate(n0)
-    return sorted(times)[len(times) // 2]
 
 
 def fill_random(cache: KVCache, upto: int, seed: int = 0):

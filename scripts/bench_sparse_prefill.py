@@ -37,7 +37,7 @@ if "--smoke" in sys.argv:
 
 import torch
 import torch.nn.functional as F
-from _bench import device_name
+from _bench import device_name, markdown_table
 
 from kernels.attention import sparse_attention
 from kernels.attention.sparse_patterns import ESTIMATORS, block_density
@@ -236,10 +236,10 @@ def main():
     head = (f"Block-sparse prefill, one layer's causal attention, shape (Hq {HQ}, Hkv {HKV}, D {D}), bf16, "
             f"block {args.block}, data {args.data}, {device_name(dev)}, torch {torch.__version__}, "
             f"{time.strftime('%Y-%m-%d')}\n\n`{' '.join(sys.argv)}`\n\n")
-    table = ["| tokens | method | estimator s | kernel s | total s | speedup vs dense | density | rel. error |",
-             "|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['tokens']:,} | {r['method']} | {r['estimator_s']:.3f} | {r['kernel_s']:.3f} | "
-              f"{r['total_s']:.3f} | {r['speedup']:.2f}x | {r['density']:.3f} | {r['rel_err']:.3f} |" for r in rows]
+    table = markdown_table(
+        ["tokens", "method", "estimator s", "kernel s", "total s", "speedup vs dense", "density", "rel. error"],
+        [[f"{r['tokens']:,}", r["method"], f"{r['estimator_s']:.3f}", f"{r['kernel_s']:.3f}", f"{r['total_s']:.3f}",
+          f"{r['speedup']:.2f}x", f"{r['density']:.3f}", f"{r['rel_err']:.3f}"] for r in rows])
     text = head + "\n".join(table) + "\n"
     print(text)
     write(args, text, rows)
