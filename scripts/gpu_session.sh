@@ -168,7 +168,8 @@ case "$stage" in
       needle.stream=true
     ;;
   fp8)
-    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_fp8.py 2>&1 | tail -5 | tee "$OUT/fp8_tests.txt"
+    timeout 200 python -m pytest -q -x -p no:cacheprovider tests/test_fp8.py > "$OUT/fp8_tests.txt" 2>&1
+    grep -a "^E \|Error\|passed\|failed" "$OUT/fp8_tests.txt" | tail -25
     timeout 150 python scripts/bench_fp8_linear.py --out "$OUT/bench_fp8_linear.md" > "$OUT/bench_fp8_linear.log" 2>&1
     echo "bench rc=$?"; tail -25 "$OUT/bench_fp8_linear.log"
     timeout 200 python scripts/bench_fp8_decode.py --preset 8b --context 4096 --steps 32 --json "$OUT/fp8_decode.json" \

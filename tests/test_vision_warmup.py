@@ -88,7 +88,39 @@ def test_trainer_warms_up_on_a_fresh_start_only(data, tmp_path, capsys):
     assert len(first["vision_warmup"]["history"]) == 3  # also in result.json
     res = train(small_config(data, tmp_path, train=over))          # resumes at step 2: no second warm-up
     assert [h["step"] for h in res["history"]] == [3, 4]
-    assert "vision warm-up" not in capsys.readouterr().out and res["vision_warmup"] is None
+    assert "vision warm-up" not in capsys.readouterr().out
+    assert res["vision_warmup"]["history"] == first["vision_warmup"]["history"]  # carried by the checkpoint
+
+
+def test_a_run_cut_before_its_first_step_keeps_the_warm_up(data, tmp_path, capsys, monkeypatch):
+    """The warmed-up tower is saved as a step-0 checkpoint: a run that dies in its first training step resumes
+    from it, with the same tower weights and without a second warm-up."""
+    import train.trainer as trainer
+
+    over = {"steps": 2, "save_every": 2, "vision_warmup": {"steps": 3, "batch_size": 4, "log_every": 1}}
+    real_step = trainer.train_step
+    seen = {}
+
+    def dies(model, *a, **k):
+        seen["first"] = params_snapshot(model.model.visual)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(trainer, "train_step", dies)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(small_config(data, tmp_path, train=over))
+    assert capsys.readouterr().out.count("vision warm-up") == 3
+
+    def records(model, *a, **k):
+        seen.setdefault("resumed", params_snapshot(model.model.visual))
+        return real_step(model, *a, **k)
+
+    monkeypatch.setattr(trainer, "train_step", records)
+    res = train(small_config(data, tmp_path, train=over))
+    out = capsys.readouterr().out
+    assert "vision warm-up" not in out and "at step 0" in out
+    assert [h["step"] for h in res["history"]] == [1, 2] and len(res["vision_warmup"]["history"]) == 3
+    for name, p in seen["first"].items():
+        torch.testing.assert_close(seen["resumed"][name], p, rtol=0, atol=0, msg=name)
 
 
 def test_warmup_with_a_frozen_tower_is_refused(data, tmp_path):

@@ -154,6 +154,12 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         st = load_checkpoint(resume_from, model, optimizer, distributed=distributed, verify=not verified)
         start_step, position = st["step"], st["position"]
+        warmup_result = st.get("vision_warmup")
+    elif warmup_result is not None and cfg.train.save_every > 0:
+        # the warmed-up tower is minutes of work: a run cut before its first checkpoint resumes from here
+        save_checkpoint(ckpt_root, 0, model, optimizer, {"step": 0, "position": position, "config":
+                        config_to_dict(cfg), "history_tail": [], "vision_warmup": warmup_result},
+                        cfg.train.keep_last, distributed)
 
     sampler = PackedBatchSampler(train_ds.lengths, cfg.data.token_budget, seed=cfg.train.seed,
                                  shuffle=cfg.data.shuffle, length_grouping=cfg.data.length_grouping,
@@ -210,7 +216,7 @@ def train(cfg: Config) -> dict:
             do_eval()
         if (cfg.train.save_every > 0 and step % cfg.train.save_every == 0) or step == cfg.train.steps or timed_out:
             state = {"step": step, "position": stream.position, "config": config_to_dict(cfg),
-                     "history_tail": history[-5:]}
+                     "history_tail": history[-5:], "vision_warmup": warmup_result}
             last_ckpt = save_checkpoint(ckpt_root, step, model, optimizer, state, cfg.train.keep_last, distributed)
         if timed_out:
             logger.print(f"stopping at step {step} (train.max_time_s / train.stop_after_steps); resume=auto continues")

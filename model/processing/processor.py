@@ -253,7 +253,8 @@ class Qwen3VLProcessor:
         if return_labels:
             out["labels"] = torch.tensor(self.labels_for(ids), dtype=torch.long)
         if images:
-            out["pixel_values"] = torch.cat([pv for pv, _ in images])
+            # one image (the common case) is handed over as is: a copy of its ~6 MB rows per sample adds up
+            out["pixel_values"] = images[0][0] if len(images) == 1 else torch.cat([pv for pv, _ in images])
             out["image_grid_thw"] = torch.tensor([list(g) for _, g in images], dtype=torch.long)
         if videos:
             out["pixel_values_videos"] = torch.cat([v.pixel_values for v in videos])
