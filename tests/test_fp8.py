@@ -8,7 +8,7 @@ Fp8Dequantize and its FP8 loader (which dequantises on CPU) check the saver from
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib.metadata
 import json
 import math
 
@@ -422,6 +422,15 @@ def test_save_moe_per_expert_round_trip(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- transformers reads ours
+def _installed(dist: str) -> bool:
+    """An installed distribution of that name (not a folder of this checkout that happens to share it)."""
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 def test_transformers_loads_our_fp8_checkpoint(tmp_path):
     """transformers' FP8 quantizer, told to dequantise (`FineGrainedFP8Config(dequantize=True)`, what it does by
     itself on a CPU-only machine: its Fp8Dequantize), must find every tensor where the official layout puts it.
@@ -442,8 +451,9 @@ def test_transformers_loads_our_fp8_checkpoint(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="transformers' FP8 matmul needs CUDA with compute capability >= 8.9")
-@pytest.mark.skipif(importlib.util.find_spec("kernels") is None,
-                    reason="transformers' FP8 matmul comes from the Hub through the `kernels` package (not installed)")
+@pytest.mark.skipif(not _installed("kernels"),
+                    reason="transformers' FP8 matmul comes from the Hub through the `kernels` package (not installed; "
+                           "find_spec would find this repository's own kernels/ instead)")
 def test_transformers_fp8_linear_on_cuda_runs_our_checkpoint(tmp_path):
     """transformers keeps our weights in FP8 (FP8Linear, FP8 activations): logits within FP8 error of ours."""
     import transformers
