@@ -56,6 +56,18 @@ def median_ms(fn, *, reps: int = 5, warmup: int = 2, grad_to_none=None, flush_l2
     return statistics.median(times)
 
 
+def graph_ms(fn, *, reps: int = 20, flush_l2: bool = True) -> float:
+    """Median ms of one replay of `fn` captured in a CUDA graph: the GPU time, without the Python and launch
+    overhead that `median_ms` also counts when the kernels are short (decode: generate replays its step as a CUDA
+    graph, model/generation.py's StaticDecoder). `fn` is called twice first (compilation), then captured."""
+    fn(), fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return median_ms(g.replay, reps=reps, warmup=2, flush_l2=flush_l2)
+
+
 def reset_peak_memory():
     """Free cached blocks and restart the peak-memory counter (no-op without CUDA)."""
     if torch.cuda.is_available():

@@ -92,16 +92,19 @@ def _split_k(M: int, N: int, K: int, BM: int, BN: int, BK: int, x: Tensor) -> in
     return max(1, min(triton.cdiv(2 * sms, tiles), K // (4 * BK)))
 
 
-def _forward(x2: Tensor, weight: Tensor, scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None) -> Tensor:
+def _forward(x2: Tensor, weight: Tensor, scale_inv: Tensor, block: tuple[int, int], bias: Tensor | None,
+             config: tuple[int, int, int, int, int] | None = None, split: int | None = None) -> Tensor:
+    """config (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) and split (K slices) override `_config` and
+    `_split_k` (scripts/bench_fp8_linear.py --sweep searches them)."""
     M, K = x2.shape
     N = weight.shape[0]
     if M == 0:
         return torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    BM, BN, BK, warps, stages = _config(M, x2)
+    BM, BN, BK, warps, stages = config or _config(M, x2)
     tile_scale = block[1] % BK == 0
     if not tile_scale and block[1] >= 16 and block[1] & (block[1] - 1) == 0:  # a power of two below BK: use it
         BK, tile_scale = block[1], True
-    split = _split_k(M, N, K, BM, BN, BK, x2)
+    split = split or _split_k(M, N, K, BM, BN, BK, x2)
     k_split = triton.cdiv(triton.cdiv(K, split), BK) * BK  # each slice a whole number of K steps
     split = triton.cdiv(K, k_split)
     y = torch.empty(split, M, N, device=x2.device, dtype=x2.dtype if split == 1 else torch.float32)
