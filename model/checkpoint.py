@@ -271,7 +271,7 @@ def _keep_fp8_linears(model: Qwen3VL, fp8_weights: set[str], block: tuple[int, i
 
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     *, attn_backend: str | None = None, moe_backend: str | None = None,
-                    moe_layout: str | None = None, fp8: str = "dequantize", fp8_backend: str = "torch",
+                    moe_layout: str | None = None, fp8: str = "dequantize", fp8_backend: str = "auto",
                     progress: bool = True) -> Qwen3VL:
     """Load an official-layout checkpoint directory strictly (bf16 / fp32 or fine-grained FP8 weights).
 
@@ -282,7 +282,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         moe_layout: None (infer from shapes), "official" or "transformers" (needed only when H == 2I).
         fp8: for FP8 checkpoints: "dequantize" every FP8 tensor to `dtype` while loading, or "keep" the weights of
             linear layers in FP8 (`FP8Linear`; MoE experts are still dequantised). Ignored for other checkpoints.
-        fp8_backend: FP8Linear's matmul with fp8="keep": "torch" (dequantise, then F.linear) or "triton".
+        fp8_backend: FP8Linear's matmul with fp8="keep": "auto" (Triton for up to 2,048 rows on CUDA, else
+            "torch"), "torch" (dequantise, then F.linear) or "triton" (kernels.fp8_linear).
     Returns: Qwen3VL in eval mode; its config keeps `quantization` only with fp8="keep".
     """
     path = Path(path)

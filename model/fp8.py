@@ -31,7 +31,11 @@ from torch import Tensor, nn
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 SCALE_SUFFIX = "_scale_inv"
-FP8_BACKENDS = ("torch", "triton")
+FP8_BACKENDS = ("auto", "torch", "triton")
+# "auto": the Triton W8A16 kernel up to this many rows on CUDA, dequantise + cuBLAS above it (and off CUDA). Measured
+# on an H200 at the 8B layer shapes (docs/benchmarks.md, "FP8 W8A16 linear"): Triton 1.05-1.09x bf16 at 1-16 rows,
+# 2.3x faster than dequantise + F.linear at 512 rows, 1.7x slower at 4,096; the two cross near ~1,800 rows.
+FP8_AUTO_TRITON_ROWS = 2048
 
 
 def scale_name(weight_name: str) -> str:
@@ -173,12 +177,13 @@ class FP8Linear(nn.Module):
 
     Args:
         in_features: K; out_features: N; bias: whether a bias exists; block: (bn, bk).
-        backend: "torch" (dequantise to the activation dtype, then F.linear) or "triton" (`kernels.fp8_linear`,
-            the dequantisation inside the matmul; CUDA or TRITON_INTERPRET).
+        backend: "torch" (dequantise to the activation dtype, then F.linear), "triton" (`kernels.fp8_linear`,
+            the dequantisation inside the matmul; CUDA or TRITON_INTERPRET) or "auto" (Triton for up to
+            FP8_AUTO_TRITON_ROWS rows on CUDA, i.e. decode and short prefill chunks; "torch" otherwise).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, block: tuple[int, int],
-                 backend: str = "torch", device=None):
+                 backend: str = "auto", device=None):
         super().__init__()
         if backend not in FP8_BACKENDS:
             raise ValueError(f"FP8 backend must be one of {FP8_BACKENDS}, got {backend!r}")
@@ -191,7 +196,7 @@ class FP8Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, block: tuple[int, int], backend: str = "torch") -> "FP8Linear":
+    def from_linear(cls, linear: nn.Linear, block: tuple[int, int], backend: str = "auto") -> "FP8Linear":
         """Quantise an nn.Linear (its bias keeps its dtype)."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, block, backend,
                 device=linear.weight.device)
@@ -207,7 +212,10 @@ class FP8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., K) bf16 / fp16 / fp32 -> (..., N) x's dtype."""
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.backend == "triton":
+        backend = self.backend
+        if backend == "auto":
+            backend = "triton" if x.is_cuda and x.numel() // self.in_features <= FP8_AUTO_TRITON_ROWS else "torch"
+        if backend == "triton":
             from kernels.fp8_linear import fp8_linear  # Triton is imported only when this backend is chosen
 
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.block, bias)

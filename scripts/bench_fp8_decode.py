@@ -4,7 +4,7 @@ One random-weight model (the official checkpoints cannot be downloaded here). Th
 nn.Linear of the text decoder is quantised in place with 128 x 128 blocks, as in Qwen/Qwen3-VL-8B-Instruct-FP8.
 The vision tower, the embedding and lm_head stay bf16. Each weight variant reports:
   - the weight memory;
-  - the prefill time of a `--context`-token prompt;
+  - the prefill time of a `--context`-token prompt (after a 128-token warm-up prefill: compilation excluded);
   - the median decode step at that length (generate's CUDA-graph step, model/generation.py's StaticDecoder, timed
     by scripts/_bench.py's decode_ms);
   - the peak memory;
@@ -44,6 +44,9 @@ def weight_gib(model) -> float:
 @torch.no_grad()
 def measure(model, ids: torch.Tensor, steps: int, chunk: int) -> tuple[dict, torch.Tensor]:
     """Prefill `ids` into a fresh cache, then time `steps` decode steps; returns (numbers, last prompt logits)."""
+    warm = KVCache.for_model(model, 1, 256)  # compile / autotune on a short prompt first: not part of the timing
+    model.prefill(ids[:, :128], warm, chunk_size=chunk)
+    del warm
     cache = KVCache.for_model(model, 1, ids.shape[1] + steps + 8)
     reset_peak_memory()
     sync(ids.device)
@@ -56,13 +59,24 @@ def measure(model, ids: torch.Tensor, steps: int, chunk: int) -> tuple[dict, tor
     return r, out.logits[0, -1].float()
 
 
-def quantise_text_linears(model, backend: str) -> int:
-    """Swap every nn.Linear of the text decoder for an FP8Linear (quantised from its weight); returns how many."""
+def quantise_text_linears(model, backend: str) -> tuple[int, float]:
+    """Swap every nn.Linear of the text decoder for an FP8Linear (quantised from its weight).
+
+    Returns: (how many, the mean relative L2 error of the dequantised weights: the per-matmul error that the
+    random-weight network then amplifies layer after layer into the logits' error)."""
+    from model.fp8 import dequantize_blockwise
+
     lm = model.model.language_model
     names = [n for n, m in lm.named_modules() if type(m) is torch.nn.Linear]
+    errs = []
     for n in names:
-        lm.set_submodule(n, FP8Linear.from_linear(lm.get_submodule(n), BLOCK, backend))
-    return len(names)
+        lin = lm.get_submodule(n)
+        q = FP8Linear.from_linear(lin, BLOCK, backend)
+        w = lin.weight.float()
+        errs.append(float((dequantize_blockwise(q.weight, q.weight_scale_inv, BLOCK, torch.float32) - w).norm()
+                          / w.norm()))
+        lm.set_submodule(n, q)
+    return len(names), sum(errs) / max(1, len(errs))
 
 
 def main():
@@ -93,7 +107,7 @@ def main():
     rows.append({"weights": "bf16" if dtype == torch.bfloat16 else "fp32", "backend": "-",
                  "weight_gib": round(weight_gib(model), 2), **r})
     print(rows[-1], flush=True)
-    n = quantise_text_linears(model, args.backends[0])
+    n, w_err = quantise_text_linears(model, args.backends[0])
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     for backend in args.backends:
@@ -106,7 +120,8 @@ def main():
                      "logits_rel_err": round(err, 4), "top1_agrees": bool(logits.argmax() == ref.argmax())})
         print(rows[-1], flush=True)
     head = (f"Decode with FP8 weights vs {rows[0]['weights']}, preset {args.preset} (random weights), "
-            f"{n} text-decoder linears quantised with {BLOCK[0]} x {BLOCK[1]} blocks, {args.context}-token prompt, "
+            f"{n} text-decoder linears quantised with {BLOCK[0]} x {BLOCK[1]} blocks (mean weight rel. err "
+            f"{w_err:.4f}), {args.context}-token prompt, "
             f"batch 1, {device_name(dev)}, torch {torch.__version__}")
     keys = ["weights", "backend", "weight_gib", "prefill_s", "decode_ms", "peak_gib", "logits_rel_err", "top1_agrees"]
     table = markdown_table(["weights", "FP8 matmul", "weight GiB", "prefill s", "decode ms/token", "peak GiB",
@@ -114,7 +129,7 @@ def main():
     print(head + "\n\n" + "\n".join(table))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"title": head, "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"title": head, "weight_rel_err": w_err, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

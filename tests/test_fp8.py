@@ -173,7 +173,8 @@ def test_official_fp8_keep_matches_dequantized_model(dense, dtype):
         assert torch.equal(q.weight.view(torch.uint8),
                            f.get_tensor("model.language_model.layers.0.self_attn.q_proj.weight").view(torch.uint8))
     assert model.config.quantization.weight_block_size == BLOCK
-    # torch backend: the weight is dequantised to the activation dtype (fp32 product, one rounding), then F.linear:
+    # the default backend ("auto") is the torch path off CUDA: the weight is dequantised to the activation dtype
+    # (fp32 product, one rounding), then F.linear:
     # the same weights as the dequantise path, so the same logits.
     ref = _reference(config, real, dtype)
     torch.testing.assert_close(_logits(model, IDS), _logits(ref, IDS), rtol=0, atol=0)
@@ -517,6 +518,35 @@ def test_fp8_linear_kernel_rejects_bad_input():
         fp8_linear(torch.randn(2, 32), q.float(), s, (16, 16))
     with pytest.raises(ValueError, match="x has 31 features"):
         fp8_linear(torch.randn(2, 31), q, s, (16, 16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the auto backend picks Triton only on CUDA"))])
+def test_fp8_auto_backend_dispatches_on_rows_and_device(device, monkeypatch):
+    """backend="auto": kernels.fp8_linear for <= FP8_AUTO_TRITON_ROWS rows on CUDA, dequantise + F.linear above it
+    and off CUDA (spied: which path ran, and the result equals that backend's own)."""
+    import kernels.fp8_linear as kf
+    import model.fp8 as mf
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, device=device)
+    auto, forced = mf.FP8Linear.from_linear(lin, (16, 16)), {b: mf.FP8Linear.from_linear(lin, (16, 16), b)
+                                                              for b in ("torch", "triton")}
+    assert auto.backend == "auto"
+    calls = []
+    real = kf.fp8_linear
+    monkeypatch.setattr(kf, "fp8_linear", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(mf, "FP8_AUTO_TRITON_ROWS", 8)
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    for rows, want in ((8, "triton" if device == "cuda" else "torch"), (9, "torch")):
+        x = torch.randn(rows, 64, device=device, dtype=dtype)
+        calls.clear()
+        y = auto(x)
+        assert bool(calls) == (want == "triton"), (rows, want, calls)
+        if want == "torch":
+            torch.testing.assert_close(y, forced["torch"](x), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(y, forced["triton"](x), rtol=0, atol=0)
 
 
 def test_keep_fp8_with_triton_backend(dense):
