@@ -2,8 +2,9 @@
 # One device call = one stage; every log lands in $OUT (the device tool fetches it back).
 #   bash scripts/gpu_session.sh attention   # full-size kernel tests + attention benchmark
 #   bash scripts/gpu_session.sh ocr         # ocr_demo_gpu training run (+ curve plot)
-#   bash scripts/gpu_session.sh grounding-data  # the grounding_demo_gpu set alone (16K scenes, ~40 s on 16 cores)
-#   bash scripts/gpu_session.sh grounding   # grounding_demo_gpu training run (+ curve plot, task=grounding eval)
+#   bash scripts/gpu_session.sh grounding-data  # the grounding_demo_gpu set alone (32K scenes, ~80 s on 16 cores)
+#   bash scripts/gpu_session.sh grounding   # grounding_demo_gpu training run and, beside it, GROUNDING_ALT's variant
+#                                           # (+ curve plots, task=grounding evals)
 #   bash scripts/gpu_session.sh train       # train-step benchmarks at 8K and 16K tokens, then the remaining kernel tests
 #   bash scripts/gpu_session.sh final       # compiled train-step variants, then a shorter ocr_demo_gpu run
 #   bash scripts/gpu_session.sh speed       # train-step variants at 8K (OURS), then a kernel profile of PROF
@@ -78,17 +79,34 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
 PY
 }
 
-grounding_run() {  # <seconds>
-  timeout "$1" python -m train experiment=grounding_demo_gpu logging.wandb_mode=disabled ${EXTRA:-} \
-    hydra.run.dir="$OUT/hydra" > "$OUT/grounding.log" 2>&1
-  echo "train rc=$?"; cp runs/grounding_demo_gpu/result.json "$OUT/" 2>/dev/null
-  python -m train.plot runs/grounding_demo_gpu/result.json "$OUT/grounding_demo_curve.png" 2>&1 | tail -3
-  tr '\r' '\n' < "$OUT/grounding.log" | grep -a "^vision warm-up\|^eval\|^exported\|Error" | cut -c1-300 | tail -24
-  if [ -d runs/grounding_demo_gpu/final ]; then
-    timeout 100 python -m eval task=grounding grounding.checkpoints=[runs/grounding_demo_gpu/final] \
-      grounding.data=data/grounding_synth_gpu/val.jsonl grounding.max_new_tokens=48 grounding.draw=16 \
-      grounding.out_dir="$OUT/grounding_eval" 2>&1 | tail -20
+grounding_one() {  # <name> <seconds> <overrides...>: one grounding_demo_gpu run, its curve and its held-out eval
+  local name=$1 secs=$2 data; shift 2
+  data=$(printf '%s\n' "$@" | sed -n 's/^data.grounding.out_dir=//p'); data=${data:-data/grounding_synth_gpu}
+  timeout "$secs" python -m train experiment=grounding_demo_gpu logging.wandb_mode=disabled name=$name "$@" \
+    hydra.run.dir="$OUT/hydra_$name" > "$OUT/$name.log" 2>&1
+  echo "$name: train rc=$?"; cp runs/$name/result.json "$OUT/$name.result.json" 2>/dev/null
+  python -m train.plot runs/$name/result.json "$OUT/${name}_curve.png" 2>&1 | tail -1
+  tr '\r' '\n' < "$OUT/$name.log" | grep -a "^vision warm-up\|^eval\|^exported\|^resumed\|^stopping\|Error" \
+    | cut -c1-200 | sed "s/^/$name: /" | tail -14
+  if [ -d runs/$name/final ]; then
+    timeout 100 python -m eval task=grounding grounding.checkpoints=[runs/$name/final] \
+      grounding.data=$data/val.jsonl grounding.max_new_tokens=48 grounding.draw=16 \
+      grounding.out_dir="$OUT/${name}_eval" 2>&1 | tail -12
   fi
+}
+
+grounding_run() {  # <seconds>: grounding_demo_gpu (+ EXTRA), and beside it, in a second process on the same GPU,
+  # the variant GROUNDING_ALT (both models are small and launch-bound: two processes share the GPU well).
+  # GROUNDING_ALT=none runs the main one alone.
+  local alt=${GROUNDING_ALT:-data.grounding.width=128 data.grounding.height=128 data.grounding.n_train=64000 \
+data.grounding.out_dir=data/grounding_synth_gpu128}
+  if [ "$alt" != none ]; then
+    # shellcheck disable=SC2086
+    grounding_one grounding_demo_gpu128 "$1" $alt ${EXTRA:-} > "$OUT/alt_summary.txt" 2>&1 &
+  fi
+  # shellcheck disable=SC2086
+  grounding_one grounding_demo_gpu "$1" ${EXTRA:-}
+  wait; cat "$OUT/alt_summary.txt" 2>/dev/null
 }
 
 case "$stage" in
@@ -108,11 +126,11 @@ case "$stage" in
     ocr_run "${OCR_S:-520}"
     ;;
   grounding-data)  # the same settings as conf/experiment/grounding_demo_gpu.yaml, so the training run reuses it
-    timeout 580 python scripts/make_grounding_data.py --out data/grounding_synth_gpu --n-train 16000 --n-val 128 \
+    timeout 580 python scripts/make_grounding_data.py --out data/grounding_synth_gpu --n-train 32000 --n-val 128 \
       --width 256 --height 256 2>&1 | tail -3
     ;;
-  grounding)
-    grounding_run "${GROUNDING_S:-520}"  # the run makes its set first when missing (~40 s on the device's 16 cores)
+  grounding)  # each run makes its set first when missing (~40 s for 16K 256x256 scenes on the device's 16 cores)
+    grounding_run "${GROUNDING_S:-560}"
     ;;
   train)
     bench_train 8k 270 8192 6 "${OURS:-torch,triton,triton+compile}"
