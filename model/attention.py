@@ -4,7 +4,9 @@ The mask is an `AttentionMask` (model/masks.py); the backend renders it:
 - `torch`: scaled_dot_product_attention (the default, works everywhere): plain causal calls use SDPA's own mask
   (GQA natively), packed documents take the fast paths below, anything else a dense boolean mask;
 - `triton`: our kernels (`kernels.attention`, imported on first use so `model/` does not import Triton at import
-  time): causal, window, global keys/queries, documents; no key padding;
+  time): causal, window, global keys/queries, documents; no key padding. On a GPU, non-causal calls over one
+  document or equal-length documents (the vision tower's frames) go to SDPA, which is faster there
+  (`_sdpa_is_faster`);
 - `flex`: FlexAttention (torch.nn.attention.flex_attention) with the mask's `mask_mod`: every mask, for ablations of
   masks our kernels lack (on CPU: eager, forward only, small sizes; compile it for speed).
 A mask a backend cannot run raises NotImplementedError naming the backend and the mask feature.
@@ -129,9 +131,30 @@ def _flex(q, k, v, mask: AttentionMask, scale: float | None) -> torch.Tensor:
     return out[0] if packed else out
 
 
+def _sdpa_is_faster(q: torch.Tensor, mask: AttentionMask) -> bool:
+    """The vision tower's calls, where SDPA (cuDNN / flash) beats our kernel on a GPU: non-causal attention over one
+    document or over packed documents of one length (the frames of a video, same-size images), known without a
+    host sync (n documents x max_seqlen == T). Measured on an H100 (docs/benchmarks.md, "Attention kernels"):
+    16 x 784 d64 / d72 and 1 x 12,544 d72, SDPA 1.0-1.4x faster forward and 1.5-2.3x backward. Unequal documents
+    (mixed image sizes) stay on the varlen kernel, which SDPA can only run as a loop or a dense mask."""
+    if not q.is_cuda or mask.features() not in ((), ("documents",)):
+        return False
+    if mask.cu_seqlens is None:
+        return True
+    n = mask.cu_seqlens.numel() - 1
+    return mask.max_seqlen is not None and n * mask.max_seqlen == q.shape[0]
+
+
 def _triton(q, k, v, mask: AttentionMask, scale: float | None, kv_scales=None) -> torch.Tensor:
     from kernels.attention import attention  # Triton is imported only when asked for
 
+    if kv_scales is None and _sdpa_is_faster(q, mask):
+        q, k, v = to_autocast_dtype(q, k, v)
+        if mask.cu_seqlens is None:
+            return _sdpa(q, k, v, mask, scale)
+        n = mask.cu_seqlens.numel() - 1
+        out = _sdpa(*(t.view(n, mask.max_seqlen, *t.shape[1:]) for t in (q, k, v)), mask.within_document(), scale)
+        return out.reshape(q.shape)
     if kv_scales is not None:  # FP8 cache: the kernels dequantise tile by tile (no bf16 copy of the cache)
         return attention(q, k, v, **mask.kernel_args(), scale=scale, k_scale=kv_scales[0], v_scale=kv_scales[1])
     q, k, v = to_autocast_dtype(q, k, v)  # as SDPA under autocast (fp32 RoPE outputs meet bf16 v)

@@ -78,6 +78,17 @@ def _make(case: Case, provider: str, dtype, device):
         return torch.randn(*shape, generator=g, dtype=dtype, device=device).requires_grad_()
 
     packed = bool(case.docs or case.frames)
+    if provider == "attend_triton":  # the model's call: model.attention.attend(backend="triton"), which sends the
+        # vision tower's equal-length non-causal frames to SDPA on a GPU (model/attention.py's _sdpa_is_faster)
+        from model.attention import attend
+        from model.masks import AttentionMask
+
+        lens = case.docs or [case.n // max(1, case.frames)] * max(1, case.frames)
+        cu = torch.tensor([0] + lens, device=device).cumsum(0).to(torch.int32)
+        q, k, v = rnd(case.n, case.hq, case.d), rnd(case.n, case.hkv, case.d), rnd(case.n, case.hkv, case.d)
+        mask = AttentionMask(causal=case.causal, cu_seqlens=cu, max_seqlen=max(lens), window=case.window,
+                             num_global=case.num_global)
+        return (lambda: attend(q, k, v, mask, backend="triton")), (q, k, v)
     if provider == "ours" or provider == "ours_flash":
         if packed:
             lens = case.docs or [case.n // case.frames] * case.frames
@@ -251,11 +262,11 @@ def main():
         Case("window 4096 + 64 global 32K", k32, window=w, num_global=gl, providers=("ours", "flex")),
         Case("packed 8x4K causal", k32, docs=[k32 // 8] * 8, providers=("ours",)),
         Case(f"vision {nf}x{frame} d64 h16", nf * frame, hq=16, hkv=16, d=64, causal=False, frames=nf,
-             providers=("ours", "sdpa", "sdpa_cudnn", "sdpa_flash")),
+             providers=("ours", "attend_triton", "sdpa", "sdpa_cudnn", "sdpa_flash")),
         Case(f"vision {nf}x{frame} d72 h16", nf * frame, hq=16, hkv=16, d=72, causal=False, frames=nf,
-             providers=("ours", "sdpa", "sdpa_flash")),
+             providers=("ours", "attend_triton", "sdpa", "sdpa_flash")),
         Case(f"vision 1x{nf * frame} d72 h16", nf * frame, hq=16, hkv=16, d=72, causal=False, frames=1,
-             providers=("ours", "sdpa", "sdpa_flash")),
+             providers=("ours", "attend_triton", "sdpa", "sdpa_flash")),
     ]
     if args.tiny:  # every case's code path, at a size the interpreter runs in seconds
         for c in cases:

@@ -170,6 +170,34 @@ def test_flex_gradients_match_torch():
         torch.testing.assert_close(b, a, rtol=1e-5, atol=5e-5)
 
 
+def test_triton_backend_sends_vision_calls_to_sdpa():
+    """On a GPU, `triton` runs non-causal calls over one document or equal-length documents (the vision tower's
+    frames) through SDPA, which is faster there; unequal documents, causal masks, CPU tensors and an unknown
+    max_seqlen stay on the kernel. The SDPA route equals the reference (its batched view of the packed row is
+    exercised on CPU by forcing the predicate)."""
+    import model.attention as ma
+
+    class Cuda:  # stands in for a CUDA tensor: only .is_cuda and .shape are read
+        is_cuda, shape = True, (12, 4, 16)
+
+    cu_eq, cu_uneq = torch.tensor([0, 4, 8, 12], dtype=torch.int32), torch.tensor([0, 3, 8, 12], dtype=torch.int32)
+    assert ma._sdpa_is_faster(Cuda(), AttentionMask(cu_seqlens=cu_eq, max_seqlen=4))
+    assert ma._sdpa_is_faster(Cuda(), AttentionMask())
+    assert not ma._sdpa_is_faster(Cuda(), AttentionMask(cu_seqlens=cu_uneq, max_seqlen=5))
+    assert not ma._sdpa_is_faster(Cuda(), AttentionMask(cu_seqlens=cu_eq))          # max_seqlen unknown
+    assert not ma._sdpa_is_faster(Cuda(), AttentionMask(cu_seqlens=cu_eq, max_seqlen=4, causal=True))
+    assert not ma._sdpa_is_faster(torch.zeros(12, 4, 16), AttentionMask(cu_seqlens=cu_eq, max_seqlen=4))
+    q, k, v = (x[0] for x in _qkv(12, 12, batch=1))
+    ma._sdpa_is_faster, real = (lambda q, mask: True), ma._sdpa_is_faster
+    try:
+        got = attend(q, k, v, AttentionMask(cu_seqlens=cu_eq, max_seqlen=4), backend="triton")
+        one = attend(q[None], k[None], v[None], AttentionMask(), backend="triton")[0]
+    finally:
+        ma._sdpa_is_faster = real
+    torch.testing.assert_close(got, attention_naive(q, k, v, cu_seqlens=cu_eq), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, attention_naive(q[None], k[None], v[None])[0], rtol=1e-5, atol=1e-5)
+
+
 def test_triton_backend_refuses_key_padding():
     q, k, v = _qkv(3, 5)
     mask = AttentionMask(causal=True, key_padding=torch.tensor([[False, True, True, True, True]] * 2))
