@@ -251,10 +251,9 @@ class _Grounding:
 
     def __init__(self, model, dataset, cfg, device):
         self.layouts, self.box_weight = read_layouts(dataset), cfg.box_weight
-        self.merge = model.model.visual.cfg.spatial_merge_size
         self.head = GroundingHead(model.model.visual.cfg.hidden_size).to(device)
-
-        self.batch_targets = _LayoutTargets(self.layouts, self.merge)  # run in the loader's workers
+        # run in the loader's workers
+        self.batch_targets = _LayoutTargets(self.layouts, model.model.visual.cfg.spatial_merge_size)
 
     def __call__(self, model, batch, indices) -> tuple[torch.Tensor, dict, str]:
         loss, st = grounding_loss(model, self.head, batch, None, self.box_weight,
