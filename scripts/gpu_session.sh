@@ -3,8 +3,8 @@
 #   bash scripts/gpu_session.sh attention   # full-size kernel tests + attention benchmark
 #   bash scripts/gpu_session.sh ocr         # ocr_demo_gpu training run (+ curve plot)
 #   bash scripts/gpu_session.sh grounding-data  # the grounding_demo_gpu set alone (32K scenes, ~80 s on 16 cores)
-#   bash scripts/gpu_session.sh grounding   # grounding_demo_gpu training run and, beside it, GROUNDING_ALT's variant
-#                                           # (+ curve plots, task=grounding evals)
+#   bash scripts/gpu_session.sh grounding   # grounding_demo_gpu training run and, beside it, the GROUNDING_ALT and
+#                                           # GROUNDING_ALT2 variants (+ curve plots, task=grounding evals)
 #   bash scripts/gpu_session.sh train       # train-step benchmarks at 8K and 16K tokens, then the remaining kernel tests
 #   bash scripts/gpu_session.sh final       # compiled train-step variants, then a shorter ocr_demo_gpu run
 #   bash scripts/gpu_session.sh speed       # train-step variants at 8K (OURS), then a kernel profile of PROF
@@ -95,18 +95,21 @@ grounding_one() {  # <name> <seconds> <overrides...>: one grounding_demo_gpu run
   fi
 }
 
-grounding_run() {  # <seconds>: grounding_demo_gpu (+ EXTRA), and beside it, in a second process on the same GPU,
-  # the variant GROUNDING_ALT (both models are small and launch-bound: two processes share the GPU well).
-  # GROUNDING_ALT=none runs the main one alone.
-  local alt=${GROUNDING_ALT:-data.grounding.width=128 data.grounding.height=128 data.grounding.n_train=64000 \
-data.grounding.out_dir=data/grounding_synth_gpu128}
-  if [ "$alt" != none ]; then
-    # shellcheck disable=SC2086
-    grounding_one grounding_demo_gpu128 "$1" $alt ${EXTRA:-} > "$OUT/alt_summary.txt" 2>&1 &
-  fi
+grounding_run() {  # <seconds>: grounding_demo_gpu (+ EXTRA), and beside it, in more processes on the same GPU, the
+  # variants GROUNDING_ALT (128x128: 16 image tokens, one per grid cell) and GROUNDING_ALT2 (the same with the
+  # question before the image). The models are small and launch-bound: the processes share the GPU well; the
+  # variants get fewer loader workers, the CPUs being shared too. A variant set to "none" is not run.
+  local small="data.grounding.width=128 data.grounding.height=128 data.grounding.n_train=64000 data.num_workers=4 \
+train.vision_warmup.num_workers=5"
+  local alt=${GROUNDING_ALT:-$small data.grounding.out_dir=data/grounding_synth_gpu128}
+  local alt2=${GROUNDING_ALT2:-$small data.grounding.question_first=true data.grounding.out_dir=data/grounding_synth_gpu128q}
+  # shellcheck disable=SC2086
+  [ "$alt" != none ] && grounding_one grounding_demo_gpu128 "$1" $alt ${EXTRA:-} > "$OUT/alt_summary.txt" 2>&1 &
+  # shellcheck disable=SC2086
+  [ "$alt2" != none ] && grounding_one grounding_demo_gpu128q "$1" $alt2 ${EXTRA:-} > "$OUT/alt2_summary.txt" 2>&1 &
   # shellcheck disable=SC2086
   grounding_one grounding_demo_gpu "$1" ${EXTRA:-}
-  wait; cat "$OUT/alt_summary.txt" 2>/dev/null
+  wait; cat "$OUT/alt_summary.txt" "$OUT/alt2_summary.txt" 2>/dev/null
 }
 
 case "$stage" in

@@ -3,7 +3,7 @@ train/grounding_data.py, settings in train/config.py's GroundingGenConfig (docs/
 
 Example:
     python scripts/make_grounding_data.py --out data/grounding_synth --n-train 2000 --n-val 64 --seed 0
-    python scripts/make_grounding_data.py --out data/grounding_synth_gpu --n-train 16000 --n-val 128 \
+    python scripts/make_grounding_data.py --out data/grounding_synth_gpu --n-train 32000 --n-val 128 \
         --width 256 --height 256                  # the set of experiment=grounding_demo_gpu
     python scripts/make_grounding_data.py --smoke --out /tmp/grounding_smoke    # 4 + 2 samples
 """
@@ -29,6 +29,7 @@ def main():
     p.add_argument("--clutter", type=int, default=d.clutter)
     p.add_argument("--noise", type=float, default=d.noise)
     p.add_argument("--prompt", default=d.prompt, help="template holding {expr}")
+    p.add_argument("--question-first", action="store_true", help="the prompt text before the image")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
     p.add_argument("--workers", type=int, default=None,
                    help="processes drawing scenes (default: the CPU count, at most 16); the set is the same for any")
@@ -38,7 +39,8 @@ def main():
         a.n_train, a.n_val, a.force = 4, 2, True
     cfg = GroundingGenConfig(enabled=True, out_dir=a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed,
                              width=a.width, height=a.height, grid=tuple(a.grid), objects=tuple(a.objects),
-                             kinds=tuple(a.kinds), clutter=a.clutter, noise=a.noise, prompt=a.prompt)
+                             kinds=tuple(a.kinds), clutter=a.clutter, noise=a.noise, prompt=a.prompt,
+                             question_first=a.question_first)
     paths = generate_grounding_dataset(cfg, force=a.force, workers=a.workers)
     print(f"wrote {paths['train']} ({a.n_train} scenes) and {paths['val']} ({a.n_val} scenes)")
 

@@ -2,6 +2,7 @@
 set (train/grounding_data.py: seeded, boxes on the drawn item, official answer format), `python -m eval
 task=grounding` on an exported tiny checkpoint (real generation, then oracle and shifted-box answers scored by hand),
 and a two-step `python -m train experiment=grounding_demo` with the grounding validation metric."""
+import dataclasses
 import json
 import math
 import os
@@ -132,6 +133,33 @@ def test_synthetic_set_is_seeded_in_the_official_format_and_boxes_the_named_item
         for it in items:
             assert 0 <= it["box_px"][0] < it["box_px"][2] <= 128 and 0 <= it["box_px"][1] < it["box_px"][3] <= 128
     assert kinds == {"attribute", "relation", "digit"}
+
+
+def test_question_first_puts_the_prompt_before_the_image_and_regenerates(tmp_path):
+    """data.grounding.question_first: the same scenes, boxes and answers, the user turn's text item first; the
+    setting is part of meta.json, so flipping it regenerates the set; and the processor's tokens follow that order
+    (the prompt's tokens before the image pads)."""
+    cfg = GroundingGenConfig(enabled=True, n_train=4, n_val=2, seed=5)
+    base = generate_grounding_dataset(cfg, out_dir=str(tmp_path / "g"), workers=1)
+    first_lines = open(base["train"]).read().splitlines()
+    qf = generate_grounding_dataset(dataclasses.replace(cfg, question_first=True), out_dir=str(tmp_path / "g"),
+                                    workers=1)  # same folder: a different setting must rewrite it
+    for a, b in zip(first_lines, open(qf["train"]).read().splitlines()):
+        a, b = json.loads(a), json.loads(b)
+        assert [c["type"] for c in a["messages"][0]["content"]] == ["image", "text"]
+        assert b["messages"][0]["content"] == a["messages"][0]["content"][::-1]
+        assert b["messages"][1] == a["messages"][1] and b["meta"] == a["meta"]
+    from model import load_processor
+
+    proc = load_processor(None)
+    rec = json.loads(open(qf["train"]).readline())
+    msgs = [{"role": "user", "content": [dict(c, image=str(tmp_path / "g" / c["image"])) if c["type"] == "image"
+                                         else c for c in rec["messages"][0]["content"]]}]
+    ids = proc.process_conversation(msgs)["input_ids"].tolist()
+    pad = proc.image_token_id
+    locate = proc.tokenizer.encode("Locate")
+    first_pad = ids.index(pad)
+    assert any(ids[i:i + len(locate)] == locate for i in range(first_pad)), "the prompt must precede the image"
 
 
 def test_generator_settings_are_validated():

@@ -68,6 +68,8 @@ class GroundingGenConfig:
     clutter: int = 12                # random lines / dots under the items
     noise: float = 0.02              # std of additive pixel noise (0..1 scale)
     prompt: str = "Locate {expr} in the image and output its bbox coordinates in JSON format."
+    question_first: bool = False     # the prompt text before the image in the user turn (the image tokens can then
+                                     # attend to the expression); Qwen3-VL's own grounding prompts put the image first
 
     def __post_init__(self):
         _check(self.width >= 32 and self.height >= 32, "data.grounding.width/height", (self.width, self.height),

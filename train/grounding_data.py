@@ -223,13 +223,14 @@ def grounding_answer(box_1000: list[int], label: str) -> str:
 
 
 def grounding_record(image_rel: str, expression: str, box_px, width: int, height: int, prompt: str,
-                     meta: dict | None = None) -> dict:
-    """One training record: the image and the prompt (with `{expr}` filled) -> the box in 0..1000 coordinates."""
+                     meta: dict | None = None, question_first: bool = False) -> dict:
+    """One training record: the image and the prompt (with `{expr}` filled) -> the box in 0..1000 coordinates.
+    question_first: the prompt text before the image in the user turn (default: the image first)."""
     box = from_pixels(list(box_px), width, height)
     label = expression[4:] if expression.startswith("the ") else expression
+    parts = [{"type": "image", "image": image_rel}, {"type": "text", "text": prompt.format(expr=expression)}]
     rec = {"messages": [
-        {"role": "user", "content": [{"type": "image", "image": image_rel},
-                                     {"type": "text", "text": prompt.format(expr=expression)}]},
+        {"role": "user", "content": parts[::-1] if question_first else parts},
         {"role": "assistant", "content": [{"type": "text", "text": grounding_answer(box, label)}]},
     ]}
     if meta is not None:
@@ -260,7 +261,7 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
         def sample(rng, out, rel):
             img, text, target, m = scenes.sample(rng)
             img.save(out / rel, compress_level=1)  # noisy pixels barely compress: level 6 costs 2.5x the time
-            return grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m)
+            return grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m, cfg.question_first)
         return sample
 
     if workers is None:
