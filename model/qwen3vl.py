@@ -214,7 +214,7 @@ class Qwen3VL(nn.Module):
                 attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None, vision_max_patches: int | None = 65536,
-                progress=None, sparsity=None) -> Qwen3VLOutput:
+                progress=None, sparsity=None, position_ids: torch.Tensor | None = None) -> Qwen3VLOutput:
         """Prefill a prompt into `cache` in chunks of `chunk_size` tokens; append after what the cache holds.
 
         The result equals one forward of the whole prompt (the cache holds the same keys and values, the last
@@ -237,6 +237,9 @@ class Qwen3VL(nn.Module):
                 "none" (dense), a method name ("xattention", "vertical_slash", "window"), a dict of
                 SparsityConfig fields or a SparsityConfig. An approximation: the equality above then no longer
                 holds. Chunks shorter than its min_queries (decoding steps) and the vision tower stay dense.
+            position_ids: (3, B, L) absolute MRoPE positions of these tokens, to use instead of the model's own
+                rule (e.g. a rule that needs the video's seconds per temporal group, which this call does not
+                take); None: computed as described above.
         Returns:
             Qwen3VLOutput with logits (B, 1, vocab) of the last position, last_hidden_state of the last chunk,
             rope_deltas (B, 1) as a one-shot forward of the whole cached prompt returns them (also
@@ -295,10 +298,16 @@ class Qwen3VL(nn.Module):
         if visual_mask is not None:
             visual_index = (visual_mask.flatten().cumsum(0) - 1).view(B, L)
 
-        position_ids, _ = get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
-                                         config=self.config)
-        if past0 > 0:
-            position_ids = position_ids + cache.next_position.view(1, B, 1)
+        if position_ids is not None:
+            if tuple(position_ids.shape) != (3, B, L):
+                raise ValueError(f"prefill: position_ids must be (3, B, L) = (3, {B}, {L}), got "
+                                 f"{tuple(position_ids.shape)}")
+            position_ids = position_ids.to(input_ids.device)
+        else:
+            position_ids, _ = get_rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask,
+                                             config=self.config)
+            if past0 > 0:
+                position_ids = position_ids + cache.next_position.view(1, B, 1)
         self._warn_long_positions(position_ids)
 
         hidden = None

@@ -108,6 +108,56 @@ def test_needle_depth_places_the_needle(processor):
         assert [g for g, _, _ in _needles(v, s)] == [group]
 
 
+@pytest.mark.parametrize("rule", ["timestamps", "absolute_time"])
+def test_prefill_scoring_equals_one_forward_and_full_sparse_equals_dense(processor, rule):
+    """The sparse-prefill accuracy path (prompt through Qwen3VL.prefill, answer tokens fed on the cache with the
+    sample's own positions) predicts the same answer tokens as one forward over the whole sample; and a block-sparse
+    pattern that keeps every block (a window longer than the prompt, Triton interpreter) predicts them too."""
+    import os
+
+    from model import Qwen3VL
+    from model.sparsity import SparsityConfig
+    from train.pe_study import answer_preds, answer_preds_prefill
+
+    v = _videos(processor, rule)
+    torch.manual_seed(0)
+    model = Qwen3VL(v.mc).eval()
+    rng = np.random.default_rng(SEED)
+    cpu = torch.device("cpu")
+    for task in ("read", "time"):
+        s = v.sample(task, 6, rng)
+        want = answer_preds(model, s, cpu, "fp32")
+        assert torch.equal(answer_preds_prefill(model, s, cpu, "fp32"), want), (rule, task)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            full = SparsityConfig("window", block_size=16, min_queries=16, params={"window": 4096})
+            assert torch.equal(answer_preds_prefill(model, s, cpu, "fp32", full), want), (rule, task)
+
+
+def test_prefill_takes_explicit_position_ids(processor):
+    """Qwen3VL.prefill(position_ids=...) uses the given positions: stretched ones (RoPE is relative, so a shift
+    alone would change nothing) give the logits of one forward with the same positions, not those of the model's
+    own rule, and the cache continues after them."""
+    from model import Qwen3VL
+    from model.generation import KVCache
+
+    v = _videos(processor, "timestamps")
+    torch.manual_seed(0)
+    model = Qwen3VL(v.mc).eval()
+    s = v.sample("read", 5, np.random.default_rng(SEED))
+    ids, pos = s.input_ids[None], s.position_ids[:, None] * 2 + 7
+    media = dict(pixel_values_videos=s.pixel_values_videos, video_grid_thw=s.video_grid_thw)
+    with torch.no_grad():
+        want = model(ids, position_ids=pos, **media).logits[0, -1]
+        own = model(ids, **media).logits[0, -1]
+        cache = KVCache.for_model(model, 1, ids.shape[1])
+        got = model.prefill(ids, cache, chunk_size=16, position_ids=pos, **media).logits[0, -1]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (own - want).abs().max() > 1e-3
+    assert int(cache.next_position.max()) == int(pos.max()) + 1
+    with pytest.raises(ValueError, match="position_ids must be"):
+        model.prefill(ids, KVCache.for_model(model, 1, ids.shape[1]), chunk_size=16, position_ids=pos[:2], **media)
+
+
 def test_bad_data_config_is_named():
     with pytest.raises(ConfigError, match="data.frame_size=48"):
         NeedleVideoConfig(frame_size=48)
@@ -170,6 +220,25 @@ def test_report_tables_and_verdicts_from_hand_written_results(tmp_path):
     md = write_report(tmp_path, tmp_path / "report.md")
     assert "1 run(s) stopped at `train.max_time_s` before their planned steps**: mrope_chunked_q3 seed 0 (100/300)" in md
     assert "1 run(s) ended the vision warm-up reading < 90% of the digits**: mrope_chunked_q3 seed 0 (50%)" in md
+    assert "Block-sparse prefill" not in md  # no run measured it
+
+
+def test_report_sparse_prefill_table_from_hand_written_results(tmp_path):
+    """eval.sparse results: accuracy per method and length, mean over seeds, with the difference to dense."""
+    from eval.pe_report import write_report
+
+    def sparse_rows(dense: float, vs: float):
+        return [{"sparse": meth, "multiple": m, "groups": 8 * m, "accuracy": {"read": a}, "mean": a, "seconds": 1.0}
+                for meth, a in (("none", dense), ("vertical_slash", vs)) for m in (1, 2)]
+
+    for seed, (dense, vs) in enumerate(((1.0, 0.75), (0.5, 0.5))):
+        r = _run("mrope_interleaved", seed, {1: {"read": 1.0}, 2: {"read": 0.5}})
+        r["sparse_eval"] = sparse_rows(dense, vs)
+        (tmp_path / f"mrope_interleaved_seed{seed}.json").write_text(json.dumps(r))
+    md = write_report(tmp_path, tmp_path / "report.md")
+    table = md.split("## Block-sparse prefill next to dense")[1].split("##")[0]
+    assert "| mrope_interleaved | none | 75.0 | 75.0 |" in table          # (1.0 + 0.5) / 2
+    assert "| mrope_interleaved | vertical_slash | 62.5 (-12.5) | 62.5 (-12.5) |" in table
 
 
 # ------------------------------------------------------------------------------------------------ smoke study
@@ -179,7 +248,8 @@ def test_smoke_study_end_to_end_writes_results_and_report(tmp_path, capsys):
     from scripts.pe_ablation import main
 
     small = ["train.steps=2", "eval.trials=1", "data.train_groups=4", "data.min_groups=2", "data.tasks=[read,order]",
-             "train.vision_warmup.steps=1", "train.warmup_images=8"]
+             "train.vision_warmup.steps=1", "train.warmup_images=8", "eval.sparse=[vertical_slash]",
+             "eval.sparse_multiples=[1]", "eval.sparse_block_size=16"]
     report = main(["--smoke", "--out", str(tmp_path), *small])
     assert report == tmp_path / "ablations.md"
     files = sorted(p.name for p in tmp_path.glob("*.json"))
@@ -188,6 +258,7 @@ def test_smoke_study_end_to_end_writes_results_and_report(tmp_path, capsys):
         r = json.loads((tmp_path / name).read_text())
         assert r["smoke"] and r["train"]["steps"] == 2
         assert [(row["yarn"], row["multiple"]) for row in r["eval"]] == [(False, 1), (False, 2), (True, 1), (True, 2)]
+        assert [(row["sparse"], row["multiple"]) for row in r["sparse_eval"]] == [("none", 1), ("vertical_slash", 1)]
         for row in r["eval"]:
             assert set(row["accuracy"]) == {"read", "order"}
             assert row["mean"] == pytest.approx(np.mean(list(row["accuracy"].values())))
@@ -197,6 +268,7 @@ def test_smoke_study_end_to_end_writes_results_and_report(tmp_path, capsys):
                                                                                           "diagonal")
     md = report.read_text()
     assert md.startswith("> **Smoke run**") and "| videorope |" in md and "| mrope_interleaved |" in md
+    assert "| videorope | vertical_slash |" in md.split("## Block-sparse prefill next to dense")[1]
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     capsys.readouterr()
     main(["--smoke", "--out", str(tmp_path), *small])

@@ -63,9 +63,17 @@ class StudyEvalConfig:
     yarn: tuple = (False, True)
     yarn_factor: str = "tokens"        # tokens: factor = length multiple | positions: ratio of the largest position
                                        # ids (MRoPE's positions grow more slowly than tokens)
+    sparse: tuple = ()                 # block-sparse prefill methods (model/sparsity.py) scored next to dense prefill
+    sparse_multiples: tuple = (1, 2, 4)  # at these length multiples, without YaRN (issue: sparse prefill accuracy)
+    sparse_block_size: int = 64
 
     def __post_init__(self):
         from model.config import ConfigError
+        from model.sparsity import METHODS
+
+        bad = [m for m in self.sparse if m not in METHODS or m == "none"]
+        if bad:
+            raise ConfigError(f"eval.sparse={list(self.sparse)}: {bad} unknown; methods: {list(METHODS[1:])}")
 
         if self.yarn_factor not in ("tokens", "positions"):
             raise ConfigError(f"eval.yarn_factor={self.yarn_factor!r} must be tokens | positions")
@@ -144,8 +152,8 @@ def train_variant(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, devi
 
 
 @torch.no_grad()
-def answer_correct(model, sample, device, precision: str) -> bool:
-    """Teacher forcing (LongVA's V-NIAH rule): right when the argmax at every answer position is the gold token."""
+def answer_preds(model, sample, device, precision: str) -> torch.Tensor:
+    """The argmax token at every answer position of one forward over the whole sample (teacher forcing)."""
     from .step import autocast
 
     n = int((sample.labels != -100).sum())
@@ -153,8 +161,68 @@ def answer_correct(model, sample, device, precision: str) -> bool:
         out = model(sample.input_ids[None].to(device), pixel_values_videos=sample.pixel_values_videos.to(device),
                     video_grid_thw=sample.video_grid_thw.to(device),
                     position_ids=sample.position_ids[:, None].to(device), logits_to_keep=n + 1)
-    pred = out.logits[0, :-1].argmax(-1).cpu()
-    return bool((pred == sample.input_ids[-n:]).all())
+    return out.logits[0, :-1].argmax(-1).cpu()
+
+
+def answer_correct(model, sample, device, precision: str) -> bool:
+    """Teacher forcing (LongVA's V-NIAH rule): right when the argmax at every answer position is the gold token."""
+    n = int((sample.labels != -100).sum())
+    return bool((answer_preds(model, sample, device, precision) == sample.input_ids[-n:]).all())
+
+
+@torch.no_grad()
+def answer_preds_prefill(model, sample, device, precision: str, sparsity=None) -> torch.Tensor:
+    """`answer_preds` through the long-context path: the prompt goes through `Qwen3VL.prefill` (with a block-sparse
+    `sparsity`, or dense for None), then each gold answer token is fed on the cache (teacher forcing; one query:
+    dense). The sample's own position ids are used, so rules that depend on the video's seconds per group are
+    honoured."""
+    from model.generation import KVCache
+
+    from .step import autocast
+
+    n = int((sample.labels != -100).sum())
+    ids, pos = sample.input_ids.to(device), sample.position_ids.to(device)   # (L,), (3, L)
+    L = ids.shape[0]
+    cache = KVCache.for_model(model, 1, L + 1)
+    with autocast(device, precision):
+        out = model.prefill(ids[None, :L - n], cache, chunk_size=L, pixel_values_videos=sample.pixel_values_videos
+                            .to(device), video_grid_thw=sample.video_grid_thw.to(device),
+                            position_ids=pos[:, None, :L - n], sparsity=sparsity)
+        preds = [out.logits[0, -1].argmax()]
+        for j in range(L - n, L - 1):
+            out = model.prefill(ids[None, j:j + 1], cache, chunk_size=1, position_ids=pos[:, None, j:j + 1])
+            preds.append(out.logits[0, -1].argmax())
+    return torch.stack(preds).cpu()
+
+
+def answer_correct_prefill(model, sample, device, precision: str, sparsity=None) -> bool:
+    """`answer_correct` with `answer_preds_prefill`."""
+    n = int((sample.labels != -100).sum())
+    return bool((answer_preds_prefill(model, sample, device, precision, sparsity) == sample.input_ids[-n:]).all())
+
+
+def evaluate_sparse(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, device, log=print) -> list[dict]:
+    """Accuracy per task with dense prefill ("none") and each `cfg.eval.sparse` method at `sparse_multiples`, on the
+    same prompts as `evaluate_variant` (no YaRN)."""
+    from model.sparsity import SparsityConfig
+
+    model.eval()
+    ec, dc = cfg.eval, cfg.data
+    rows = []
+    for method in ("none", *ec.sparse):
+        sp = None if method == "none" else SparsityConfig(method, block_size=ec.sparse_block_size)
+        for mult in ec.sparse_multiples:
+            groups = int(round(dc.train_groups * mult))
+            acc, t0 = {}, time.perf_counter()
+            for ti, task in enumerate(dc.tasks):
+                rng = np.random.default_rng([seed, 4, groups, ti])  # evaluate_variant's prompts
+                hits = [answer_correct_prefill(model, videos.sample(task, groups, rng, depth=(k + 0.5) / ec.trials),
+                                               device, cfg.train.precision, sp) for k in range(ec.trials)]
+                acc[task] = float(np.mean(hits))
+            rows.append({"sparse": method, "multiple": mult, "groups": groups, "accuracy": acc,
+                         "mean": float(np.mean(list(acc.values()))), "seconds": time.perf_counter() - t0})
+            log(f"  eval prefill {method} x{mult}: mean acc {rows[-1]['mean']:.3f}")
+    return rows
 
 
 def evaluate_variant(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, device, log=print) -> list[dict]:
@@ -201,11 +269,13 @@ def run_one(cfg: StudyConfig, variant: str, seed: int, processor, log=print) -> 
     t0 = time.perf_counter()
     train = train_variant(model, videos, cfg, seed, device, log)
     rows = evaluate_variant(model, videos, cfg, seed, device, log)
+    sparse_rows = evaluate_sparse(model, videos, cfg, seed, device, log) if cfg.eval.sparse else []
     result = {
         "variant": variant, "seed": seed, "smoke": cfg.smoke, "rope": dataclasses.asdict(model.config.text.rope),
         "params": n_params, "model": dataclasses.asdict(spec), "data": dataclasses.asdict(cfg.data),
         "optim": dataclasses.asdict(cfg.optim), "train_config": dataclasses.asdict(cfg.train),
         "eval_config": dataclasses.asdict(cfg.eval), "train": train, "eval": rows,
+        "sparse_eval": sparse_rows,
         "tokens_per_group": videos.tokens_per_group, "wall_s": time.perf_counter() - t0,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
