@@ -164,10 +164,10 @@ def answer_preds(model, sample, device, precision: str) -> torch.Tensor:
     return out.logits[0, :-1].argmax(-1).cpu()
 
 
-def answer_correct(model, sample, device, precision: str) -> bool:
+def answer_correct(preds: torch.Tensor, sample) -> bool:
     """Teacher forcing (LongVA's V-NIAH rule): right when the argmax at every answer position is the gold token."""
     n = int((sample.labels != -100).sum())
-    return bool((answer_preds(model, sample, device, precision) == sample.input_ids[-n:]).all())
+    return bool((preds == sample.input_ids[-n:]).all())
 
 
 @torch.no_grad()
@@ -195,10 +195,16 @@ def answer_preds_prefill(model, sample, device, precision: str, sparsity=None) -
     return torch.stack(preds).cpu()
 
 
-def answer_correct_prefill(model, sample, device, precision: str, sparsity=None) -> bool:
-    """`answer_correct` with `answer_preds_prefill`."""
-    n = int((sample.labels != -100).sum())
-    return bool((answer_preds_prefill(model, sample, device, precision, sparsity) == sample.input_ids[-n:]).all())
+def task_accuracy(videos: NeedleVideos, cfg: StudyConfig, seed: int, groups: int, preds) -> dict[str, float]:
+    """Accuracy per task over `cfg.eval.trials` prompts of `groups` groups (needles spread over the depth), scored
+    by `preds(sample) -> answer tokens`. The prompts depend only on (seed, groups, task): every variant and every
+    prefill method sees the same ones."""
+    ec, acc = cfg.eval, {}
+    for ti, task in enumerate(cfg.data.tasks):
+        rng = np.random.default_rng([seed, 4, groups, ti])
+        samples = (videos.sample(task, groups, rng, depth=(k + 0.5) / ec.trials) for k in range(ec.trials))
+        acc[task] = float(np.mean([answer_correct(preds(s), s) for s in samples]))
+    return acc
 
 
 def evaluate_sparse(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, device, log=print) -> list[dict]:
@@ -207,18 +213,14 @@ def evaluate_sparse(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, de
     from model.sparsity import SparsityConfig
 
     model.eval()
-    ec, dc = cfg.eval, cfg.data
-    rows = []
+    ec, rows = cfg.eval, []
     for method in ("none", *ec.sparse):
         sp = None if method == "none" else SparsityConfig(method, block_size=ec.sparse_block_size)
         for mult in ec.sparse_multiples:
-            groups = int(round(dc.train_groups * mult))
-            acc, t0 = {}, time.perf_counter()
-            for ti, task in enumerate(dc.tasks):
-                rng = np.random.default_rng([seed, 4, groups, ti])  # evaluate_variant's prompts
-                hits = [answer_correct_prefill(model, videos.sample(task, groups, rng, depth=(k + 0.5) / ec.trials),
-                                               device, cfg.train.precision, sp) for k in range(ec.trials)]
-                acc[task] = float(np.mean(hits))
+            groups = int(round(cfg.data.train_groups * mult))
+            t0 = time.perf_counter()
+            acc = task_accuracy(videos, cfg, seed, groups,
+                                lambda s: answer_preds_prefill(model, s, device, cfg.train.precision, sp))
             rows.append({"sparse": method, "multiple": mult, "groups": groups, "accuracy": acc,
                          "mean": float(np.mean(list(acc.values()))), "seconds": time.perf_counter() - t0})
             log(f"  eval prefill {method} x{mult}: mean acc {rows[-1]['mean']:.3f}")
@@ -241,12 +243,8 @@ def evaluate_variant(model, videos: NeedleVideos, cfg: StudyConfig, seed: int, d
                 factor = max(1.0, (nxt + 24) / train_max_pos if ec.yarn_factor == "positions"
                              else (len(ids) + 24) / train_tokens)
                 model.set_rope_scaling("yarn", factor, original_max_position_embeddings=train_max_pos)
-            acc, t0 = {}, time.perf_counter()
-            for ti, task in enumerate(dc.tasks):
-                rng = np.random.default_rng([seed, 4, groups, ti])  # the same prompts for every variant
-                hits = [answer_correct(model, videos.sample(task, groups, rng, depth=(k + 0.5) / ec.trials),
-                                       device, cfg.train.precision) for k in range(ec.trials)]
-                acc[task] = float(np.mean(hits))
+            t0 = time.perf_counter()
+            acc = task_accuracy(videos, cfg, seed, groups, lambda s: answer_preds(model, s, device, cfg.train.precision))
             if yarn:
                 model.set_rope_scaling("default", 1.0)
             rows.append({"yarn": yarn, "multiple": mult, "groups": groups, "video_tokens": len(ids),

@@ -182,22 +182,19 @@ class GroundingHead(torch.nn.Module):
         return y[:, :-4], y[:, -4:].sigmoid()
 
 
-def grounding_loss(model, head: GroundingHead, batch: dict, layouts: list[dict] | None,
-                   box_weight: float = 1.0, targets: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, dict]:
+def grounding_loss(model, head: GroundingHead, batch: dict, targets: tuple[torch.Tensor, torch.Tensor],
+                   box_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Per-patch item-class cross-entropy (all patches) + box_weight * box L1 (item patches; summed over the four
-    coordinates) of one packed batch against the images' layouts.
+    coordinates) of one packed batch against its images' layouts.
 
-    Args: targets: `layout_targets(layouts, ...)` when already made (the warm-up's loader workers make them; then
-        layouts is not read).
+    Args: targets: (labels, boxes) of the batch's patches, `layout_targets` of its layouts (the warm-up's loader
+        workers make them).
     Returns: (loss, {"fg_acc": share of item patches classified right, "box_err": mean |error| of a coordinate
         on item patches, in 0..1000 units}).
     """
     visual = model.model.visual
-    labels, boxes = targets if targets is not None else layout_targets(
-        layouts, batch["image_grid_thw"].cpu(), visual.cfg.spatial_merge_size)
     device = batch["pixel_values"].device
-    labels, boxes = labels.to(device), boxes.to(device)
+    labels, boxes = (t.to(device) for t in targets)
     feats = visual.forward_features(batch["pixel_values"].to(model.dtype), batch["image_grid_thw"])
     logits, pred = head(feats.float())
     fg = labels > 0
@@ -256,8 +253,7 @@ class _Grounding:
         self.batch_targets = _LayoutTargets(self.layouts, model.model.visual.cfg.spatial_merge_size)
 
     def __call__(self, model, batch, indices) -> tuple[torch.Tensor, dict, str]:
-        loss, st = grounding_loss(model, self.head, batch, None, self.box_weight,
-                                  targets=tuple(t.to(batch["pixel_values"].device) for t in batch["targets"]))
+        loss, st = grounding_loss(model, self.head, batch, batch["targets"], self.box_weight)
         return loss, st, (f"loss {float(loss.detach()):.4f}  item-patch acc {st['fg_acc']:.3f}  "
                           f"box err {st['box_err']:.0f}/1000")
 
