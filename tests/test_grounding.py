@@ -162,6 +162,44 @@ def test_question_first_puts_the_prompt_before_the_image_and_regenerates(tmp_pat
     assert any(ids[i:i + len(locate)] == locate for i in range(first_pad)), "the prompt must precede the image"
 
 
+def test_detect_all_lists_every_item_in_reading_order_in_training_scenes_only(tmp_path):
+    """data.grounding.detect_all: that share of the training scenes asks for every item; the answer parses to one
+    box per drawn item, in reading order (rows of the grid top to bottom, then left to right), each the item's pixel
+    box in 0..1000 coordinates with its class as the label; the val split and the images are those of the
+    referring set with the same seed."""
+    cfg = GroundingGenConfig(enabled=True, n_train=40, n_val=12, seed=2)
+    ref = generate_grounding_dataset(cfg, out_dir=str(tmp_path / "ref"), workers=1)
+    det = generate_grounding_dataset(dataclasses.replace(cfg, detect_all=0.5), out_dir=str(tmp_path / "det"),
+                                     workers=1)
+    assert open(det["val"]).read() == open(ref["val"]).read()
+    cell = 128 / 4
+    n_detect = 0
+    for a, b in zip(open(ref["train"]), open(det["train"])):
+        a, b = json.loads(a), json.loads(b)
+        assert b["meta"]["items"] == a["meta"]["items"]            # the same scene
+        if b["meta"]["kind"] != "detect":
+            assert b == a
+            continue
+        n_detect += 1
+        assert b["messages"][0]["content"][1]["text"] == cfg.prompt_all
+        boxes = parse_response(b["messages"][1]["content"][0]["text"], strict=True)["boxes"]
+        items = a["meta"]["items"]
+        assert len(boxes) == len(items)
+        # every item once, labelled with its class, its box to rounding
+        got = sorted((bx["label"], tuple(round(c * 128 / 1000) for c in bx["bbox_2d"])) for bx in boxes)
+        assert got == sorted((it["class"], tuple(it["box_px"])) for it in items)
+        centres = [((x1 + x2) / 2, (y1 + y2) / 2) for x1, y1, x2, y2 in
+                   ([round(c * 128 / 1000) for c in bx["bbox_2d"]] for bx in boxes)]
+        rows = [int(cy // cell) for _, cy in centres]
+        assert rows == sorted(rows)
+        for (x0, _), (x1, _), r0, r1 in zip(centres, centres[1:], rows, rows[1:]):
+            assert r0 < r1 or x0 < x1
+        assert b["meta"]["box_px"] == [round(c * 128 / 1000) for c in boxes[0]["bbox_2d"]]
+    assert 10 <= n_detect <= 30, n_detect
+    with pytest.raises(ConfigError, match="data.grounding.detect_all"):
+        GroundingGenConfig(detect_all=1.5)
+
+
 def test_generator_settings_are_validated():
     with pytest.raises(ConfigError, match="data.grounding.objects"):
         GroundingGenConfig(grid=(2, 2), objects=(3, 4))

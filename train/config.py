@@ -70,6 +70,10 @@ class GroundingGenConfig:
     prompt: str = "Locate {expr} in the image and output its bbox coordinates in JSON format."
     question_first: bool = False     # the prompt text before the image in the user turn (the image tokens can then
                                      # attend to the expression); Qwen3-VL's own grounding prompts put the image first
+    detect_all: float = 0.0          # share of TRAINING scenes asked for every item instead of one (the answer lists
+                                     # each item's bbox_2d and class label in reading order, as Qwen3-VL answers a
+                                     # multi-object request); the val split always holds referring expressions
+    prompt_all: str = "Outline the position of every object and output all the bbox coordinates in JSON format."
 
     def __post_init__(self):
         _check(self.width >= 32 and self.height >= 32, "data.grounding.width/height", (self.width, self.height),
@@ -84,6 +88,7 @@ class GroundingGenConfig:
         _check(bool(self.kinds) and all(k in ("attribute", "relation", "digit") for k in self.kinds),
                "data.grounding.kinds", self.kinds, "a non-empty subset of [attribute, relation, digit]")
         _check("{expr}" in self.prompt, "data.grounding.prompt", self.prompt, "a template holding {expr}")
+        _check(0 <= self.detect_all <= 1, "data.grounding.detect_all", self.detect_all, "in [0, 1]")
         for name in ("n_train", "n_val", "clutter"):
             _check(getattr(self, name) >= 0, f"data.grounding.{name}", getattr(self, name), ">= 0")
 

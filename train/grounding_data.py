@@ -9,6 +9,8 @@ and pixel noise. One item is the target, named by a referring expression of one 
     item of the same description is placed where the relation fails whenever the grid has room, so the relation
     is needed);
   * digit: "the 7".
+With `detect_all` > 0 that share of the training scenes asks for every item instead (a multi-object answer: each
+item's box and class in reading order), the dense box supervision of detection data; the val split stays referring.
 The answer is what Qwen3-VL writes for grounding (docs/responses.md): a ```json fenced list holding one
 {"bbox_2d": [x1, y1, x2, y2], "label": ...} with coordinates relative to the image on a 0..1000 scale
 (`model.processing.responses.from_pixels` of the drawn item's pixel box; continuous edges, x2 / y2 exclusive).
@@ -218,8 +220,39 @@ class GroundingScenes:
 
 def grounding_answer(box_1000: list[int], label: str) -> str:
     """The answer in Qwen3-VL's grounding format: a ```json fence around a one-object list (docs/responses.md)."""
-    obj = json.dumps({"bbox_2d": [int(v) for v in box_1000], "label": label}, ensure_ascii=False)
-    return f"```json\n[\n\t{obj}\n]\n```"
+    return grounding_answer_many([(box_1000, label)])
+
+
+def grounding_answer_many(objects: list[tuple[list[int], str]]) -> str:
+    """Several (box in 0..1000, label) objects in one fenced list, one object a line, as Qwen3-VL writes them."""
+    lines = ",\n".join("\t" + json.dumps({"bbox_2d": [int(v) for v in box], "label": label}, ensure_ascii=False)
+                       for box, label in objects)
+    return f"```json\n[\n{lines}\n]\n```"
+
+
+def reading_order(items: list[dict], height: int, rows: int) -> list[int]:
+    """Indices of the layout's items (meta.items) top to bottom by grid row of their box centre, then left to right."""
+    ch = height / rows
+
+    def key(i):
+        x1, y1, x2, y2 = items[i]["box_px"]
+        return (int((y1 + y2) / 2 // ch), (x1 + x2) / 2)
+    return sorted(range(len(items)), key=key)
+
+
+def detect_all_record(image_rel: str, meta: dict, grid: tuple, prompt: str, question_first: bool = False) -> dict:
+    """A record asking for every item of a scene (meta from GroundingScenes.sample): the answer holds each item's
+    box in 0..1000 coordinates and its class ("red triangle", "7") in reading order; meta.kind becomes "detect" and
+    meta.box_px the first listed box."""
+    w, h = meta["size"]
+    items = meta["items"]
+    order = reading_order(items, h, grid[1])
+    objs = [(from_pixels(list(items[i]["box_px"]), w, h), items[i]["class"]) for i in order]
+    parts = [{"type": "image", "image": image_rel}, {"type": "text", "text": prompt}]
+    return {"messages": [
+        {"role": "user", "content": parts[::-1] if question_first else parts},
+        {"role": "assistant", "content": [{"type": "text", "text": grounding_answer_many(objs)}]}],
+        "meta": {"kind": "detect", "box_px": list(items[order[0]]["box_px"]), "size": [w, h], "items": items}}
 
 
 def grounding_record(image_rel: str, expression: str, box_px, width: int, height: int, prompt: str,
@@ -261,6 +294,9 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
         def sample(rng, out, rel):
             img, text, target, m = scenes.sample(rng)
             img.save(out / rel, compress_level=1)  # noisy pixels barely compress: level 6 costs 2.5x the time
+            # rel is images/<split>_<index>.png (write_synthetic_set): only training scenes ask for every item
+            if cfg.detect_all > 0 and Path(rel).name.startswith("train_") and rng.random() < cfg.detect_all:
+                return detect_all_record(rel, m, cfg.grid, cfg.prompt_all, cfg.question_first)
             return grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m, cfg.question_first)
         return sample
 
