@@ -23,6 +23,7 @@ from model.config import ConfigError
 from model.processing.responses import parse_response
 from train.config import GroundingGenConfig
 from train.grounding_data import COLORS, generate_grounding_dataset
+from train.step import first_box_token_mask
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -314,3 +315,46 @@ def test_grounding_demo_trains_two_steps_with_the_grounding_metric(tmp_path):
     ev = json.loads((tmp_path / "run" / "result.json").read_text())["evals"][-1]
     assert ev["step"] == 2 and {"acc50", "miou", "point_acc", "parsed"} <= set(ev)
     assert ev["acc50"] == 0.0  # four-token answers hold no box
+    # box_loss: the teacher-forced loss on the first box's coordinate digits, recomputed here sample by sample
+    # from the model's full logits (the evaluation takes it from packed batches and chunked hidden states)
+    import torch
+    import torch.nn.functional as F
+
+    from model import load_processor
+    from train.data import ChatEncoder, SFTDataset
+
+    model, proc = res["model"].eval(), load_processor(None)
+    val = SFTDataset(str(tmp_path / "data" / "val.jsonl"), ChatEncoder(proc, model.config, cfg.data),
+                     str(tmp_path / "data"), cfg.data.max_seq_len)
+    losses = []
+    for i in range(len(val)):
+        enc = val[i]
+        targets = torch.cat([enc.labels[1:], enc.labels.new_full((1,), -100)])
+        sup = (targets != -100).nonzero().flatten()
+        mask = first_box_token_mask(targets[sup].tolist(), proc.tokenizer.decode)
+        box = parse_response(val.answer(i), strict=True)["boxes"][0]["bbox_2d"]
+        assert "".join(proc.tokenizer.decode([int(t)]) for t, m in zip(targets[sup], mask) if m) == \
+            "".join(str(v) for v in box)
+        with torch.no_grad():
+            logits = model(enc.input_ids[None], pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
+                           position_ids=enc.position_ids[:, None]).logits[0]
+        pos = sup[torch.tensor(mask)]
+        losses.append(F.cross_entropy(logits[pos].float(), targets[pos], reduction="none"))
+    assert ev["box_loss"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-4)
+
+
+@pytest.mark.parametrize("answer, digits", [
+    ('```json\n[\n\t{"bbox_2d": [516, 297, 711, 492], "label": "the 7 left of the 3"}\n]\n```', "516297711492"),
+    ('```json\n[\n\t{"bbox_2d": [5, 0, 1000, 12], "label": "a"},\n\t{"bbox_2d": [1, 2, 3, 4], "label": "b"}\n]\n```',
+     "50100012"),                                                     # the first box only
+    ('[{"bbox_2d":[10,20,30,40]}]', "10203040"),                     # no fence, no spaces
+    ('```json\n[\n\t{"point_2d": [516, 297], "label": "7"}\n]\n```', ""),   # no box
+    ('```json\n[\n\t{"bbox_2d": [516, 297, 7', ""),                  # cut off: no closed list
+])
+def test_first_box_token_mask_picks_the_coordinate_digits(answer, digits):
+    from model import load_processor
+
+    tok = load_processor(None).tokenizer
+    ids = tok.encode(answer)
+    mask = first_box_token_mask(ids, tok.decode)
+    assert "".join(tok.decode([i]) for i, m in zip(ids, mask) if m) == digits

@@ -5,7 +5,7 @@ import os
 
 from .config import Config, config_to_dict
 
-GROUNDING_KEYS = ("acc50", "miou", "point_acc")  # train.eval_metric=grounding (train/step.py evaluate)
+GROUNDING_KEYS = ("acc50", "miou", "point_acc", "box_loss")  # train.eval_metric=grounding (train/step.py evaluate)
 
 
 class Logger:

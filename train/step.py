@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import torch
 
@@ -128,6 +129,37 @@ def _dummy_batch(model) -> dict:
             "pixel_values_videos": None, "video_grid_thw": None}
 
 
+_FIRST_BOX = re.compile(r'"bbox_2d"\s*:\s*\[([^\]]*)\]')
+
+
+def first_box_token_mask(target_ids: list[int], decode) -> list[bool]:
+    """Which of an answer's target tokens are the digits of its first `"bbox_2d": [...]` list (the coordinates a
+    grounding model must read off the image; the format and label tokens around them are not)."""
+    pieces = [decode([i]) for i in target_ids]
+    m = _FIRST_BOX.search("".join(pieces))
+    mask = [False] * len(pieces)
+    if m is not None:
+        lo, hi, pos = m.start(1), m.end(1), 0
+        for k, p in enumerate(pieces):
+            mask[k] = lo <= pos and pos + len(p) <= hi and p.strip().isdigit()
+            pos += len(p)
+    return mask
+
+
+def _box_losses(losses: torch.Tensor, batch: dict, decode, cache: dict) -> torch.Tensor:
+    """The per-token `losses` (supervised positions of a packed batch, in order) on first-box coordinate digits."""
+    labels = batch["labels"][0].cpu()
+    sup = (labels != -100).nonzero().flatten()
+    doc = batch["doc_index"].cpu()[sup]
+    keep = []
+    for d in doc.unique(sorted=True).tolist():
+        ids = tuple(labels[sup[doc == d]].tolist())
+        if ids not in cache:
+            cache[ids] = first_box_token_mask(list(ids), decode)
+        keep += cache[ids]
+    return losses[torch.tensor(keep, dtype=torch.bool, device=losses.device)]
+
+
 @torch.no_grad()
 def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) -> dict:
     """Validation loss over the whole set and, if `eval_samples` > 0, CER of greedy generations (and with
@@ -137,12 +169,16 @@ def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) ->
         model: the model.  dataset: validation SFTDataset.  tokenizer: for decoding (CER).
     Returns:
         {"val_loss", "cer" (or None), "examples": [(prediction, reference), ...]}; grounding adds "acc50", "miou",
-        "point_acc" and "parsed" (share of answers holding a readable box).
+        "point_acc", "parsed" (share of answers holding a readable box) and "box_loss": the teacher-forced loss on
+        the coordinate digits of each answer's first box over the whole set (`first_box_token_mask`), which falls
+        below the image-blind prior before Acc@0.5 moves when the decoder starts to read positions off the image.
     """
     was_training = model.training
     model.eval()
     sampler = PackedBatchSampler(dataset.lengths, cfg.data.token_budget, shuffle=False, length_grouping=False)
     total, count = 0.0, 0
+    box = [] if cfg.train.eval_metric == "grounding" and tokenizer is not None else None
+    cache: dict = {}
     for idx in sampler.batches(0):
         b = pack_samples([dataset[i] for i in idx])
         if b["input_ids"] is None:
@@ -150,7 +186,12 @@ def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) ->
         losses, _ = forward_losses(model, _to(b, device), cfg.train.loss_chunk_size, cfg.train.precision)
         total += float(losses.sum())
         count += losses.numel()
+        if box is not None:
+            box.append(_box_losses(losses, b, tokenizer.decode, cache).float().cpu())
     res = {"val_loss": total / max(1, count), "cer": None, "examples": []}
+    if box:
+        box = torch.cat(box)
+        res["box_loss"] = float(box.mean()) if box.numel() else float("nan")
     n = min(cfg.train.eval_samples, len(dataset))
     if n > 0 and tokenizer is not None:
         preds, refs = [], []
