@@ -3,8 +3,8 @@
 #   bash scripts/gpu_session.sh attention   # full-size kernel tests + attention benchmark
 #   bash scripts/gpu_session.sh ocr         # ocr_demo_gpu training run (+ curve plot)
 #   bash scripts/gpu_session.sh grounding-data  # the grounding_demo_gpu set alone (32K scenes, ~80 s on 16 cores)
-#   bash scripts/gpu_session.sh grounding   # grounding_demo_gpu training run and, beside it, the GROUNDING_ALT and
-#                                           # GROUNDING_ALT2 variants (+ curve plots, task=grounding evals)
+#   bash scripts/gpu_session.sh grounding   # grounding_demo_gpu variants side by side (GROUNDING_VARIANTS; + curves,
+#                                           # task=grounding evals)
 #   bash scripts/gpu_session.sh train       # train-step benchmarks at 8K and 16K tokens, then the remaining kernel tests
 #   bash scripts/gpu_session.sh final       # compiled train-step variants, then a shorter ocr_demo_gpu run
 #   bash scripts/gpu_session.sh speed       # train-step variants at 8K (OURS), then a kernel profile of PROF
@@ -95,21 +95,30 @@ grounding_one() {  # <name> <seconds> <overrides...>: one grounding_demo_gpu run
   fi
 }
 
-grounding_run() {  # <seconds>: grounding_demo_gpu (+ EXTRA), and beside it, in more processes on the same GPU, the
-  # variants GROUNDING_ALT (128x128: 16 image tokens, one per grid cell) and GROUNDING_ALT2 (the same with the
-  # question before the image). The models are small and launch-bound: the processes share the GPU well; the
-  # variants get fewer loader workers, the CPUs being shared too. A variant set to "none" is not run.
-  local small="data.grounding.width=128 data.grounding.height=128 data.grounding.n_train=64000 data.num_workers=4 \
-train.vision_warmup.num_workers=5"
-  local alt=${GROUNDING_ALT:-$small data.grounding.out_dir=data/grounding_synth_gpu128}
-  local alt2=${GROUNDING_ALT2:-$small data.grounding.question_first=true data.grounding.out_dir=data/grounding_synth_gpu128q}
-  # shellcheck disable=SC2086
-  [ "$alt" != none ] && grounding_one grounding_demo_gpu128 "$1" $alt ${EXTRA:-} > "$OUT/alt_summary.txt" 2>&1 &
-  # shellcheck disable=SC2086
-  [ "$alt2" != none ] && grounding_one grounding_demo_gpu128q "$1" $alt2 ${EXTRA:-} > "$OUT/alt2_summary.txt" 2>&1 &
-  # shellcheck disable=SC2086
-  grounding_one grounding_demo_gpu "$1" ${EXTRA:-}
-  wait; cat "$OUT/alt_summary.txt" "$OUT/alt2_summary.txt" 2>/dev/null
+grounding_run() {  # <seconds>: the grounding variants side by side, one process each on the same GPU (the models
+  # are small and launch-bound: they share the GPU well; each gets a few loader workers, the CPUs being shared too).
+  # GROUNDING_VARIANTS picks them (default: the 2 x 2 at 128 x 128, 16 image tokens, one per grid cell):
+  #   g128    image first (Qwen3-VL's own prompt order)       g128q   the question before the image
+  #   g128d   image first, half of the training scenes ask for every item (data.grounding.detect_all=0.5)
+  #   g128qd  both                                            main    conf/experiment/grounding_demo_gpu.yaml as is
+  # EXTRA adds Hydra overrides to all of them.
+  # The variants share one drawing of the scenes (data.grounding.scenes_dir: the plain set g128 trains on).
+  local small="data.grounding.width=128 data.grounding.height=128 data.grounding.n_train=32000 data.num_workers=3 \
+train.vision_warmup.num_workers=3 data.grounding.scenes_dir=data/grounding_synth_gpu128" v args
+  for v in ${GROUNDING_VARIANTS:-g128 g128q g128d g128qd}; do
+    case $v in
+      g128) args="$small data.grounding.out_dir=data/grounding_synth_gpu128" ;;
+      g128q) args="$small data.grounding.question_first=true data.grounding.out_dir=data/grounding_synth_gpu128q" ;;
+      g128d) args="$small data.grounding.detect_all=0.5 data.grounding.out_dir=data/grounding_synth_gpu128d" ;;
+      g128qd) args="$small data.grounding.question_first=true data.grounding.detect_all=0.5 \
+data.grounding.out_dir=data/grounding_synth_gpu128qd" ;;
+      main) args="" ;;
+      *) echo "unknown grounding variant $v"; continue ;;
+    esac
+    # shellcheck disable=SC2086
+    grounding_one "grounding_demo_gpu_$v" "$1" $args ${EXTRA:-} > "$OUT/summary_$v.txt" 2>&1 &
+  done
+  wait; cat "$OUT"/summary_*.txt 2>/dev/null
 }
 
 case "$stage" in

@@ -201,6 +201,44 @@ def test_detect_all_lists_every_item_in_reading_order_in_training_scenes_only(tm
         GroundingGenConfig(detect_all=1.5)
 
 
+def _make_set(args):
+    cfg, out = args
+    return generate_grounding_dataset(cfg, out_dir=out, workers=1)
+
+
+def test_variant_sets_share_one_drawing_of_their_scenes(tmp_path):
+    """question_first / detect_all sets naming one scenes_dir reuse the plain set there: their images are its files
+    (nothing redrawn), their records are its records rewritten; three processes starting together (the plain set
+    and two variants) give the same sets as one after the other."""
+    import multiprocessing
+
+    cfg = GroundingGenConfig(enabled=True, n_train=12, n_val=3, seed=7, scenes_dir=str(tmp_path / "plain"))
+    variants = {"plain": cfg, "q": dataclasses.replace(cfg, question_first=True),
+                "qd": dataclasses.replace(cfg, question_first=True, detect_all=0.5)}
+    with multiprocessing.get_context("fork").Pool(3) as pool:
+        pool.map(_make_set, [(c, str(tmp_path / name)) for name, c in variants.items()])
+    plain_images = sorted((tmp_path / "plain" / "images").iterdir())
+    stamps = {p.name: p.stat().st_mtime_ns for p in plain_images}
+    assert len(plain_images) == 15
+    for name in ("q", "qd"):
+        assert (tmp_path / name / "images").resolve() == (tmp_path / "plain" / "images").resolve()
+        assert not (tmp_path / name / "scenes").exists()
+    plain = [json.loads(x) for x in open(tmp_path / "plain" / "train.jsonl")]
+    for a, b in zip(plain, (json.loads(x) for x in open(tmp_path / "q" / "train.jsonl"))):
+        assert b["messages"][0]["content"] == a["messages"][0]["content"][::-1] and b["meta"] == a["meta"]
+    qd = [json.loads(x) for x in open(tmp_path / "qd" / "train.jsonl")]
+    assert 0 < sum(r["meta"]["kind"] == "detect" for r in qd) < 12
+    assert all(r["messages"][0]["content"][0]["type"] == "text" for r in qd)
+    # one after the other, in fresh folders: the same records; the shared images were not drawn again
+    for name, c in variants.items():
+        if name != "plain":
+            again = generate_grounding_dataset(c, out_dir=str(tmp_path / f"{name}_again"), workers=1)
+            assert open(again["train"]).read() == open(tmp_path / name / "train.jsonl").read()
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "plain" / "images").iterdir()} == stamps
+    with pytest.raises(ValueError, match="scenes_dir"):
+        generate_grounding_dataset(dataclasses.replace(cfg, question_first=True), out_dir=str(tmp_path / "plain"))
+
+
 def test_generator_settings_are_validated():
     with pytest.raises(ConfigError, match="data.grounding.objects"):
         GroundingGenConfig(grid=(2, 2), objects=(3, 4))

@@ -74,6 +74,8 @@ class GroundingGenConfig:
                                      # each item's bbox_2d and class label in reading order, as Qwen3-VL answers a
                                      # multi-object request); the val split always holds referring expressions
     prompt_all: str = "Outline the position of every object and output all the bbox coordinates in JSON format."
+    scenes_dir: str = ""             # where a question_first / detect_all set takes its scenes from (made there when
+                                     # missing; default out_dir/scenes): runs naming one folder draw the scenes once
 
     def __post_init__(self):
         _check(self.width >= 32 and self.height >= 32, "data.grounding.width/height", (self.width, self.height),

@@ -23,10 +23,12 @@ Deterministic for a given seed; train and val use disjoint random streams. Drive
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -275,10 +277,16 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
                                force: bool = False, workers: int | None = None) -> dict[str, str]:
     """Write `images/*.png`, `train.jsonl`, `val.jsonl` and `meta.json` under `out_dir` (default cfg.out_dir).
 
+    A set with `question_first` or `detect_all` is derived from the plain referring set of the same scenes (the
+    same images, prompts put first or training scenes asked for every item): that set is made (or reused) in
+    `cfg.scenes_dir` (default `out_dir/scenes`), and `out_dir/images` links to its images. Several runs that differ
+    only in these two settings therefore draw their scenes once when they name one `scenes_dir`, even when they
+    start together (a lock file in it serialises the drawing).
+
     Args:
-        cfg: generator settings (counts, seed, canvas, grid, objects, kinds, clutter, noise, prompt).
+        cfg: generator settings (counts, seed, canvas, grid, objects, kinds, clutter, noise, prompt, ...).
         out_dir: destination folder; reused without regenerating when its meta.json matches `cfg`.
-        force: regenerate even if a matching set exists.
+        force: regenerate even if a matching set exists (the shared scenes too).
         workers: processes drawing scenes (default: the CPU count, at most 16). Each scene has its own generator
             seeded by (seed, split, index), so the set does not depend on the number of workers.
     Returns:
@@ -286,7 +294,18 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
     """
     # version 2: the records' meta.items (the layout); a set written by version 1 lacks it and is regenerated.
     # version 3: one generator per scene (seeded by seed, split and index), drawn in parallel
-    meta = generator_meta("train/grounding_data.py", 3, cfg, drop=("out_dir", "enabled"))
+    # version 4: question_first / detect_all sets derived from the plain set (detect_all picks by (seed, index))
+    out = Path(out_dir or cfg.out_dir)
+    meta = generator_meta("train/grounding_data.py", 4, cfg, drop=("out_dir", "enabled", "scenes_dir"))
+    if cfg.question_first or cfg.detect_all > 0:
+        base_cfg = dataclasses.replace(cfg, question_first=False, detect_all=0.0, scenes_dir="",
+                                       prompt_all=GroundingGenConfig.prompt_all)
+        base_dir = Path(cfg.scenes_dir) if cfg.scenes_dir else out / "scenes"
+        if base_dir.resolve() == out.resolve():
+            raise ValueError(f"data.grounding.scenes_dir={cfg.scenes_dir!r} is the set's own out_dir {str(out)!r}")
+        base = generate_grounding_dataset(base_cfg, str(base_dir), force, workers)
+        with _locked(out):
+            return _derive(base, base_dir, out, cfg, meta, force)
 
     def sampler():
         scenes = GroundingScenes(cfg)
@@ -294,13 +313,65 @@ def generate_grounding_dataset(cfg: GroundingGenConfig, out_dir: str | None = No
         def sample(rng, out, rel):
             img, text, target, m = scenes.sample(rng)
             img.save(out / rel, compress_level=1)  # noisy pixels barely compress: level 6 costs 2.5x the time
-            # rel is images/<split>_<index>.png (write_synthetic_set): only training scenes ask for every item
-            if cfg.detect_all > 0 and Path(rel).name.startswith("train_") and rng.random() < cfg.detect_all:
-                return detect_all_record(rel, m, cfg.grid, cfg.prompt_all, cfg.question_first)
-            return grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m, cfg.question_first)
+            return grounding_record(rel, text, target.box, cfg.width, cfg.height, cfg.prompt, m)
         return sample
 
     if workers is None:
         workers = min(16, os.cpu_count() or 1)
-    return write_synthetic_set(Path(out_dir or cfg.out_dir), meta, cfg.n_train, cfg.n_val, cfg.seed, sampler, force,
-                               seed_per_sample=True, workers=workers)
+    with _locked(out):
+        return write_synthetic_set(out, meta, cfg.n_train, cfg.n_val, cfg.seed, sampler, force,
+                                   seed_per_sample=True, workers=workers)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on `folder/.lock` (processes making the same set wait for the first one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock (runs sharing a set must then not start together)
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _derive(base: dict[str, str], base_dir: Path, out: Path, cfg: GroundingGenConfig, meta: dict,
+            force: bool) -> dict[str, str]:
+    """The question_first / detect_all set from the plain set at `base_dir`: its records rewritten, its images
+    linked (out/images -> base_dir/images); meta.json last, as write_synthetic_set does."""
+    paths = {"train": str(out / "train.jsonl"), "val": str(out / "val.jsonl")}
+    meta_path = out / "meta.json"
+    if not force and meta_path.exists() and all(os.path.exists(p) for p in paths.values()):
+        try:
+            if json.loads(meta_path.read_text()) == meta and (out / "images").resolve() == \
+                    (base_dir / "images").resolve():
+                return paths
+        except json.JSONDecodeError:
+            pass
+    meta_path.unlink(missing_ok=True)
+    link = out / "images"
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    elif link.is_dir():
+        shutil.rmtree(link)  # the images of a set drawn here before (version 3): now shared
+    os.symlink(os.path.relpath(base_dir / "images", out), link)
+    for split in ("train", "val"):
+        tmp = out / f".{split}.jsonl.tmp"
+        with open(base[split], encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+            for i, line in enumerate(src):
+                rec = json.loads(line)
+                image = rec["messages"][0]["content"][0]["image"]
+                if split == "train" and cfg.detect_all > 0 and \
+                        random.Random(f"{cfg.seed}/detect/{i}").random() < cfg.detect_all:
+                    rec = detect_all_record(image, rec["meta"], cfg.grid, cfg.prompt_all, cfg.question_first)
+                elif cfg.question_first:
+                    rec["messages"][0]["content"] = rec["messages"][0]["content"][::-1]
+                dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        os.replace(tmp, paths[split])
+    meta_path.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    return paths
