@@ -364,21 +364,24 @@ def test_grounding_demo_trains_two_steps_with_the_grounding_metric(tmp_path):
     model, proc = res["model"].eval(), load_processor(None)
     val = SFTDataset(str(tmp_path / "data" / "val.jsonl"), ChatEncoder(proc, model.config, cfg.data),
                      str(tmp_path / "data"), cfg.data.max_seq_len)
-    losses = []
+    losses, blind = [], []
     for i in range(len(val)):
-        enc = val[i]
+        enc, other = val[i], val[i - 1]    # box_loss_blind: each sample with the previous sample's image
         targets = torch.cat([enc.labels[1:], enc.labels.new_full((1,), -100)])
         sup = (targets != -100).nonzero().flatten()
         mask = first_box_token_mask(targets[sup].tolist(), proc.tokenizer.decode)
         box = parse_response(val.answer(i), strict=True)["boxes"][0]["bbox_2d"]
         assert "".join(proc.tokenizer.decode([int(t)]) for t, m in zip(targets[sup], mask) if m) == \
             "".join(str(v) for v in box)
-        with torch.no_grad():
-            logits = model(enc.input_ids[None], pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
-                           position_ids=enc.position_ids[:, None]).logits[0]
         pos = sup[torch.tensor(mask)]
-        losses.append(F.cross_entropy(logits[pos].float(), targets[pos], reduction="none"))
+        for pixels, out in ((enc.pixel_values, losses), (other.pixel_values, blind)):
+            with torch.no_grad():
+                logits = model(enc.input_ids[None], pixel_values=pixels, image_grid_thw=enc.image_grid_thw,
+                               position_ids=enc.position_ids[:, None]).logits[0]
+            out.append(F.cross_entropy(logits[pos].float(), targets[pos], reduction="none"))
     assert ev["box_loss"] == pytest.approx(float(torch.cat(losses).mean()), rel=1e-4)
+    assert ev["box_loss_blind"] == pytest.approx(float(torch.cat(blind).mean()), rel=1e-4)
+    assert ev["box_loss_blind"] != ev["box_loss"]
 
 
 @pytest.mark.parametrize("answer, digits", [

@@ -5,7 +5,8 @@ import os
 
 from .config import Config, config_to_dict
 
-GROUNDING_KEYS = ("acc50", "miou", "point_acc", "box_loss")  # train.eval_metric=grounding (train/step.py evaluate)
+# train.eval_metric=grounding (train/step.py evaluate)
+GROUNDING_KEYS = ("acc50", "miou", "point_acc", "box_loss", "box_loss_blind")
 
 
 class Logger:

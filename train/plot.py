@@ -12,7 +12,9 @@ import sys
 
 def plot_curve(result_path: str, out_png: str, title: str | None = None):
     """Draw loss (left axis, log) and CER (right axis, log) against the optimizer step; a grounding run
-    (train.eval_metric=grounding) gets Acc@0.5 and mean IoU (right axis, linear 0..1) instead of CER.
+    (train.eval_metric=grounding) gets Acc@0.5 and mean IoU (right axis, linear 0..1) instead of CER, and its
+    box-digit loss with the sample's own image and with another one (left axis; they part when the decoder reads
+    the image).
 
     Args:
         result_path: result.json written by `train.trainer.train`.
@@ -31,6 +33,11 @@ def plot_curve(result_path: str, out_png: str, title: str | None = None):
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
+    for key, style, label in (("box_loss", "v-", "val loss, box digits"),
+                              ("box_loss_blind", "v--", "val loss, box digits, another image")):
+        pts = [e for e in ev if e.get(key) is not None]
+        if pts:
+            ax.plot([e["step"] for e in pts], [e[key] for e in pts], style, label=label)
     cer = [e for e in ev if e.get("cer") is not None]
     grounding = [e for e in ev if e.get("acc50") is not None]
     if grounding:

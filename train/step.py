@@ -160,6 +160,16 @@ def _box_losses(losses: torch.Tensor, batch: dict, decode, cache: dict) -> torch
     return losses[torch.tensor(keep, dtype=torch.bool, device=losses.device)]
 
 
+def _images_rolled(batch: dict) -> dict | None:
+    """The packed batch with every image moved to the next image slot (sample i sees sample i-1's image), or None
+    when the images differ in grid (or are fewer than two): the image-blind control of `box_loss`."""
+    g = batch["image_grid_thw"]
+    if g is None or len(g) < 2 or not bool((g == g[0]).all()):
+        return None
+    pv = batch["pixel_values"]
+    return dict(batch, pixel_values=pv.reshape(len(g), -1, pv.shape[-1]).roll(1, 0).reshape(pv.shape))
+
+
 @torch.no_grad()
 def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) -> dict:
     """Validation loss over the whole set and, if `eval_samples` > 0, CER of greedy generations (and with
@@ -169,15 +179,18 @@ def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) ->
         model: the model.  dataset: validation SFTDataset.  tokenizer: for decoding (CER).
     Returns:
         {"val_loss", "cer" (or None), "examples": [(prediction, reference), ...]}; grounding adds "acc50", "miou",
-        "point_acc", "parsed" (share of answers holding a readable box) and "box_loss": the teacher-forced loss on
-        the coordinate digits of each answer's first box over the whole set (`first_box_token_mask`), which falls
-        below the image-blind prior before Acc@0.5 moves when the decoder starts to read positions off the image.
+        "point_acc", "parsed" (share of answers holding a readable box), "box_loss": the teacher-forced loss on
+        the coordinate digits of each answer's first box over the whole set (`first_box_token_mask`), and
+        "box_loss_blind": the same with every sample given another sample's image (packed batches whose images share
+        one grid). While the decoder ignores the image the two are equal; box_loss falls below box_loss_blind as
+        it starts to read positions off the image, before Acc@0.5 moves.
     """
     was_training = model.training
     model.eval()
     sampler = PackedBatchSampler(dataset.lengths, cfg.data.token_budget, shuffle=False, length_grouping=False)
     total, count = 0.0, 0
     box = [] if cfg.train.eval_metric == "grounding" and tokenizer is not None else None
+    blind: list = []
     cache: dict = {}
     for idx in sampler.batches(0):
         b = pack_samples([dataset[i] for i in idx])
@@ -188,10 +201,16 @@ def evaluate(model, dataset: SFTDataset, cfg: Config, device, tokenizer=None) ->
         count += losses.numel()
         if box is not None:
             box.append(_box_losses(losses, b, tokenizer.decode, cache).float().cpu())
+            rolled = _images_rolled(b)
+            if rolled is not None:
+                blind_losses, _ = forward_losses(model, _to(rolled, device), cfg.train.loss_chunk_size,
+                                                 cfg.train.precision)
+                blind.append(_box_losses(blind_losses, b, tokenizer.decode, cache).float().cpu())
     res = {"val_loss": total / max(1, count), "cer": None, "examples": []}
-    if box:
-        box = torch.cat(box)
-        res["box_loss"] = float(box.mean()) if box.numel() else float("nan")
+    for key, parts in (("box_loss", box), ("box_loss_blind", blind)):
+        if parts:
+            t = torch.cat(parts)
+            res[key] = float(t.mean()) if t.numel() else float("nan")
     n = min(cfg.train.eval_samples, len(dataset))
     if n > 0 and tokenizer is not None:
         preds, refs = [], []
