@@ -30,6 +30,10 @@ def main():
     p.add_argument("--noise", type=float, default=d.noise)
     p.add_argument("--prompt", default=d.prompt, help="template holding {expr}")
     p.add_argument("--question-first", action="store_true", help="the prompt text before the image")
+    p.add_argument("--detect-all", type=float, default=d.detect_all,
+                   help="share of training scenes asking for every item (the val split stays referring)")
+    p.add_argument("--scenes-dir", default=d.scenes_dir,
+                   help="with --question-first / --detect-all: the plain set whose scenes are reused (made if missing)")
     p.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
     p.add_argument("--workers", type=int, default=None,
                    help="processes drawing scenes (default: the CPU count, at most 16); the set is the same for any")
@@ -40,7 +44,7 @@ def main():
     cfg = GroundingGenConfig(enabled=True, out_dir=a.out, n_train=a.n_train, n_val=a.n_val, seed=a.seed,
                              width=a.width, height=a.height, grid=tuple(a.grid), objects=tuple(a.objects),
                              kinds=tuple(a.kinds), clutter=a.clutter, noise=a.noise, prompt=a.prompt,
-                             question_first=a.question_first)
+                             question_first=a.question_first, detect_all=a.detect_all, scenes_dir=a.scenes_dir)
     paths = generate_grounding_dataset(cfg, force=a.force, workers=a.workers)
     print(f"wrote {paths['train']} ({a.n_train} scenes) and {paths['val']} ({a.n_val} scenes)")
 

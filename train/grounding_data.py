@@ -242,7 +242,7 @@ def reading_order(items: list[dict], height: int, rows: int) -> list[int]:
     return sorted(range(len(items)), key=key)
 
 
-def detect_all_record(image_rel: str, meta: dict, grid: tuple, prompt: str, question_first: bool = False) -> dict:
+def detect_all_record(image_rel: str, meta: dict, grid: tuple, prompt: str) -> dict:
     """A record asking for every item of a scene (meta from GroundingScenes.sample): the answer holds each item's
     box in 0..1000 coordinates and its class ("red triangle", "7") in reading order; meta.kind becomes "detect" and
     meta.box_px the first listed box."""
@@ -250,22 +250,20 @@ def detect_all_record(image_rel: str, meta: dict, grid: tuple, prompt: str, ques
     items = meta["items"]
     order = reading_order(items, h, grid[1])
     objs = [(from_pixels(list(items[i]["box_px"]), w, h), items[i]["class"]) for i in order]
-    parts = [{"type": "image", "image": image_rel}, {"type": "text", "text": prompt}]
     return {"messages": [
-        {"role": "user", "content": parts[::-1] if question_first else parts},
+        {"role": "user", "content": [{"type": "image", "image": image_rel}, {"type": "text", "text": prompt}]},
         {"role": "assistant", "content": [{"type": "text", "text": grounding_answer_many(objs)}]}],
         "meta": {"kind": "detect", "box_px": list(items[order[0]]["box_px"]), "size": [w, h], "items": items}}
 
 
 def grounding_record(image_rel: str, expression: str, box_px, width: int, height: int, prompt: str,
-                     meta: dict | None = None, question_first: bool = False) -> dict:
-    """One training record: the image and the prompt (with `{expr}` filled) -> the box in 0..1000 coordinates.
-    question_first: the prompt text before the image in the user turn (default: the image first)."""
+                     meta: dict | None = None) -> dict:
+    """One training record: the image and the prompt (with `{expr}` filled) -> the box in 0..1000 coordinates."""
     box = from_pixels(list(box_px), width, height)
     label = expression[4:] if expression.startswith("the ") else expression
     parts = [{"type": "image", "image": image_rel}, {"type": "text", "text": prompt.format(expr=expression)}]
     rec = {"messages": [
-        {"role": "user", "content": parts[::-1] if question_first else parts},
+        {"role": "user", "content": parts},
         {"role": "assistant", "content": [{"type": "text", "text": grounding_answer(box, label)}]},
     ]}
     if meta is not None:
@@ -368,8 +366,8 @@ def _derive(base: dict[str, str], base_dir: Path, out: Path, cfg: GroundingGenCo
                 image = rec["messages"][0]["content"][0]["image"]
                 if split == "train" and cfg.detect_all > 0 and \
                         random.Random(f"{cfg.seed}/detect/{i}").random() < cfg.detect_all:
-                    rec = detect_all_record(image, rec["meta"], cfg.grid, cfg.prompt_all, cfg.question_first)
-                elif cfg.question_first:
+                    rec = detect_all_record(image, rec["meta"], cfg.grid, cfg.prompt_all)
+                if cfg.question_first:
                     rec["messages"][0]["content"] = rec["messages"][0]["content"][::-1]
                 dst.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.replace(tmp, paths[split])
